@@ -1,0 +1,7 @@
+"""triton_xent: fused cross-entropy for PyTorch (Triton kernels on GPUs, PyTorch on CPUs)."""
+
+from .functional import cross_entropy, triton_available
+from .modules import CrossEntropyLoss
+
+__all__ = ["cross_entropy", "CrossEntropyLoss", "triton_available"]
+__version__ = "0.1.0"

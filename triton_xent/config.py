@@ -1,0 +1,41 @@
+"""Every tuning number of triton_xent, in one place.
+
+Each value says where it was measured. "Not yet measured" means it is a first choice made
+from the kernel's arithmetic (registers per thread, bytes per row) and still has to be
+measured on a GPU with `bench/bench_xent.py`; replace the note with the device and the
+command when that happens.
+"""
+
+# --- cross-entropy row kernel (triton_xent/kernels/xent.py) -------------------------------
+
+# A row of at most this many classes is loaded once into registers and the gradient is
+# written from them: one read of the logits, one write of the gradient. Longer rows take
+# two passes (statistics, then gradient), reading the row twice.
+# Not yet measured on a GPU (chosen so that a 32000-class LM row stays single-pass).
+SINGLE_PASS_MAX_V = 32768
+
+# Columns per loop step for rows longer than SINGLE_PASS_MAX_V.
+# Not yet measured on a GPU.
+MULTI_PASS_BLOCK_V = 8192
+
+# Warps per program, by the number of columns a program holds at once (first match wins):
+# about 32 fp32 values per thread. Not yet measured on a GPU.
+NUM_WARPS_BY_BLOCK = ((2048, 4), (8192, 8), (1 << 62, 16))
+
+# Columns per program of the backward's grad_output scaling kernel. Not yet measured on a GPU.
+SCALE_BLOCK_V = 4096
+SCALE_NUM_WARPS = 8
+
+# --- CPU fallback (triton_xent/reference.py) ----------------------------------------------
+
+# Elements (rows x classes) per chunk of the plain-PyTorch path; it holds about four float32
+# copies of a chunk at a time (16 MiB each at this size). Chosen on the 2-core CI machine.
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def num_warps_for(block_v: int) -> int:
+    """Warps for a program that holds `block_v` columns at once."""
+    for limit, warps in NUM_WARPS_BY_BLOCK:
+        if block_v <= limit:
+            return warps
+    raise AssertionError("NUM_WARPS_BY_BLOCK must end with an unbounded entry")

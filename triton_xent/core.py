@@ -1,0 +1,156 @@
+"""What both backends share: the (N, V, D) row view of any accepted input, the reduction
+denominators, the target check, and the assembly of the loss from per-row results.
+
+The row functions of the two backends (kernels.xent.xent_rows and reference.xent_rows_torch)
+have one contract; `Problem.use_triton` picks one. Arguments reach here already validated by
+functional.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The options of one cross_entropy call, after validation."""
+
+    prob_target: bool
+    reduction: str  # "mean" | "sum" | "none"
+    ignore_index: int
+    label_smoothing: float
+    lse_square_scale: float
+    softcap: float | None
+    inplace_backward: bool
+    check_targets: bool
+    use_triton: bool
+
+    def row_kwargs(self) -> dict:
+        return dict(prob_target=self.prob_target, ignore_index=self.ignore_index,
+                    label_smoothing=self.label_smoothing,
+                    lse_square_scale=self.lse_square_scale, softcap=self.softcap)
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d1, ..., dk) -> (N, C, d1*...*dk).
+
+    A view whenever the strides allow it (always for the first two), so rows are read in place.
+    """
+    if x.dim() == 1:
+        return x.view(1, -1, 1)
+    if x.dim() == 2:
+        return x.unsqueeze(-1)
+    return x.flatten(2)
+
+
+def _row_fns(use_triton: bool):
+    if use_triton:
+        from .kernels import xent  # imported here: triton is optional on CPU-only installs
+
+        return xent.xent_rows, xent.scale_rows_
+    return reference.xent_rows_torch, reference.scale_rows_torch_
+
+
+def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first target outside [0, C) that is not ignore_index (a host sync
+    on GPUs, which is why `check_targets=False` exists)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"Target {value} is out of bounds (classes are 0..{n_classes - 1}, "
+                         f"ignore_index={ignore_index}).")
+
+
+def _denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | None,
+                  n_rows: int, n_classes: int, dtype: torch.dtype):
+    """(rows that count, sum of their class weights, their number), all on the device.
+
+    "mean" divides the cross-entropy by the weight sum (PyTorch's weighted mean) and the z-loss
+    by the count; both are n_rows for probability targets, whose mean is over all rows.
+    """
+    if problem.prob_target:
+        rows = torch.tensor(float(n_rows), dtype=dtype, device=target.device)
+        return None, rows, rows
+    active = target != problem.ignore_index
+    count = active.sum().to(dtype)
+    if weight is None:
+        return active, count, count
+    w_y = weight.to(dtype)[target.clamp(0, max(n_classes - 1, 0)).long()]
+    return active, torch.where(active, w_y, 0.0).sum(), count
+
+
+def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
+            weight: torch.Tensor | None, *, compute_grad: bool):
+    """(loss, lse, grad): loss as F.cross_entropy returns it (plus the z-loss), lse per row in
+    float32 with the target's row shape, grad shaped like input (None unless compute_grad)."""
+    logits = rows_view(input)
+    N, V, D = logits.shape
+    n_rows = N * D
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if problem.prob_target:
+        row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+        tgt = rows_view(target)
+        out_dtype = torch.result_type(input, target)
+    else:
+        row_shape = target.shape
+        tgt = target.reshape(-1)
+        out_dtype = input.dtype
+        if problem.check_targets or not problem.use_triton:
+            check_targets(tgt, V, problem.ignore_index)
+    if weight is not None and problem.use_triton:
+        weight = weight.to(torch.float32).contiguous()
+
+    active, weight_sum, count = _denominators(problem, tgt, weight, n_rows, V, acc)
+    scale = None
+    if problem.reduction == "mean" and compute_grad:
+        scale = torch.stack([1.0 / weight_sum, 1.0 / count]).to(torch.float32)
+
+    grad = None
+    if compute_grad:
+        if problem.inplace_backward and logits.data_ptr() == input.data_ptr():
+            grad = logits
+        else:
+            grad = torch.empty((N, V, D), dtype=input.dtype, device=input.device)
+    rows_fn, _ = _row_fns(problem.use_triton)
+    ce, lse = rows_fn(logits, tgt, weight, scale, grad, **problem.row_kwargs())
+    if grad is not None and grad.data_ptr() == input.data_ptr():
+        # The gradient now lives in input's storage: tell autograd, so that any other use of
+        # the spent logits in backward fails loudly instead of reading a gradient.
+        torch.autograd.graph.increment_version(input)
+
+    ce = ce.to(acc)
+    lse = lse.to(acc)
+    z_loss = None
+    if problem.lse_square_scale != 0.0:
+        z_loss = problem.lse_square_scale * lse * lse
+        if active is not None:
+            z_loss = torch.where(active, z_loss, 0.0)
+    if problem.reduction == "none":
+        loss = ce if z_loss is None else ce + z_loss
+        loss = loss.view(row_shape)
+    elif problem.reduction == "sum":
+        loss = ce.sum() if z_loss is None else ce.sum() + z_loss.sum()
+    else:
+        loss = ce.sum() / weight_sum
+        if z_loss is not None:
+            loss = loss + z_loss.sum() / count
+    grad_out = grad.reshape(input.shape) if grad is not None else None
+    return loss.to(out_dtype), lse.to(torch.float32).view(row_shape), grad_out
+
+
+def scale_grad(problem: Problem, grad: torch.Tensor, grad_loss: torch.Tensor,
+               *, in_place: bool) -> torch.Tensor:
+    """grad * grad_loss, broadcast per row ("none") or as a scalar; in place when allowed."""
+    rows = rows_view(grad)
+    if not in_place:
+        N, V, D = rows.shape
+        go = grad_loss.reshape(-1)
+        factor = go.view(N, 1, D) if problem.reduction == "none" else go.reshape(())
+        return (rows * factor).to(grad.dtype).reshape(grad.shape)
+    _, scale_fn = _row_fns(problem.use_triton)
+    scale_fn(rows, grad_loss)
+    return grad

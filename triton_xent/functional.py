@@ -1,0 +1,175 @@
+"""The public functions: argument checks (clear errors before anything runs) and the choice
+of backend."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch.nn import _reduction
+
+from . import core
+from .autograd import CrossEntropyFunction
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "triton", "torch")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """Whether triton imports (it is not installed on every platform)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(backend: str, input: torch.Tensor) -> bool:
+    """backend "auto": kernels for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1)
+    in fp32/fp16/bf16; the plain-PyTorch path otherwise (CPU tensors, float64)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = input.is_cuda or _interpreting()
+    if backend == "auto":
+        return runnable and input.dtype in _KERNEL_DTYPES and triton_available()
+    if input.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 input, got "
+                        f"{input.dtype}; use backend='torch' or 'auto'")
+    if not runnable:
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
+                         "the kernels on CPU tensors); use backend='torch' or 'auto'")
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    return True
+
+
+def _check_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> bool:
+    """Checks target against input; returns True for class probabilities."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"float target holds class probabilities and must have input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}; class indices must be an "
+                f"integer tensor")
+        if ignore_index != -100:
+            raise ValueError("ignore_index is not supported for class-probability targets")
+        return True
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold integer class indices or float class "
+                        f"probabilities, got {target.dtype}")
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.shape != expected:
+        if input.dim() == 2 and target.dim() == 1:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                             f"batch_size ({target.shape[0]}).")
+        raise ValueError(f"target of class indices must have shape {tuple(expected)} for "
+                         f"input of shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    return False
+
+
+def _check_weight(input: torch.Tensor, weight: torch.Tensor | None) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError("weight must be a floating-point tensor of one weight per class")
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    if weight.shape != (n_classes,):
+        raise ValueError(f"weight must have shape ({n_classes},), one per class, got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+
+
+def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction "
+                         f"(one of {_REDUCTIONS})")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    if not (math.isfinite(lse_square_scale) and lse_square_scale >= 0.0):
+        raise ValueError(f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+
+
+def cross_entropy(
+    input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk) logits
+    target: torch.Tensor,  # class indices (), (N,), (N, d1, ..., dk); or probabilities like input
+    weight: torch.Tensor | None = None,  # (C,)
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    check_targets: bool = True,
+):
+    """Drop-in for torch.nn.functional.cross_entropy, computed by fused Triton kernels.
+
+    The first eight parameters are F.cross_entropy's, with its results. Extras:
+
+    lse_square_scale: z-loss; adds lse_square_scale * lse**2 for every row that is not
+        ignored ("mean" divides this term by the number of such rows, whatever the weights).
+    softcap: logits become softcap * tanh(logits / softcap) before anything else.
+    return_lse: also return the per-row logsumexp (after softcap), float32, shaped like the
+        unreduced loss. It carries no gradient.
+    inplace_backward: the input gradient is written into input's storage, so a large logits
+        tensor costs no second buffer. The input is spent: after the call it holds the
+        gradient (scaled by grad_output at backward), and anything else that reads it in
+        backward fails with autograd's in-place error.
+    backend: "auto" (kernels for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1;
+        the plain-PyTorch path for other CPU tensors and for float64), "triton" or "torch".
+    check_targets: on the kernel path, a class index outside [0, C) that is not ignore_index
+        raises IndexError, as PyTorch does on CPU; this costs one host synchronisation. With
+        False there is no sync (CUDA graphs, torch.compile) and such a row's loss and gradient
+        are NaN; the kernel never reads out of bounds. The CPU fallback always checks.
+
+    Only `input` receives a gradient; a weight or probability target that requires grad is
+    refused.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must hold floating-point logits, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: shape (C,), (N, C) or "
+                         "(N, C, d1, ..., dk), got a 0-dim tensor")
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+    prob_target = _check_target(input, target, ignore_index)
+    _check_weight(input, weight)
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if torch.is_grad_enabled() and (target.requires_grad or
+                                    (weight is not None and weight.requires_grad)):
+        raise ValueError("triton_xent computes the gradient of input only; detach the "
+                         "target and weight (or use F.cross_entropy for their gradients)")
+    problem = core.Problem(
+        prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
+        softcap=None if softcap is None else float(softcap),
+        inplace_backward=bool(inplace_backward), check_targets=bool(check_targets),
+        use_triton=_use_triton(backend, input),
+    )
+    if needs_grad:
+        loss, lse = CrossEntropyFunction.apply(input, target, weight, problem)
+    else:
+        loss, lse, _ = core.forward(problem, input, target, weight, compute_grad=False)
+    return (loss, lse) if return_lse else loss
