@@ -4,6 +4,7 @@ scales the saved gradient by grad_output."""
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import core
 
@@ -27,6 +28,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @once_differentiable  # the Hessian of the loss is not implemented: refuse, loudly
     def backward(ctx, grad_loss, grad_lse):
         if grad_loss is None:
             return None, None, None, None
