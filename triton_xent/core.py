@@ -47,7 +47,7 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2)
 
 
-def _row_fns(use_triton: bool):
+def row_fns(use_triton: bool):
     if use_triton:
         from .kernels import xent  # imported here: triton is optional on CPU-only installs
 
@@ -65,7 +65,7 @@ def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> No
                          f"ignore_index={ignore_index}).")
 
 
-def _denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | None,
+def denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | None,
                   n_rows: int, n_classes: int, dtype: torch.dtype):
     """(rows that count, sum of their class weights, their number), all on the device.
 
@@ -104,7 +104,7 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
     if weight is not None and problem.use_triton:
         weight = weight.to(torch.float32).contiguous()
 
-    active, weight_sum, count = _denominators(problem, tgt, weight, n_rows, V, acc)
+    active, weight_sum, count = denominators(problem, tgt, weight, n_rows, V, acc)
     scale = None
     if problem.reduction == "mean" and compute_grad:
         scale = torch.stack([1.0 / weight_sum, 1.0 / count]).to(torch.float32)
@@ -115,7 +115,7 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
             grad = logits
         else:
             grad = torch.empty((N, V, D), dtype=input.dtype, device=input.device)
-    rows_fn, _ = _row_fns(problem.use_triton)
+    rows_fn, _ = row_fns(problem.use_triton)
     ce, lse = rows_fn(logits, tgt, weight, scale, grad, **problem.row_kwargs())
     if grad is not None and grad.data_ptr() == input.data_ptr():
         # The gradient now lives in input's storage: tell autograd, so that any other use of
@@ -151,6 +151,6 @@ def scale_grad(problem: Problem, grad: torch.Tensor, grad_loss: torch.Tensor,
         go = grad_loss.reshape(-1)
         factor = go.view(N, 1, D) if problem.reduction == "none" else go.reshape(())
         return (rows * factor).to(grad.dtype).reshape(grad.shape)
-    _, scale_fn = _row_fns(problem.use_triton)
+    _, scale_fn = row_fns(problem.use_triton)
     scale_fn(rows, grad_loss)
     return grad
