@@ -8,15 +8,19 @@ command when that happens.
 
 # --- cross-entropy row kernel (triton_xent/kernels/xent.py) -------------------------------
 
-# A row of at most this many classes is loaded once into registers and the gradient is
-# written from them: one read of the logits, one write of the gradient. Longer rows take
-# two passes (statistics, then gradient), reading the row twice.
-# Not yet measured on a GPU (chosen so that a 32000-class LM row stays single-pass).
-SINGLE_PASS_MAX_V = 32768
+# A row is cut into slices of at most this many columns, one program each, held in
+# registers: one read of the logits and one write of the gradient for any V (see
+# kernels/xent.py). Rows of at most this many classes are one program, with no exchange.
+# Not yet measured on a GPU (a bf16 slice of 16384 is 32 KiB, 32 values per thread at 16 warps).
+ROW_SLICE_MAX_V = 16384
 
-# Columns per loop step for rows longer than SINGLE_PASS_MAX_V.
+# How many times a program polls a sibling slice's flag before it stops waiting and
+# recomputes that slice's statistics from global memory. Not yet measured on a GPU.
+SLICE_SPIN_LIMIT = 1 << 14
+
+# Columns per step when a sibling slice's statistics are recomputed from memory.
 # Not yet measured on a GPU.
-MULTI_PASS_BLOCK_V = 8192
+RECOMPUTE_BLOCK_V = 2048
 
 # Warps per program, by the number of columns a program holds at once (first match wins):
 # about 32 fp32 values per thread. Not yet measured on a GPU.

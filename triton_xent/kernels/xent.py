@@ -13,14 +13,26 @@ Math, per row with (softcapped) logits z, weights w (all 1 without `weight`), sm
     dloss/dz_c = p_c * (a + b * U) - b * u_c - a * [c == y]  (+ 2 zs lse p_c),   U = sum_c u_c
 and softcap z = s * tanh(x / s) multiplies the gradient by dz/dx = 1 - (z / s)^2.
 
-Online logsumexp over blocks of a row, with m the running max and s the running sum:
-    m' = max(m, max_block z),  s' = s * exp(m - m') + sum_block exp(z - m')
-and the smoothing sum is kept relative to the running max so that huge equal logits cancel
-exactly: S = sum_c u_c * (m - z_c) becomes S' = S + U * (m' - m) + sum_block u_c * (m' - z_c).
-Then lse - z_y = log s + (m - z_y) and sum_c u_c (lse - z_c) = U log s + S.
+Online logsumexp. Statistics (m, s, S, U) of a set of columns: m the max, s = sum exp(z - m),
+S = sum u (m - z) (kept relative to the max, so huge equal logits cancel exactly), U = sum u.
+Two sets merge as
+    m = max(m1, m2),  s = s1 exp(m1 - m) + s2 exp(m2 - m),  S = S1 + U1 (m - m1) + S2 + U2 (m - m2)
+and then lse - z_y = log s + (m - z_y) and sum_c u_c (lse - z_c) = U log s + S.
+
+Split rows, read once. A row is cut into P slices of at most config.ROW_SLICE_MAX_V columns;
+program (row, j) holds slice j in registers, publishes its statistics (a store, then a flag
+set with release semantics), merges those of its siblings, and writes the gradient of its
+slice from registers: one read of the logits, one write of the gradient, for any V. No
+program ever waits without bound: a sibling whose flag is not set after `spin_limit` polls
+is not waited for; its statistics are recomputed from the logits in global memory (correct,
+only slower). So the kernel cannot deadlock even when siblings are not co-resident, and
+Triton's interpreter, which runs programs one after another, runs the same code with
+spin_limit = 0 (earlier siblings are read from their flags, later ones recomputed).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -66,18 +78,35 @@ def _load_block(
 
 
 @triton.jit
-def _update_stats(m, s, S, U, z, u, TRACK_U: tl.constexpr):
-    """One step of the online logsumexp (m, s) and of the relative smoothing sum (S, U)."""
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    # A row that is -inf so far keeps s = 0 instead of exp(-inf - -inf) = nan.
-    m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-    s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
+def _merge_stats(m1, s1, S1, U1, m2, s2, S2, U2, TRACK_U: tl.constexpr):
+    """Statistics of the union of two column sets (see the module docstring)."""
+    m = tl.maximum(m1, m2)
+    # A set that is all -inf so far keeps s = 0 instead of exp(-inf - -inf) = nan.
+    m_ref = tl.where(m == NEG_INF, 0.0, m)
+    s = s1 * tl.exp(m1 - m_ref) + s2 * tl.exp(m2 - m_ref)
+    S = S1
+    U = U1
     if TRACK_U:
-        # Guards keep 0 * inf (an unweighted or off-row -inf logit) out of the sums.
-        shift = U * tl.where((m_new == m) | (U == 0.0), 0.0, m_new - m)
-        S = S + shift + tl.sum(u * tl.where(u == 0.0, 0.0, m_new - z), axis=0)
-        U = U + tl.sum(u, axis=0)
-    return m_new, s, S, U
+        # Guards keep 0 * inf (no weight yet, or an -inf max) out of the sums.
+        S = (S1 + U1 * tl.where((m == m1) | (U1 == 0.0), 0.0, m - m1)
+             + S2 + U2 * tl.where((m == m2) | (U2 == 0.0), 0.0, m - m2))
+        U = U1 + U2
+    return m, s, S, U
+
+
+@triton.jit
+def _block_stats(z, u, TRACK_U: tl.constexpr):
+    """Statistics (m, s, S, U) of one block of softcapped logits z and smoothing weights u."""
+    m = tl.max(z, axis=0)
+    m_ref = tl.where(m == NEG_INF, 0.0, m)
+    s = tl.sum(tl.exp(z - m_ref), axis=0)
+    S = tl.zeros((), tl.float32)
+    U = tl.zeros((), tl.float32)
+    if TRACK_U:
+        # z == m also covers an all -inf block, whose terms are 0 relative to its own max.
+        S = tl.sum(u * tl.where((u == 0.0) | (z == m), 0.0, m - z), axis=0)
+        U = tl.sum(u, axis=0)
+    return m, s, S, U
 
 
 @triton.jit
@@ -100,23 +129,50 @@ def _store_grad(
 
 
 @triton.jit
+def _slice_stats_from_memory(
+    row_ptr, target_row_ptr, weight_ptr, first_col, last_col,
+    stride_col, stride_target_col, label_smoothing, n_cols, softcap,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, TRACK_U: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Statistics of columns [first_col, last_col) read from global memory, BLOCK_V at a time:
+    the fallback for a sibling slice whose published statistics did not arrive in time."""
+    m = tl.full((), NEG_INF, tl.float32)
+    s = tl.zeros((), tl.float32)
+    S = tl.zeros((), tl.float32)
+    U = tl.zeros((), tl.float32)
+    for start in range(first_col, last_col, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, cols < last_col,
+                              stride_col, stride_target_col, label_smoothing, n_cols, softcap,
+                              PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        bm, bs, bS, bU = _block_stats(z, u, TRACK_U)
+        m, s, S, U = _merge_stats(m, s, S, U, bm, bs, bS, bU, TRACK_U)
+    return m, s, S, U
+
+
+@triton.jit
 def _xent_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
+    partial_ptr, flag_ptr,
     # sizes
-    n_cols, n_inner,
+    n_cols, n_inner, n_slices, slice_width,
     # strides (sample, class, position) of logits, gradient and probability targets
     stride_x_n, stride_x_c, stride_x_d,
     stride_g_n, stride_g_c, stride_g_d,
     stride_t_n, stride_t_c, stride_t_d,
     # options
-    ignore_index, label_smoothing, lse_square_scale, softcap,
+    ignore_index, label_smoothing, lse_square_scale, softcap, spin_limit,
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    RECOMPUTE_BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_slices
+    j = pid % n_slices  # this program's slice of the row
     n = row // n_inner
     d = row % n_inner
     row_ptr = logits_ptr + n * stride_x_n + d * stride_x_d
@@ -148,37 +204,58 @@ def _xent_kernel(
             x_y = softcap * _tanh(x_y / softcap)
         z_y = x_y
 
-    # Pass 1: online logsumexp and smoothing sums.
-    m = tl.full((), NEG_INF, tl.float32)
-    s = tl.zeros((), tl.float32)
-    S = tl.zeros((), tl.float32)
-    U = tl.zeros((), tl.float32)
-    cols = tl.arange(0, BLOCK_V)
-    if SINGLE_BLOCK:
-        mask = cols < n_cols
-        z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, mask, stride_x_c,
-                              stride_t_c, label_smoothing, n_cols, softcap,
-                              PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        m, s, S, U = _update_stats(m, s, S, U, z, u, TRACK_U)
-    else:
-        for start in range(0, n_cols, BLOCK_V):
-            mask = start + cols < n_cols
-            z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, start + cols, mask,
-                                  stride_x_c, stride_t_c, label_smoothing, n_cols, softcap,
-                                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-            m, s, S, U = _update_stats(m, s, S, U, z, u, TRACK_U)
+    # This program's slice, held in registers until its gradient is written.
+    first_col = j * slice_width
+    cols = first_col + tl.arange(0, BLOCK_V)
+    mask = (tl.arange(0, BLOCK_V) < slice_width) & (cols < n_cols)
+    z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, mask, stride_x_c,
+                          stride_t_c, label_smoothing, n_cols, softcap,
+                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    m, s, S, U = _block_stats(z, u, TRACK_U)
 
-    log_s = tl.log(s)
-    lse = m + log_s
-    ce = a * (log_s + (m - z_y))
-    if TRACK_U:
-        ce += b * (U * log_s + S)
-    ce = tl.where(row_ok, ce, 0.0)
-    ce = tl.where(row_nan, float("nan"), ce)
-    tl.store(ce_ptr + row, ce)
-    tl.store(lse_ptr + row, lse)
+    if SPLIT:
+        # Publish this slice's statistics, then merge the siblings' (bounded waits only).
+        mine = partial_ptr + pid * 4
+        tl.store(mine, m)
+        tl.store(mine + 1, s)
+        tl.store(mine + 2, S)
+        tl.store(mine + 3, U)
+        tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
+        if COMPUTE_GRAD or j == 0:
+            for k in range(0, n_slices):
+                if k != j:
+                    sibling = row * n_slices + k
+                    ready = tl.atomic_add(flag_ptr + sibling, 0, sem="acquire")
+                    polls = 0
+                    while (ready == 0) & (polls < spin_limit):
+                        ready = tl.atomic_add(flag_ptr + sibling, 0, sem="acquire")
+                        polls += 1
+                    if ready != 0:
+                        theirs = partial_ptr + sibling * 4
+                        km = tl.load(theirs, volatile=True)
+                        ks = tl.load(theirs + 1, volatile=True)
+                        kS = tl.load(theirs + 2, volatile=True)
+                        kU = tl.load(theirs + 3, volatile=True)
+                    else:
+                        k_first = k * slice_width
+                        km, ks, kS, kU = _slice_stats_from_memory(
+                            row_ptr, target_row_ptr, weight_ptr, k_first,
+                            tl.minimum(k_first + slice_width, n_cols), stride_x_c, stride_t_c,
+                            label_smoothing, n_cols, softcap, PROB_TARGET, HAS_WEIGHT,
+                            HAS_SMOOTHING, HAS_SOFTCAP, TRACK_U, RECOMPUTE_BLOCK_V)
+                    m, s, S, U = _merge_stats(m, s, S, U, km, ks, kS, kU, TRACK_U)
 
-    # Pass 2: the gradient, already scaled by the reduction (1/denominator for "mean").
+    if j == 0:
+        log_s = tl.log(s)
+        ce = a * (log_s + (m - z_y))
+        if TRACK_U:
+            ce += b * (U * log_s + S)
+        ce = tl.where(row_ok, ce, 0.0)
+        ce = tl.where(row_nan, float("nan"), ce)
+        tl.store(ce_ptr + row, ce)
+        tl.store(lse_ptr + row, m + log_s)
+
+    # The gradient of this slice, already scaled by the reduction (1/denominator for "mean").
     if COMPUTE_GRAD:
         scale_ce = 1.0
         scale_z = 1.0
@@ -187,23 +264,10 @@ def _xent_kernel(
             scale_z = tl.load(scale_ptr + 1)
         coef = (a + b * U) * scale_ce
         if HAS_ZLOSS:
-            coef += 2.0 * lse_square_scale * lse * scale_z
-        a_scaled = a * scale_ce
-        b_scaled = b * scale_ce
-        inv_s = 1.0 / s
+            coef += 2.0 * lse_square_scale * (m + tl.log(s)) * scale_z
         grad_row_ptr = grad_ptr + n * stride_g_n + d * stride_g_d
-        if SINGLE_BLOCK:
-            _store_grad(grad_row_ptr, cols, mask, stride_g_c, z, t, u, y, m, inv_s, coef,
-                        a_scaled, b_scaled, row_ok, row_nan, softcap, HAS_SOFTCAP, TRACK_U)
-        else:
-            for start in range(0, n_cols, BLOCK_V):
-                mask = start + cols < n_cols
-                z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, start + cols, mask,
-                                      stride_x_c, stride_t_c, label_smoothing, n_cols, softcap,
-                                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-                _store_grad(grad_row_ptr, start + cols, mask, stride_g_c, z, t, u, y, m,
-                            inv_s, coef, a_scaled, b_scaled, row_ok, row_nan, softcap,
-                            HAS_SOFTCAP, TRACK_U)
+        _store_grad(grad_row_ptr, cols, mask, stride_g_c, z, t, u, y, m, 1.0 / s, coef,
+                    a * scale_ce, b * scale_ce, row_ok, row_nan, softcap, HAS_SOFTCAP, TRACK_U)
 
 
 @triton.jit
@@ -249,20 +313,28 @@ def xent_rows(
     """
     N, V, D = logits.shape
     rows = N * D
-    ce = torch.empty(rows, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    device = logits.device
+    ce = torch.empty(rows, device=device, dtype=torch.float32)
+    lse = torch.empty(rows, device=device, dtype=torch.float32)
     if rows == 0:
         return ce, lse
-    single = V <= config.SINGLE_PASS_MAX_V
-    block_v = triton.next_power_of_2(V) if single else config.MULTI_PASS_BLOCK_V
+    n_slices = triton.cdiv(V, config.ROW_SLICE_MAX_V)
+    slice_width = triton.cdiv(triton.cdiv(V, n_slices), 16) * 16  # aligned slice starts
+    block_v = triton.next_power_of_2(slice_width)
+    partials = flags = None
+    if n_slices > 1:
+        partials = torch.empty(rows * n_slices * 4, device=device, dtype=torch.float32)
+        flags = torch.zeros(rows * n_slices, device=device, dtype=torch.int32)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
     t_strides = target.stride() if prob_target else (0, 0, 0)
-    _xent_kernel[(rows,)](
-        logits, g, target, weight, scale, ce, lse,
-        V, D,
+    _xent_kernel[(rows * n_slices,)](
+        logits, g, target, weight, scale, ce, lse, partials, flags,
+        V, D, n_slices, slice_width,
         *logits.stride(), *g.stride(), *t_strides,
         ignore_index, float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap is not None else 1.0,
+        0 if interpreting else config.SLICE_SPIN_LIMIT,
         PROB_TARGET=prob_target,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
@@ -270,8 +342,9 @@ def xent_rows(
         HAS_ZLOSS=lse_square_scale != 0.0,
         HAS_SCALE=scale is not None,
         COMPUTE_GRAD=grad is not None,
-        SINGLE_BLOCK=single,
+        SPLIT=n_slices > 1,
         BLOCK_V=block_v,
+        RECOMPUTE_BLOCK_V=min(block_v, config.RECOMPUTE_BLOCK_V),
         num_warps=config.num_warps_for(block_v),
     )
     return ce, lse
