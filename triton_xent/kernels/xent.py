@@ -220,6 +220,7 @@ def _xent_kernel(
         tl.store(mine + 1, s)
         tl.store(mine + 2, S)
         tl.store(mine + 3, U)
+        tl.debug_barrier()  # the whole program's stores come before the releasing flag write
         tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
         if COMPUTE_GRAD or j == 0:
             for k in range(0, n_slices):
