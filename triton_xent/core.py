@@ -73,7 +73,7 @@ def denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | 
     by the count; both are n_rows for probability targets, whose mean is over all rows.
     """
     if problem.prob_target:
-        rows = torch.tensor(float(n_rows), dtype=dtype, device=target.device)
+        rows = torch.full((), float(n_rows), dtype=dtype, device=target.device)  # no H2D copy
         return None, rows, rows
     active = target != problem.ignore_index
     count = active.sum().to(dtype)
