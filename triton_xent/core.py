@@ -104,7 +104,9 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
     if weight is not None and problem.use_triton:
         weight = weight.to(torch.float32).contiguous()
 
-    active, weight_sum, count = denominators(problem, tgt, weight, n_rows, V, acc)
+    active = weight_sum = count = None  # needed by "mean" and by the z-loss only
+    if problem.reduction == "mean" or problem.lse_square_scale != 0.0:
+        active, weight_sum, count = denominators(problem, tgt, weight, n_rows, V, acc)
     scale = None
     if problem.reduction == "mean" and compute_grad:
         scale = torch.stack([1.0 / weight_sum, 1.0 / count]).to(torch.float32)

@@ -188,7 +188,7 @@ def _xent_kernel(
         b = 1.0
         z_y = 0.0
     else:
-        y = tl.load(target_ptr + row).to(tl.int64)
+        y = tl.load(target_row_ptr).to(tl.int64)
         ignored = y == ignore_index
         in_range = (y >= 0) & (y < n_cols)
         row_ok = in_range & (y != ignore_index)
@@ -296,7 +296,7 @@ def _scale_rows_kernel(
 
 def xent_rows(
     logits: torch.Tensor,  # (N, V, D), fp32/fp16/bf16, any strides
-    target: torch.Tensor,  # (N*D,) integer class indices, or (N, V, D) float probabilities
+    target: torch.Tensor,  # (N*D,) integer class indices (any stride), or (N, V, D) probabilities
     weight: torch.Tensor | None,  # (V,) float32, contiguous
     scale: torch.Tensor | None,  # (2,) float32: gradient factors of the CE and z-loss terms
     grad: torch.Tensor | None,  # (N, V, D) gradient output (may alias logits), or None
@@ -328,7 +328,8 @@ def xent_rows(
         flags = torch.zeros(rows * n_slices, device=device, dtype=torch.int32)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
-    t_strides = target.stride() if prob_target else (0, 0, 0)
+    # Class indices are a flat (N*D,) vector with one stride: row n*D + d sits at that offset.
+    t_strides = target.stride() if prob_target else (D * target.stride(0), 0, target.stride(0))
     _xent_kernel[(rows * n_slices,)](
         logits, g, target, weight, scale, ce, lse, partials, flags,
         V, D, n_slices, slice_width,
