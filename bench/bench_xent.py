@@ -1,0 +1,311 @@
+"""Benchmark of cross-entropy on (N, V) logits with class-index targets, mean reduction:
+median time of the forward (loss only) and of forward + backward (loss and input gradient),
+achieved bandwidth and peak memory, for triton_xent and the other implementations that are
+installed. Writes one CSV row per (case, provider, mode); see bench/README.md.
+
+    python bench/bench_xent.py                 # full run (GPU)
+    python bench/bench_xent.py --quick         # tiny CPU smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+PROVIDERS = ("triton_xent", "torch", "torch_compile", "liger", "quack")
+QUICK_PROVIDERS = ("triton_xent", "torch")  # torch_compile: seconds of C++ compile per shape
+MODES = ("fwd", "fwd_bwd")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp32": torch.float32}
+VOCAB = (32000, 50304, 128256, 151936, 256000)
+TOKENS = (4096, 16384)
+QUICK_VOCAB = (1000, 4099)
+QUICK_TOKENS = (64,)
+
+# Extra memory a provider needs beyond the logits, in units of the logits' size (N*V*elem),
+# used to skip what would not fit before allocating anything. Estimates from what each one
+# allocates: eager torch keeps log_softmax's output, builds a dense grad for it in backward
+# and then the input gradient; triton_xent and quack write one gradient; liger writes the
+# gradient into the logits.
+WORKSPACE = {
+    "triton_xent": {"fwd": 0, "fwd_bwd": 1},
+    "torch": {"fwd": 1, "fwd_bwd": 3},
+    "torch_compile": {"fwd": 1, "fwd_bwd": 2},
+    "liger": {"fwd": 0, "fwd_bwd": 0},
+    "quack": {"fwd": 0, "fwd_bwd": 1},
+}
+# Fixed headroom: do_bench's 256 MB L2-flush buffer, small per-row tensors, the allocator.
+HEADROOM_BYTES = 1 << 30
+
+# Loss (relative) and gradient (relative to its largest entry) tolerances of the check that
+# precedes the timing. bf16 losses are rounded to 8 bits of mantissa by most providers.
+TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
+GRAD_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
+CHECK_ROWS = 16  # gradient rows compared with the reference
+
+
+class Unavailable(Exception):
+    """A provider that is not installed or cannot run on this device."""
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target) -> mean loss
+    new_case: Callable[[], None] = lambda: None  # called before each case (torch_compile)
+
+
+def make_provider(name: str, device: torch.device) -> Provider:
+    """The provider's loss function, or Unavailable with the reason."""
+    if name == "triton_xent":
+        import triton_xent
+
+        return Provider(name, lambda x, t: triton_xent.cross_entropy(x, t))
+    if name == "torch":
+        return Provider(name, lambda x, t: F.cross_entropy(x, t))
+    if name == "torch_compile":
+        import torch._dynamo
+
+        # dynamic=False: one static graph per shape, as a training loop with fixed shapes gets.
+        # The dynamo cache is reset before each case so the recompile limit is never reached
+        # (past it torch.compile would silently run eager code).
+        compiled = torch.compile(F.cross_entropy, dynamic=False)
+        return Provider(name, lambda x, t: compiled(x, t), new_case=torch._dynamo.reset)
+    if name == "liger":
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+        except ImportError as e:
+            raise Unavailable(f"liger-kernel is not installed ({e})") from None
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Unavailable("liger's Triton kernels need a GPU (or TRITON_INTERPRET=1)")
+        # Note: with a gradient, liger writes it into the logits during the forward.
+        return Provider(name, lambda x, t: liger_cross_entropy(x, t))
+    if name == "quack":
+        try:
+            from quack.cross_entropy import cross_entropy as quack_ce
+        except Exception as e:  # ImportError, or its CUDA DSL failing to load
+            raise Unavailable(f"quack is not importable ({type(e).__name__}: {e})") from None
+        if device.type != "cuda":
+            raise Unavailable("quack's kernels need a CUDA GPU")
+        if "reduction" in inspect.signature(quack_ce).parameters:
+            return Provider(name, lambda x, t: quack_ce(x, t, reduction="mean"))
+        # Older quack returns per-row losses; their mean is the mean reduction (no ignores).
+        return Provider(name, lambda x, t: quack_ce(x, t).mean())
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+
+
+# --- inputs and the reference ---------------------------------------------------------------
+
+def make_inputs(N: int, V: int, dtype: torch.dtype, device: torch.device, *,
+                requires_grad: bool, seed: int = 0):
+    """The case's logits (N, V) ~ N(0, 1) and uniform random class targets (N,); the same
+    values on every call, so each provider and mode gets fresh but identical inputs."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(N, V, dtype=dtype, device=device, generator=g)
+    t = torch.randint(0, V, (N,), device=device, generator=g)
+    return x.requires_grad_(requires_grad), t
+
+
+def reference(x: torch.Tensor, t: torch.Tensor):
+    """(mean loss, gradient of the first CHECK_ROWS rows), from F.cross_entropy in float32
+    over chunks of rows (about 256 MB of float32 each), so a large case needs no full copy."""
+    N, V = x.shape
+    chunk = max(1, (1 << 26) // V)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, N, chunk):
+        total += F.cross_entropy(x[i:i + chunk].float(), t[i:i + chunk], reduction="sum")
+    r = min(N, CHECK_ROWS)
+    grad = torch.softmax(x[:r].float(), dim=-1)
+    grad[torch.arange(r, device=x.device), t[:r]] -= 1.0
+    return float(total) / N, grad / N
+
+
+def check(provider: Provider, mode: str, x, t, ref) -> str | None:
+    """Runs the provider once (its warm-up) and returns why its result is wrong, or None."""
+    ref_loss, ref_grad = ref
+    if mode == "fwd":
+        with torch.no_grad():
+            loss = provider.fn(x, t)
+    else:
+        loss = provider.fn(x, t)
+        loss.backward()
+    if loss.dim() != 0:
+        return f"loss has shape {tuple(loss.shape)}, expected a scalar"
+    tol = TOL[x.dtype]
+    value = float(loss.detach())
+    if not abs(value - ref_loss) <= tol * max(1.0, abs(ref_loss)):
+        return f"loss {value:.6g} differs from F.cross_entropy's {ref_loss:.6g}"
+    if mode == "fwd_bwd":
+        if x.grad is None or x.grad.shape != x.shape:
+            return "no input gradient of the logits' shape"
+        grad = x.grad[:ref_grad.shape[0]].float()
+        err = float((grad - ref_grad).abs().max())
+        if not err <= GRAD_TOL[x.dtype] * float(ref_grad.abs().max()):
+            return f"gradient differs from F.cross_entropy's (max abs error {err:.3g})"
+        x.grad = None
+    return None
+
+
+# --- one measurement ------------------------------------------------------------------------
+
+def measure(provider: Provider, mode: str, N: int, V: int, dtype: torch.dtype,
+            device: torch.device, ref, cpu_budget_s: float):
+    """(median ms, peak MB or None) of one provider and mode on fresh inputs; None, with a
+    printed message, when the provider is skipped for this case."""
+    label = f"{provider.name} {mode} {dtype_name(dtype)} N={N} V={V}"
+    elem = torch.finfo(dtype).bits // 8
+    need = N * V * elem * (1 + WORKSPACE[provider.name][mode]) + HEADROOM_BYTES
+    free = common.free_bytes(device)
+    if need > free:
+        print(f"  skip {label}: needs about {need / common.GB:.1f} GB, "
+              f"{free / common.GB:.1f} GB free")
+        return None
+    x = t = grads = None
+    try:
+        x, t = make_inputs(N, V, dtype, device, requires_grad=mode == "fwd_bwd")
+        problem = check(provider, mode, x, t, ref)
+        if problem is not None:
+            print(f"  skip {label}: wrong result, {problem}")
+            return None
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return provider.fn(x, t)
+        else:
+            def step():
+                provider.fn(x, t).backward()
+        grads = [x] if mode == "fwd_bwd" else None
+        # check() ran the provider once on these inputs: that was the warm-up (compilation).
+        ms = common.median_ms(step, device, grad_to_none=grads, cpu_budget_s=cpu_budget_s,
+                              warmup=False)
+        peak = common.peak_mem_mb(step, device, grad_to_none=grads)
+        return ms, peak
+    except Exception as e:  # a provider that cannot run this case (OOM, unsupported shape)
+        print(f"  skip {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    finally:
+        x = t = grads = None  # also empties the closure `step`
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny smoke-test cases: N={QUICK_TOKENS}, V={QUICK_VOCAB}, providers "
+                        f"{QUICK_PROVIDERS}, short CPU timing (flags below still override)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all")
+    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32", "bf16", "fp32"),
+                   help="default: bfloat16 float32")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: fwd fwd_bwd")
+    p.add_argument("--vocab", nargs="+", type=int, help=f"V values; default {VOCAB}")
+    p.add_argument("--tokens", nargs="+", type=int, help=f"N values; default {TOKENS}")
+    p.add_argument("--out", help="CSV path; default bench/results/<device-slug>[-cpu][-quick].csv")
+    p.add_argument("--append", action="store_true",
+                   help="add rows to an existing --out CSV instead of overwriting it")
+    args = p.parse_args(argv)
+    args.providers = args.providers or (QUICK_PROVIDERS if args.quick else PROVIDERS)
+    args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16", "float32"))]
+    args.modes = args.modes or MODES
+    args.vocab = args.vocab or (QUICK_VOCAB if args.quick else VOCAB)
+    args.tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    return args
+
+
+def default_out(device: torch.device, quick: bool) -> str:
+    name = common.slug(common.device_name(device))
+    name += "-cpu" if device.type == "cpu" else ""
+    name += "-quick" if quick else ""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name + ".csv")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = common.run_info(device)
+    out = args.out or default_out(device, args.quick)
+    print(f"device: {info['device']} ({device.type}); torch {info['torch']}, "
+          f"triton {info['triton'] or '-'}; writing {out}")
+    if device.type == "cpu":
+        print("note: CPU run, a smoke test of the script only; peak_mem_mb is left empty")
+        if "triton_xent" in args.providers:
+            path = ("Triton kernels through the interpreter"
+                    if os.environ.get("TRITON_INTERPRET") == "1" else "its PyTorch fallback")
+            print(f"note: triton_xent runs {path} on CPU tensors")
+
+    providers = []
+    for name in dict.fromkeys(args.providers):
+        try:
+            providers.append(make_provider(name, device))
+        except Unavailable as e:
+            print(f"skip provider {name}: {e}")
+
+    cpu_budget_s = 0.2 if args.quick else 1.0
+    # Copy bandwidth: 1 GiB buffers on a GPU (far past L2), 16 MiB (quick) or 256 MiB on CPU.
+    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 24 if args.quick else 1 << 28)
+    copy_bytes = min(copy_bytes, common.free_bytes(device) // 4)
+    copy = common.copy_gbps(device, copy_bytes, cpu_budget_s=cpu_budget_s)
+    print(f"copy: {copy_bytes / common.GB:.3g} GB buffers, {copy:.1f} GB/s")
+
+    rows = 0
+    with common.CsvWriter(out, append=args.append) as writer:
+        for dtype in args.dtypes:
+            elem = torch.finfo(dtype).bits // 8
+            for N in args.tokens:
+                for V in args.vocab:
+                    case = f"{dtype_name(dtype)} N={N} V={V}"
+                    # Floor of any fwd_bwd: the logits and one gradient, plus headroom.
+                    need = 2 * N * V * elem + HEADROOM_BYTES
+                    free = common.free_bytes(device)
+                    if need > free:
+                        print(f"skip case {case}: needs about {need / common.GB:.1f} GB, "
+                              f"{free / common.GB:.1f} GB free")
+                        continue
+                    print(f"case {case}")
+                    x, t = make_inputs(N, V, dtype, device, requires_grad=False)
+                    ref = reference(x, t)
+                    del x, t
+                    for provider in providers:
+                        provider.new_case()
+                        for mode in args.modes:
+                            result = measure(provider, mode, N, V, dtype, device, ref,
+                                             cpu_budget_s)
+                            if result is None:
+                                continue
+                            ms, peak = result
+                            # Bytes of the floor: fwd reads the logits once (N*V*elem);
+                            # fwd_bwd also writes the gradient once (2*N*V*elem).
+                            nbytes = N * V * elem * (1 if mode == "fwd" else 2)
+                            gbps = nbytes / (ms * 1e-3) / common.GB
+                            writer.write(**info, op="cross_entropy", provider=provider.name,
+                                         mode=mode, dtype=dtype_name(dtype), N=N, V=V, D=0,
+                                         ms=ms, gbps=gbps, copy_gbps=copy, peak_mem_mb=peak)
+                            rows += 1
+                            mem = f"{peak:.1f} MB" if peak is not None else "-"
+                            print(f"  {provider.name:13s} {mode:7s} {ms:10.4f} ms "
+                                  f"{gbps:8.1f} GB/s  peak {mem}")
+    print(f"wrote {rows} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""What every benchmark script of this repository shares: the CSV columns and writer, the
+device and version information of a run, timing and peak-memory helpers, and the
+device-to-device copy that gives each run its bandwidth ceiling.
+
+Units, everywhere: ms = milliseconds (median), GB = 1e9 bytes, MB = 1e6 bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+try:  # triton is optional on CPU-only installs; do_bench is only needed on CUDA
+    import triton
+    import triton.testing
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+# One row per (case, provider, mode), in this order. `D` is the hidden size of ops that take
+# one (linear_cross_entropy); 0 for plain cross_entropy on logits.
+COLUMNS = ("device", "torch", "triton", "date", "op", "provider", "mode", "dtype",
+           "N", "V", "D", "ms", "gbps", "copy_gbps", "peak_mem_mb")
+INT_COLUMNS = ("N", "V", "D")
+FLOAT_COLUMNS = ("ms", "gbps", "copy_gbps", "peak_mem_mb")  # peak_mem_mb may be empty (CPU)
+
+GB = 1e9  # bytes
+MB = 1e6  # bytes
+
+
+# --- device and versions ------------------------------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU model name (/proc/cpuinfo), else platform.processor() or the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """torch.cuda.get_device_name() on CUDA, the CPU model otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (for file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def run_info(device: torch.device) -> dict:
+    """The columns that are the same on every row of one run: device, versions, UTC date."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__ if triton is not None else "",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory that new tensors can still take: free GPU memory (after returning the caching
+    allocator's unused blocks), or MemAvailable of the host."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- timing and memory --------------------------------------------------------------------
+
+def _clear_grads(tensors: Iterable[torch.Tensor] | None) -> None:
+    for t in tensors or ():
+        t.grad = None
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *,
+              grad_to_none: list[torch.Tensor] | None = None,
+              cpu_budget_s: float = 1.0, warmup: bool = True) -> float:
+    """Median wall time of fn() in ms, after a warm-up call (warmup=False: the caller has
+    already run fn, e.g. to check its result); gradients in `grad_to_none` are
+    cleared before every call (outside the timed region) so backward never accumulates.
+
+    CUDA: triton.testing.do_bench (CUDA events, L2 flushed before each call), or plain CUDA
+    events when triton is missing. CPU: time.perf_counter around each call, at least 3 and
+    at most 100 calls, stopping after about `cpu_budget_s` seconds.
+    """
+    if warmup:
+        _clear_grads(grad_to_none)
+        fn()  # compilation, autotuning, allocator caches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if triton is not None:
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                 grad_to_none=grad_to_none,
+                                                 return_mode="median"))
+        times = []
+        for _ in range(20):
+            _clear_grads(grad_to_none)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    deadline = time.perf_counter() + cpu_budget_s
+    while len(times) < 100 and (len(times) < 3 or time.perf_counter() < deadline):
+        _clear_grads(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_mem_mb(fn: Callable[[], object], device: torch.device, *,
+                grad_to_none: list[torch.Tensor] | None = None) -> float | None:
+    """Peak memory of one call of fn() above what was allocated just before it (the inputs),
+    in MB: (torch.cuda.max_memory_allocated() after reset_peak_memory_stats() - the
+    memory_allocated() before the call) / 1e6. Whatever the call leaves behind (the input's
+    .grad after a backward) counts. None on CPU, where PyTorch keeps no such statistic."""
+    if device.type != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    _clear_grads(grad_to_none)
+    return (peak - before) / MB
+
+
+def copy_gbps(device: torch.device, nbytes: int, *, cpu_budget_s: float = 1.0) -> float:
+    """Bandwidth of dst.copy_(src) for two `nbytes` buffers on `device`, in GB/s, counting
+    one read and one write: 2 * nbytes / median time / 1e9."""
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, cpu_budget_s=cpu_budget_s)
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3) / GB  # bytes: n * 4 read + n * 4 written
+
+
+# --- CSV ----------------------------------------------------------------------------------
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class CsvWriter:
+    """Writes rows with exactly COLUMNS, flushing each row so an interrupted run keeps what it
+    measured. append=True adds to an existing file (whose header must be COLUMNS).
+
+        with CsvWriter("bench/results/x.csv") as out:
+            out.write(device=..., ..., peak_mem_mb=None)   # None -> empty field
+    """
+
+    def __init__(self, path: str | os.PathLike, *, append: bool = False):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        exists = append and os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        if exists:
+            with open(self.path, newline="") as f:
+                header = tuple(next(csv.reader(f), ()))
+            if header != COLUMNS:
+                raise ValueError(f"{self.path} has columns {header}, expected {COLUMNS}")
+        self._file = open(self.path, "a" if exists else "w", newline="")
+        self._csv = csv.writer(self._file)
+        if not exists:
+            self._csv.writerow(COLUMNS)
+            self._file.flush()
+
+    def write(self, **row) -> None:
+        if set(row) != set(COLUMNS):
+            missing = set(COLUMNS) - set(row)
+            extra = set(row) - set(COLUMNS)
+            raise ValueError(f"row must have exactly COLUMNS; missing {sorted(missing)}, "
+                             f"unknown {sorted(extra)}")
+        self._csv.writerow([_format(row[c]) for c in COLUMNS])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a CSV written by CsvWriter, with N/V/D as int and ms/gbps/copy_gbps/
+    peak_mem_mb as float (None where empty). Raises ValueError on another header."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = tuple(next(reader, ()))
+        if header != COLUMNS:
+            raise ValueError(f"{path} has columns {header}, expected {COLUMNS}")
+        rows = []
+        for values in reader:
+            if not values:
+                continue
+            if len(values) != len(COLUMNS):
+                raise ValueError(f"{path}: row {values} has {len(values)} fields, "
+                                 f"expected {len(COLUMNS)}")
+            row = dict(zip(COLUMNS, values))
+            for c in INT_COLUMNS:
+                row[c] = int(row[c])
+            for c in FLOAT_COLUMNS:
+                row[c] = float(row[c]) if row[c] != "" else None
+            rows.append(row)
+    return rows
