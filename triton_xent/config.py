@@ -14,13 +14,9 @@ command when that happens.
 # Not yet measured on a GPU (a bf16 slice of 16384 is 32 KiB, 32 values per thread at 16 warps).
 ROW_SLICE_MAX_V = 16384
 
-# How many times a program polls a sibling slice's flag before it stops waiting and
-# recomputes that slice's statistics from global memory. Not yet measured on a GPU.
+# How many times a program polls a sibling slice's flag before it stops waiting, defers its
+# slice to the kernel's second (FINISH) launch and exits. Not yet measured on a GPU.
 SLICE_SPIN_LIMIT = 1 << 14
-
-# Columns per step when a sibling slice's statistics are recomputed from memory.
-# Not yet measured on a GPU.
-RECOMPUTE_BLOCK_V = 2048
 
 # Warps per program, by the number of columns a program holds at once (first match wins):
 # about 32 fp32 values per thread. Not yet measured on a GPU.

@@ -20,14 +20,20 @@ Two sets merge as
 and then lse - z_y = log s + (m - z_y) and sum_c u_c (lse - z_c) = U log s + S.
 
 Split rows, read once. A row is cut into P slices of at most config.ROW_SLICE_MAX_V columns;
-program (row, j) holds slice j in registers, publishes its statistics (a store, then a flag
-set with release semantics), merges those of its siblings, and writes the gradient of its
-slice from registers: one read of the logits, one write of the gradient, for any V. No
-program ever waits without bound: a sibling whose flag is not set after `spin_limit` polls
-is not waited for; its statistics are recomputed from the logits in global memory (correct,
-only slower). So the kernel cannot deadlock even when siblings are not co-resident, and
-Triton's interpreter, which runs programs one after another, runs the same code with
-spin_limit = 0 (earlier siblings are read from their flags, later ones recomputed).
+program (row, j) holds slice j in registers, publishes its statistics (stores, a barrier,
+then a flag set with release semantics), merges all P records in slice order (the same
+order in every program, so every slice uses the same lse), and writes the gradient of its
+slice from registers: one read of the logits, one write of the gradient, for any V.
+No program waits without bound, and no program ever reads another slice's logits, so the
+gradient may overwrite the logits (inplace_backward, the linear op's chunks): a program
+whose siblings have not all published after `spin_limit` polls writes nothing, marks
+itself deferred, and exits; a second, cheap launch (FINISH) lets each deferred program
+re-read its own slice, which nobody else writes, and finish from the now complete records.
+The target logit that the loss needs is kept in slice 0's record, read before any gradient
+of that row can exist (a sibling writes only after it has seen slice 0's flag). So the
+kernel cannot deadlock when siblings are not co-resident, and Triton's interpreter, which
+runs programs one after another with spin_limit = 0, runs the same code: there every program
+but a row's last is deferred.
 """
 
 from __future__ import annotations
@@ -129,36 +135,13 @@ def _store_grad(
 
 
 @triton.jit
-def _slice_stats_from_memory(
-    row_ptr, target_row_ptr, weight_ptr, first_col, last_col,
-    stride_col, stride_target_col, label_smoothing, n_cols, softcap,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, TRACK_U: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Statistics of columns [first_col, last_col) read from global memory, BLOCK_V at a time:
-    the fallback for a sibling slice whose published statistics did not arrive in time."""
-    m = tl.full((), NEG_INF, tl.float32)
-    s = tl.zeros((), tl.float32)
-    S = tl.zeros((), tl.float32)
-    U = tl.zeros((), tl.float32)
-    for start in range(first_col, last_col, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, cols < last_col,
-                              stride_col, stride_target_col, label_smoothing, n_cols, softcap,
-                              PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        bm, bs, bS, bU = _block_stats(z, u, TRACK_U)
-        m, s, S, U = _merge_stats(m, s, S, U, bm, bs, bS, bU, TRACK_U)
-    return m, s, S, U
-
-
-@triton.jit
 def _xent_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
-    partial_ptr, flag_ptr,
+    record_ptr, flag_ptr,
     # sizes
     n_cols, n_inner, n_slices, slice_width,
-    # strides (sample, class, position) of logits, gradient and probability targets
+    # strides (sample, class, position) of logits, gradient and targets
     stride_x_n, stride_x_c, stride_x_d,
     stride_g_n, stride_g_c, stride_g_d,
     stride_t_n, stride_t_c, stride_t_d,
@@ -167,8 +150,8 @@ def _xent_kernel(
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
-    RECOMPUTE_BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr, FINISH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_slices
@@ -199,76 +182,91 @@ def _xent_kernel(
             w_y = tl.load(weight_ptr + y_safe).to(tl.float32)
         a = (1.0 - label_smoothing) * w_y
         b = label_smoothing / n_cols
-        x_y = tl.load(row_ptr + y_safe * stride_x_c).to(tl.float32)
-        if HAS_SOFTCAP:
-            x_y = softcap * _tanh(x_y / softcap)
-        z_y = x_y
+        if FINISH:
+            z_y = tl.load(record_ptr + pid * 5 + 4)  # the logit may hold a gradient by now
+        else:
+            z_y = tl.load(row_ptr + y_safe * stride_x_c).to(tl.float32)
+            if HAS_SOFTCAP:
+                z_y = softcap * _tanh(z_y / softcap)
 
     # This program's slice, held in registers until its gradient is written.
-    first_col = j * slice_width
-    cols = first_col + tl.arange(0, BLOCK_V)
+    cols = j * slice_width + tl.arange(0, BLOCK_V)
     mask = (tl.arange(0, BLOCK_V) < slice_width) & (cols < n_cols)
     z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, mask, stride_x_c,
                           stride_t_c, label_smoothing, n_cols, softcap,
                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
     m, s, S, U = _block_stats(z, u, TRACK_U)
+    # 1 when this program writes its results now; 0 when it has nothing to do (FINISH launch
+    # of a program that was not deferred, or a slice other than 0 without a gradient).
+    active = tl.full((), 1, tl.int32)
 
     if SPLIT:
-        # Publish this slice's statistics, then merge the siblings' (bounded waits only).
-        mine = partial_ptr + pid * 4
-        tl.store(mine, m)
-        tl.store(mine + 1, s)
-        tl.store(mine + 2, S)
-        tl.store(mine + 3, U)
-        tl.debug_barrier()  # the whole program's stores come before the releasing flag write
-        tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
-        if COMPUTE_GRAD or j == 0:
+        needs_all = COMPUTE_GRAD or j == 0
+        record = record_ptr + pid * 5  # (m, s, S, U, z_y) of this slice
+        if FINISH:
+            active = (tl.load(flag_ptr + pid) == 2).to(tl.int32)
+        else:
+            tl.store(record, m)
+            tl.store(record + 1, s)
+            tl.store(record + 2, S)
+            tl.store(record + 3, U)
+            tl.store(record + 4, z_y)
+            tl.debug_barrier()  # the whole program's stores come before the releasing flag
+            tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
+            active = needs_all.to(tl.int32)
+        # Merge the P records in slice order (bounded polls in the first launch; in FINISH
+        # every record is there, the first launch having ended).
+        m_all = tl.full((), NEG_INF, tl.float32)
+        s_all = tl.zeros((), tl.float32)
+        S_all = tl.zeros((), tl.float32)
+        U_all = tl.zeros((), tl.float32)
+        missing = tl.zeros((), tl.int32)
+        if active != 0:
             for k in range(0, n_slices):
-                if k != j:
-                    sibling = row * n_slices + k
-                    ready = tl.atomic_add(flag_ptr + sibling, 0, sem="acquire")
-                    polls = 0
-                    while (ready == 0) & (polls < spin_limit):
-                        ready = tl.atomic_add(flag_ptr + sibling, 0, sem="acquire")
-                        polls += 1
-                    if ready != 0:
-                        theirs = partial_ptr + sibling * 4
-                        km = tl.load(theirs, volatile=True)
-                        ks = tl.load(theirs + 1, volatile=True)
-                        kS = tl.load(theirs + 2, volatile=True)
-                        kU = tl.load(theirs + 3, volatile=True)
-                    else:
-                        k_first = k * slice_width
-                        km, ks, kS, kU = _slice_stats_from_memory(
-                            row_ptr, target_row_ptr, weight_ptr, k_first,
-                            tl.minimum(k_first + slice_width, n_cols), stride_x_c, stride_t_c,
-                            label_smoothing, n_cols, softcap, PROB_TARGET, HAS_WEIGHT,
-                            HAS_SMOOTHING, HAS_SOFTCAP, TRACK_U, RECOMPUTE_BLOCK_V)
-                    m, s, S, U = _merge_stats(m, s, S, U, km, ks, kS, kU, TRACK_U)
+                theirs = record_ptr + (row * n_slices + k) * 5
+                ready = tl.atomic_add(flag_ptr + row * n_slices + k, 0, sem="acquire")
+                polls = 0
+                while (ready == 0) & (polls < spin_limit):
+                    ready = tl.atomic_add(flag_ptr + row * n_slices + k, 0, sem="acquire")
+                    polls += 1
+                if ready != 0:
+                    km = tl.load(theirs, volatile=True)
+                    ks = tl.load(theirs + 1, volatile=True)
+                    kS = tl.load(theirs + 2, volatile=True)
+                    kU = tl.load(theirs + 3, volatile=True)
+                    m_all, s_all, S_all, U_all = _merge_stats(m_all, s_all, S_all, U_all,
+                                                              km, ks, kS, kU, TRACK_U)
+                else:
+                    missing += 1
+        if missing != 0:  # a sibling is late: write nothing now, finish in the FINISH launch
+            tl.atomic_xchg(flag_ptr + pid, 2)
+            active = tl.zeros((), tl.int32)
+        m, s, S, U = m_all, s_all, S_all, U_all
 
-    if j == 0:
+    if active != 0:
         log_s = tl.log(s)
-        ce = a * (log_s + (m - z_y))
-        if TRACK_U:
-            ce += b * (U * log_s + S)
-        ce = tl.where(row_ok, ce, 0.0)
-        ce = tl.where(row_nan, float("nan"), ce)
-        tl.store(ce_ptr + row, ce)
-        tl.store(lse_ptr + row, m + log_s)
-
-    # The gradient of this slice, already scaled by the reduction (1/denominator for "mean").
-    if COMPUTE_GRAD:
-        scale_ce = 1.0
-        scale_z = 1.0
-        if HAS_SCALE:
-            scale_ce = tl.load(scale_ptr)
-            scale_z = tl.load(scale_ptr + 1)
-        coef = (a + b * U) * scale_ce
-        if HAS_ZLOSS:
-            coef += 2.0 * lse_square_scale * (m + tl.log(s)) * scale_z
-        grad_row_ptr = grad_ptr + n * stride_g_n + d * stride_g_d
-        _store_grad(grad_row_ptr, cols, mask, stride_g_c, z, t, u, y, m, 1.0 / s, coef,
-                    a * scale_ce, b * scale_ce, row_ok, row_nan, softcap, HAS_SOFTCAP, TRACK_U)
+        if j == 0:
+            ce = a * (log_s + (m - z_y))
+            if TRACK_U:
+                ce += b * (U * log_s + S)
+            ce = tl.where(row_ok, ce, 0.0)
+            ce = tl.where(row_nan, float("nan"), ce)
+            tl.store(ce_ptr + row, ce)
+            tl.store(lse_ptr + row, m + log_s)
+        # The gradient of this slice, already scaled by the reduction (1/denominator, "mean").
+        if COMPUTE_GRAD:
+            scale_ce = 1.0
+            scale_z = 1.0
+            if HAS_SCALE:
+                scale_ce = tl.load(scale_ptr)
+                scale_z = tl.load(scale_ptr + 1)
+            coef = (a + b * U) * scale_ce
+            if HAS_ZLOSS:
+                coef += 2.0 * lse_square_scale * (m + log_s) * scale_z
+            grad_row_ptr = grad_ptr + n * stride_g_n + d * stride_g_d
+            _store_grad(grad_row_ptr, cols, mask, stride_g_c, z, t, u, y, m, 1.0 / s, coef,
+                        a * scale_ce, b * scale_ce, row_ok, row_nan, softcap, HAS_SOFTCAP,
+                        TRACK_U)
 
 
 @triton.jit
@@ -322,21 +320,24 @@ def xent_rows(
     n_slices = triton.cdiv(V, config.ROW_SLICE_MAX_V)
     slice_width = triton.cdiv(triton.cdiv(V, n_slices), 16) * 16  # aligned slice starts
     block_v = triton.next_power_of_2(slice_width)
-    partials = flags = None
-    if n_slices > 1:
-        partials = torch.empty(rows * n_slices * 4, device=device, dtype=torch.float32)
+    split = n_slices > 1
+    records = flags = None
+    if split:
+        records = torch.empty(rows * n_slices * 5, device=device, dtype=torch.float32)
         flags = torch.zeros(rows * n_slices, device=device, dtype=torch.int32)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
     # Class indices are a flat (N*D,) vector with one stride: row n*D + d sits at that offset.
     t_strides = target.stride() if prob_target else (D * target.stride(0), 0, target.stride(0))
-    _xent_kernel[(rows * n_slices,)](
-        logits, g, target, weight, scale, ce, lse, partials, flags,
+    args = (
+        logits, g, target, weight, scale, ce, lse, records, flags,
         V, D, n_slices, slice_width,
         *logits.stride(), *g.stride(), *t_strides,
         ignore_index, float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap is not None else 1.0,
         0 if interpreting else config.SLICE_SPIN_LIMIT,
+    )
+    switches = dict(
         PROB_TARGET=prob_target,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
@@ -344,11 +345,13 @@ def xent_rows(
         HAS_ZLOSS=lse_square_scale != 0.0,
         HAS_SCALE=scale is not None,
         COMPUTE_GRAD=grad is not None,
-        SPLIT=n_slices > 1,
+        SPLIT=split,
         BLOCK_V=block_v,
-        RECOMPUTE_BLOCK_V=min(block_v, config.RECOMPUTE_BLOCK_V),
         num_warps=config.num_warps_for(block_v),
     )
+    _xent_kernel[(rows * n_slices,)](*args, FINISH=False, **switches)
+    if split:  # programs whose siblings were late finish here (most exit at once)
+        _xent_kernel[(rows * n_slices,)](*args, FINISH=True, **switches)
     return ce, lse
 
 
