@@ -98,6 +98,8 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
     else:
         row_shape = target.shape
         tgt = target.reshape(-1)
+        if not tgt.dtype.is_signed:  # compare uint8 with -100 as numbers, not in uint8
+            tgt = tgt.long()
         out_dtype = input.dtype
         if problem.check_targets or not problem.use_triton:
             check_targets(tgt, V, problem.ignore_index)
@@ -109,7 +111,8 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
         active, weight_sum, count = denominators(problem, tgt, weight, n_rows, V, acc)
     scale = None
     if problem.reduction == "mean" and compute_grad:
-        scale = torch.stack([1.0 / weight_sum, 1.0 / count]).to(torch.float32)
+        scale = torch.stack([1.0 / weight_sum, 1.0 / count])
+        scale = scale.to(torch.float32 if problem.use_triton else acc)
 
     grad = None
     if compute_grad:

@@ -23,6 +23,8 @@ from . import config
 def _row_chunks(N: int, D: int, V: int) -> Iterator[tuple[int, int, int, int]]:
     """(n0, n1, d0, d1) blocks of rows of a (N, V, D) tensor, each a contiguous range of the
     flat row index n * D + d, holding about config.TORCH_CHUNK_ELEMENTS logits."""
+    if N * D == 0:
+        return
     rows = max(1, config.TORCH_CHUNK_ELEMENTS // max(V, 1))
     if D >= rows:
         for n in range(N):
