@@ -1,7 +1,14 @@
 """triton_xent: fused cross-entropy for PyTorch (Triton kernels on GPUs, PyTorch on CPUs)."""
 
 from .functional import cross_entropy, triton_available
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "triton_available"]
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "triton_available",
+]
 __version__ = "0.1.0"

@@ -26,6 +26,17 @@ NUM_WARPS_BY_BLOCK = ((2048, 4), (8192, 8), (1 << 62, 16))
 SCALE_BLOCK_V = 4096
 SCALE_NUM_WARPS = 8
 
+# --- linear + cross-entropy (triton_xent/kernels/linear_xent.py) -------------------------
+
+# Bytes of one (chunk_rows, V) logits chunk when the caller gives neither `chunk_size` nor
+# `memory_budget_bytes`: 1024 rows of bf16 logits for V = 128256 (Llama 3), 512 in fp32.
+# Not yet measured on a GPU.
+LINEAR_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+# Chunks from a budget are a multiple of this many rows (the M tile of the GEMMs) once they
+# are at least this large. Not yet measured on a GPU.
+LINEAR_CHUNK_ROW_MULTIPLE = 64
+
 # --- CPU fallback (triton_xent/reference.py) ----------------------------------------------
 
 # Elements (rows x classes) per chunk of the plain-PyTorch path; it holds about four float32

@@ -127,24 +127,28 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
         # the spent logits in backward fails loudly instead of reading a gradient.
         torch.autograd.graph.increment_version(input)
 
-    ce = ce.to(acc)
-    lse = lse.to(acc)
+    loss = reduce_rows(problem, ce.to(acc), lse.to(acc), active, weight_sum, count, row_shape)
+    grad_out = grad.reshape(input.shape) if grad is not None else None
+    return loss.to(out_dtype), lse.to(torch.float32).view(row_shape), grad_out
+
+
+def reduce_rows(problem: Problem, ce: torch.Tensor, lse: torch.Tensor,
+                active: torch.Tensor | None, weight_sum: torch.Tensor | None,
+                count: torch.Tensor | None, row_shape: torch.Size) -> torch.Tensor:
+    """The loss from per-row (M,) cross-entropy and lse: the z-loss on the rows that count
+    (`active`, None for all), then "none" (shaped `row_shape`), "sum", or "mean" dividing the
+    cross-entropy by the weight sum and the z-loss by the count."""
     z_loss = None
     if problem.lse_square_scale != 0.0:
         z_loss = problem.lse_square_scale * lse * lse
         if active is not None:
             z_loss = torch.where(active, z_loss, 0.0)
     if problem.reduction == "none":
-        loss = ce if z_loss is None else ce + z_loss
-        loss = loss.view(row_shape)
-    elif problem.reduction == "sum":
-        loss = ce.sum() if z_loss is None else ce.sum() + z_loss.sum()
-    else:
-        loss = ce.sum() / weight_sum
-        if z_loss is not None:
-            loss = loss + z_loss.sum() / count
-    grad_out = grad.reshape(input.shape) if grad is not None else None
-    return loss.to(out_dtype), lse.to(torch.float32).view(row_shape), grad_out
+        return (ce if z_loss is None else ce + z_loss).view(row_shape)
+    if problem.reduction == "sum":
+        return ce.sum() if z_loss is None else ce.sum() + z_loss.sum()
+    loss = ce.sum() / weight_sum
+    return loss if z_loss is None else loss + z_loss.sum() / count
 
 
 def scale_grad(problem: Problem, grad: torch.Tensor, grad_loss: torch.Tensor,
