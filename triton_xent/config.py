@@ -11,16 +11,19 @@ command when that happens.
 # A row is cut into slices of at most this many columns, one program each, held in
 # registers: one read of the logits and one write of the gradient for any V (see
 # kernels/xent.py). Rows of at most this many classes are one program, with no exchange.
-# Not yet measured on a GPU (a bf16 slice of 16384 is 32 KiB, 32 values per thread at 16 warps).
-ROW_SLICE_MAX_V = 16384
+# Register use from an offline sm_90 compile (triton 3.9, no GPU: bench/sm90_compile.py):
+# 8192 columns at 16 warps take 108 registers a thread and spill nothing, 16384 spill at any
+# warp count. Speed not yet measured on a GPU.
+ROW_SLICE_MAX_V = 8192
 
 # How many times a program polls a sibling slice's flag before it stops waiting, defers its
 # slice to the kernel's second (FINISH) launch and exits. Not yet measured on a GPU.
 SLICE_SPIN_LIMIT = 1 << 14
 
 # Warps per program, by the number of columns a program holds at once (first match wins):
-# about 32 fp32 values per thread. Not yet measured on a GPU.
-NUM_WARPS_BY_BLOCK = ((2048, 4), (8192, 8), (1 << 62, 16))
+# 8 to 16 columns a thread. Spill-free in the offline sm_90 compile above (4096 at 8 warps:
+# 116 registers); speed not yet measured on a GPU.
+NUM_WARPS_BY_BLOCK = ((1024, 4), (4096, 8), (1 << 62, 16))
 
 # Columns per program of the backward's grad_output scaling kernel. Not yet measured on a GPU.
 SCALE_BLOCK_V = 4096

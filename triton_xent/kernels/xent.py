@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .. import config
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -150,8 +150,8 @@ def _xent_kernel(
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr, FINISH: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    TRACK_U: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr,
+    FINISH: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_slices
@@ -160,7 +160,6 @@ def _xent_kernel(
     d = row % n_inner
     row_ptr = logits_ptr + n * stride_x_n + d * stride_x_d
     target_row_ptr = target_ptr + n * stride_t_n + d * stride_t_d
-    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
 
     # Target and the row's coefficients a, b (see the module docstring).
     if PROB_TARGET:
@@ -201,7 +200,6 @@ def _xent_kernel(
     active = tl.full((), 1, tl.int32)
 
     if SPLIT:
-        needs_all = COMPUTE_GRAD or j == 0
         record = record_ptr + pid * 5  # (m, s, S, U, z_y) of this slice
         if FINISH:
             active = (tl.load(flag_ptr + pid) == 2).to(tl.int32)
@@ -213,7 +211,8 @@ def _xent_kernel(
             tl.store(record + 4, z_y)
             tl.debug_barrier()  # the whole program's stores come before the releasing flag
             tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
-            active = needs_all.to(tl.int32)
+            if not COMPUTE_GRAD:  # without a gradient only slice 0, the loss's writer, merges
+                active = (j == 0).to(tl.int32)
         # Merge the P records in slice order (bounded polls in the first launch; in FINISH
         # every record is there, the first launch having ended).
         m_all = tl.full((), NEG_INF, tl.float32)
@@ -342,6 +341,7 @@ def xent_rows(
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_SOFTCAP=softcap is not None,
+        TRACK_U=prob_target or label_smoothing > 0.0,  # the smoothing sums S, U are needed
         HAS_ZLOSS=lse_square_scale != 0.0,
         HAS_SCALE=scale is not None,
         COMPUTE_GRAD=grad is not None,
