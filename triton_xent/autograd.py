@@ -1,5 +1,14 @@
 """The autograd layer: the forward computes loss and gradient together, the backward only
-scales the saved gradient by grad_output."""
+scales the saved gradient by grad_output.
+
+Two doors lead to core.forward:
+- the custom op `torch.ops.triton_xent.cross_entropy` (torch.library, with a fake
+  implementation and registered autograd): what cross_entropy calls, so that
+  torch.compile(fullgraph=True) sees one opaque node instead of tracing Triton launches and
+  host-side checks;
+- CrossEntropyFunction, for inplace_backward only: a custom op may not return a gradient
+  that aliases its input, so the in-place gradient stays an eager-mode feature.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +24,90 @@ def _graph_is_kept() -> bool:
     return True if keep is None else bool(keep())
 
 
+def _scale_saved_grad(problem: core.Problem, grad: torch.Tensor, grad_loss: torch.Tensor):
+    """The backward: grad * grad_loss. In eager mode without retain_graph the saved gradient
+    is used once, so it is scaled in place (the kernel leaves rows whose factor is 1
+    untouched); with retain_graph, or while torch.compile traces (the saved tensor is then a
+    fake or functional tensor subclass), it stays as it is."""
+    traced = type(grad) is not torch.Tensor or torch.compiler.is_compiling()
+    in_place = not traced and not _graph_is_kept()
+    return core.scale_grad(problem, grad, grad_loss, in_place=in_place)
+
+
+# --- the custom op -----------------------------------------------------------------------
+
+
+def _problem(prob_target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+             check_targets, use_triton) -> core.Problem:
+    return core.Problem(prob_target=prob_target, reduction=reduction, ignore_index=ignore_index,
+                        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                        softcap=softcap, inplace_backward=False, check_targets=check_targets,
+                        use_triton=use_triton)
+
+
+@torch.library.custom_op("triton_xent::cross_entropy", mutates_args=())
+def cross_entropy_op(
+    input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk)
+    target: torch.Tensor,  # class indices (N, d1, ..., dk) or probabilities shaped like input
+    weight: torch.Tensor | None,  # (C,)
+    prob_target: bool,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    check_targets: bool,
+    use_triton: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, grad): grad is dloss/dinput already scaled by the reduction, or an empty
+    tensor when compute_grad is False."""
+    problem = _problem(prob_target, reduction, ignore_index, label_smoothing, lse_square_scale,
+                       softcap, check_targets, use_triton)
+    loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=compute_grad)
+    return loss, lse, grad if grad is not None else input.new_empty(0)
+
+
+@cross_entropy_op.register_fake
+def _(input, target, weight, prob_target, reduction, ignore_index, label_smoothing,
+      lse_square_scale, softcap, check_targets, use_triton, compute_grad):
+    rows = core.row_shape(input, target, prob_target)
+    loss_shape = rows if reduction == "none" else ()
+    out_dtype = torch.result_type(input, target) if prob_target else input.dtype
+    loss = input.new_empty(loss_shape, dtype=out_dtype)
+    lse = input.new_empty(rows, dtype=torch.float32)
+    grad = input.new_empty(input.shape if compute_grad else (0,))
+    return loss, lse, grad
+
+
+def _setup_context(ctx, inputs, output):
+    (_, _, _, prob_target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+     check_targets, use_triton, _) = inputs
+    _, lse, grad = output
+    ctx.problem = _problem(prob_target, reduction, ignore_index, label_smoothing,
+                           lse_square_scale, softcap, check_targets, use_triton)
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(lse, grad)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_grad):
+    input_grad = None
+    if grad_loss is not None and ctx.needs_input_grad[0]:
+        (grad,) = ctx.saved_tensors
+        input_grad = _scale_saved_grad(ctx.problem, grad, grad_loss)
+    return (input_grad,) + (None,) * 11
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the in-place gradient (eager) -----------------------------------------------------------
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """(input, target, weight) -> (loss, lse); only `input` gets a gradient, lse has none."""
+    """(input, target, weight) -> (loss, lse) with the gradient written into input's storage;
+    only `input` gets a gradient, lse has none."""
 
     @staticmethod
     def forward(ctx, input, target, weight, problem: core.Problem):
@@ -33,7 +124,4 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad_loss is None:
             return None, None, None, None
         (grad,) = ctx.saved_tensors
-        # Without retain_graph the saved gradient is used once: scale it in place (the kernel
-        # leaves rows whose factor is 1 untouched). With retain_graph it must stay as it is.
-        input_grad = core.scale_grad(ctx.problem, grad, grad_loss, in_place=not _graph_is_kept())
-        return input_grad, None, None, None
+        return _scale_saved_grad(ctx.problem, grad, grad_loss), None, None, None

@@ -35,6 +35,14 @@ class Problem:
                     lse_square_scale=self.lse_square_scale, softcap=self.softcap)
 
 
+def row_shape(input: torch.Tensor, target: torch.Tensor, prob_target: bool) -> torch.Size:
+    """The shape of the unreduced loss: target's for class indices, input's without the class
+    dimension for probabilities."""
+    if not prob_target:
+        return target.shape
+    return input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+
+
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """(C,) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d1, ..., dk) -> (N, C, d1*...*dk).
 
@@ -91,12 +99,11 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
     N, V, D = logits.shape
     n_rows = N * D
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss_shape = row_shape(input, target, problem.prob_target)
     if problem.prob_target:
-        row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
         tgt = rows_view(target)
         out_dtype = torch.result_type(input, target)
     else:
-        row_shape = target.shape
         tgt = target.reshape(-1)
         if not tgt.dtype.is_signed:  # compare uint8 with -100 as numbers, not in uint8
             tgt = tgt.long()
@@ -127,9 +134,9 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
         # the spent logits in backward fails loudly instead of reading a gradient.
         torch.autograd.graph.increment_version(input)
 
-    loss = reduce_rows(problem, ce.to(acc), lse.to(acc), active, weight_sum, count, row_shape)
+    loss = reduce_rows(problem, ce.to(acc), lse.to(acc), active, weight_sum, count, loss_shape)
     grad_out = grad.reshape(input.shape) if grad is not None else None
-    return loss.to(out_dtype), lse.to(torch.float32).view(row_shape), grad_out
+    return loss.to(out_dtype), lse.to(torch.float32).view(loss_shape), grad_out
 
 
 def reduce_rows(problem: Problem, ce: torch.Tensor, lse: torch.Tensor,

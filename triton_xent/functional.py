@@ -10,7 +10,7 @@ import torch
 from torch.nn import _reduction
 
 from . import core
-from .autograd import CrossEntropyFunction
+from .autograd import CrossEntropyFunction, cross_entropy_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -161,15 +161,21 @@ def cross_entropy(
                                     (weight is not None and weight.requires_grad)):
         raise ValueError("triton_xent computes the gradient of input only; detach the "
                          "target and weight (or use F.cross_entropy for their gradients)")
-    problem = core.Problem(
-        prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
-        softcap=None if softcap is None else float(softcap),
-        inplace_backward=bool(inplace_backward), check_targets=bool(check_targets),
-        use_triton=_use_triton(backend, input),
-    )
-    if needs_grad:
+    use_triton = _use_triton(backend, input)
+    softcap = None if softcap is None else float(softcap)
+    if inplace_backward and needs_grad:
+        if torch.compiler.is_compiling():
+            raise ValueError("inplace_backward is an eager-mode feature: under torch.compile "
+                             "the loss is a custom op, which may not write into its input")
+        problem = core.Problem(
+            prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
+            label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
+            softcap=softcap, inplace_backward=True, check_targets=bool(check_targets),
+            use_triton=use_triton)
         loss, lse = CrossEntropyFunction.apply(input, target, weight, problem)
     else:
-        loss, lse, _ = core.forward(problem, input, target, weight, compute_grad=False)
+        loss, lse, _ = cross_entropy_op(
+            input, target, weight, prob_target, reduction, int(ignore_index),
+            float(label_smoothing), float(lse_square_scale), softcap, bool(check_targets),
+            use_triton, needs_grad)
     return (loss, lse) if return_lse else loss
