@@ -37,14 +37,6 @@ def _scale_saved_grad(problem: core.Problem, grad: torch.Tensor, grad_loss: torc
 # --- the custom op -----------------------------------------------------------------------
 
 
-def _problem(prob_target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
-             check_targets, use_triton) -> core.Problem:
-    return core.Problem(prob_target=prob_target, reduction=reduction, ignore_index=ignore_index,
-                        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                        softcap=softcap, inplace_backward=False, check_targets=check_targets,
-                        use_triton=use_triton)
-
-
 @torch.library.custom_op("triton_xent::cross_entropy", mutates_args=())
 def cross_entropy_op(
     input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk)
@@ -62,8 +54,8 @@ def cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, grad): grad is dloss/dinput already scaled by the reduction, or an empty
     tensor when compute_grad is False."""
-    problem = _problem(prob_target, reduction, ignore_index, label_smoothing, lse_square_scale,
-                       softcap, check_targets, use_triton)
+    problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
+                           lse_square_scale, softcap, check_targets, use_triton)
     loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=compute_grad)
     return loss, lse, grad if grad is not None else input.new_empty(0)
 
@@ -84,8 +76,8 @@ def _setup_context(ctx, inputs, output):
     (_, _, _, prob_target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
      check_targets, use_triton, _) = inputs
     _, lse, grad = output
-    ctx.problem = _problem(prob_target, reduction, ignore_index, label_smoothing,
-                           lse_square_scale, softcap, check_targets, use_triton)
+    ctx.problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
+                               lse_square_scale, softcap, check_targets, use_triton)
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(lse, grad)
     ctx.set_materialize_grads(False)

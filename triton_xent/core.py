@@ -25,9 +25,9 @@ class Problem:
     label_smoothing: float
     lse_square_scale: float
     softcap: float | None
-    inplace_backward: bool
     check_targets: bool
     use_triton: bool
+    inplace_backward: bool = False  # the order above is the custom ops' argument order
 
     def row_kwargs(self) -> dict:
         return dict(prob_target=self.prob_target, ignore_index=self.ignore_index,

@@ -1,8 +1,10 @@
 """Fused linear + cross-entropy: cross_entropy(input @ linear_weight.T + linear_bias, target)
 for large vocabularies, computed chunk by chunk so the (N, V) logits are never stored.
 
-Layers: kernels/linear_xent.py (the chunked driver over the row kernel) ->
-LinearCrossEntropyFunction (autograd) -> linear_cross_entropy and LinearCrossEntropyLoss.
+Layers: kernels/linear_xent.py (the chunked driver over the row kernel) -> the custom ops
+`torch.ops.triton_xent.linear_cross_entropy` and `..._backward` (torch.library, with fake
+implementations and registered autograd, so that torch.compile sees opaque nodes) ->
+linear_cross_entropy and LinearCrossEntropyLoss.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 @dataclass(frozen=True)
 class _Plan:
     """What one call fixed before any work: options, the rows to compute, the chunking and
-    the reduction's denominators (device tensors: no host sync)."""
+    the reduction's denominators (device tensors)."""
 
     problem: core.Problem
     rows: torch.Tensor | None  # (M,) int64 rows that are not ignored; None: all rows
@@ -31,8 +33,41 @@ class _Plan:
     weight_sum: torch.Tensor  # () "mean" divisor of the cross-entropy
     count: torch.Tensor  # () "mean" divisor of the z-loss
     scale: torch.Tensor | None  # (2,) [1 / weight_sum, 1 / count] for "mean", else None
-    row_shape: torch.Size  # the unreduced loss's shape (input's leading dims)
     out_dtype: torch.dtype
+
+
+def _make_plan(problem: core.Problem, x, linear_weight, target, weight, chunk_size,
+               memory_budget_bytes, accum_dtype, any_grad: bool):
+    """(plan, class weights as the row function takes them). With checks on (always on the
+    "torch" backend) an out-of-range target raises here and the ignored rows are dropped, for
+    one host synchronisation; without, nothing syncs and ignored rows are computed as zeros."""
+    N = x.shape[0]
+    V = linear_weight.shape[0]
+    checked = not problem.prob_target and (problem.check_targets or not problem.use_triton)
+    if checked:
+        core.check_targets(target, V, problem.ignore_index)
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if weight is not None and problem.use_triton:
+        weight = weight.to(torch.float32).contiguous()
+    active, weight_sum, count = core.denominators(problem, target, weight, N, V, stat_dtype)
+    rows = None
+    if checked:  # synced already by the check: drop the ignored rows before the GEMMs
+        kept = active.nonzero().squeeze(1)
+        rows = kept if kept.numel() < N else None
+    n_compute = N if rows is None else rows.numel()
+    scale = None
+    if problem.reduction == "mean" and any_grad:
+        scale = torch.stack([1.0 / weight_sum, 1.0 / count])
+        scale = scale.to(torch.float32 if problem.use_triton else stat_dtype)
+    plan = _Plan(
+        problem=problem, rows=rows,
+        chunk_rows=plan_chunk_rows(n_compute, V, x.element_size(), chunk_size=chunk_size,
+                                   memory_budget_bytes=memory_budget_bytes),
+        accum_dtype=torch.promote_types(accum_dtype, x.dtype),
+        active=active, weight_sum=weight_sum, count=count, scale=scale,
+        out_dtype=torch.result_type(x, target) if problem.prob_target else x.dtype,
+    )
+    return plan, weight
 
 
 def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=None,
@@ -45,80 +80,158 @@ def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=No
 
 
 def _reduce(plan: _Plan, ce: torch.Tensor, lse: torch.Tensor):
-    """(loss, lse) from the per-row (N,) results, assembled as core.forward does."""
+    """(loss, lse) from the per-row (N,) results, assembled as core.forward does ("none"
+    stays (N,); the caller gives it the leading shape)."""
     if plan.active is not None:
         lse = torch.where(plan.active, lse, 0.0)  # ignored rows were never computed: 0
     loss = core.reduce_rows(plan.problem, ce, lse, plan.active, plan.weight_sum, plan.count,
-                            plan.row_shape)
-    return loss.to(plan.out_dtype), lse.to(torch.float32).view(plan.row_shape)
+                            ce.shape)
+    return loss.to(plan.out_dtype), lse.to(torch.float32)
 
 
-def _scaled(grad: torch.Tensor | None, factor: torch.Tensor, dtype: torch.dtype,
-            in_place: bool) -> torch.Tensor | None:
-    if grad is None:
-        return None
-    return (grad.mul_(factor) if in_place else grad * factor).to(dtype)
+def _precomputed(reduction: str, need_weight: bool, need_bias: bool) -> bool:
+    """Whether forward computes the gradients (see the op below)."""
+    return reduction != "none" or not (need_weight or need_bias)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """(input, linear_weight, linear_bias, target, weight) -> (loss, lse); gradients for the
-    first three, lse carries none.
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(0)
 
-    When are the gradients computed? d_logits times a scalar g gives g * (d_input, d_W, d_b),
-    so for "mean" and "sum" (scalar grad_output) forward computes all three in the same pass
-    as the loss and backward only multiplies them by g. A per-row g ("none") commutes with
-    d_input = d_logits @ W row by row, but not with the sum over rows in d_W = d_logits.T @ x
-    and d_b = sum_rows d_logits: there, forward computes only the loss and backward recomputes
-    the chunks with d_logits scaled row by row (one more GEMM per chunk; with a frozen head,
-    d_input is still precomputed). Nothing (N, V)-sized is allocated beyond one chunk.
-    """
 
-    @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, plan: _Plan):
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        ctx.precompute = plan.problem.reduction != "none" or not (need_w or need_b)
-        ce, lse, d_x, d_w, d_b = _run(
-            plan, input, linear_weight, linear_bias, target, weight, scale=plan.scale,
-            need_input=need_x and ctx.precompute, need_weight=need_w and ctx.precompute,
-            need_bias=need_b and ctx.precompute)
-        if ctx.precompute:
-            ctx.save_for_backward(d_x, d_w, d_b)
-        else:
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
-        ctx.plan = plan
-        ctx.dtypes = (input.dtype, linear_weight.dtype,
-                      linear_bias.dtype if linear_bias is not None else None)
-        loss, lse = _reduce(plan, ce, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        return loss, lse
+# --- the custom ops --------------------------------------------------------------------------
+#
+# When are the gradients computed? d_logits times a scalar g gives g * (d_input, d_W, d_b), so
+# for "mean" and "sum" (scalar grad_output) the forward op computes all three in the same pass
+# as the loss and backward only multiplies them by g. A per-row g ("none") commutes with
+# d_input = d_logits @ W row by row, but not with the sum over rows in d_W = d_logits.T @ x and
+# d_b = sum_rows d_logits: there, forward computes only the loss and the backward op
+# recomputes the chunks with d_logits scaled row by row (one more GEMM per chunk; with a
+# frozen head, d_input is still precomputed). Nothing (N, V)-sized is allocated beyond a chunk.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # no Hessian: refuse loudly
-    def backward(ctx, grad_loss, grad_lse):
-        if grad_loss is None:
-            return None, None, None, None, None, None
-        plan = ctx.plan
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.precompute:
-            d_x, d_w, d_b = ctx.saved_tensors
-            # Scale the saved gradients in place unless the graph is kept (retain_graph=True):
-            # a second backward must find them as forward left them.
-            in_place = not _graph_is_kept()
-            per_row = grad_loss.reshape(-1, 1) if plan.problem.reduction == "none" else None
-            d_x = _scaled(d_x, per_row if per_row is not None else grad_loss, x_dtype, in_place)
-            d_w = _scaled(d_w, grad_loss, w_dtype, in_place)
-            d_b = _scaled(d_b, grad_loss, b_dtype, in_place)
-        else:
-            input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
-            _, _, d_x, d_w, d_b = _run(
-                plan, input, linear_weight, linear_bias, target, weight,
-                grad_output=grad_loss.reshape(-1), need_input=need_x, need_weight=need_w,
-                need_bias=need_b)
-            d_w = d_w.to(w_dtype) if d_w is not None else None
-            d_b = d_b.to(b_dtype) if d_b is not None else None
-        return d_x, d_w, d_b, None, None, None
+
+@torch.library.custom_op("triton_xent::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    x: torch.Tensor,  # (N, D)
+    linear_weight: torch.Tensor,  # (V, D)
+    linear_bias: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) class indices or (N, V) probabilities
+    weight: torch.Tensor | None,  # (V,) class weights
+    prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
+    lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
+    chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
+    need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none" is (N,); the gradients
+    are empty where not asked for or not precomputed (d_W, d_b in the accumulation dtype)."""
+    problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
+                           lse_square_scale, softcap, check_targets, use_triton)
+    pre = _precomputed(reduction, need_weight, need_bias)
+    any_grad = pre and (need_input or need_weight or need_bias)
+    plan, weight = _make_plan(problem, x, linear_weight, target, weight, chunk_size,
+                              memory_budget_bytes, accum_dtype, any_grad)
+    ce, lse, d_x, d_w, d_b = _run(
+        plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
+        need_input=need_input and pre, need_weight=need_weight and pre,
+        need_bias=need_bias and pre)
+    loss, lse = _reduce(plan, ce, lse)
+    return loss, lse, _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
+
+
+@linear_cross_entropy_op.register_fake
+def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ignore_index,
+      label_smoothing, lse_square_scale, softcap, check_targets, use_triton, chunk_size,
+      memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
+    N, D = x.shape
+    V = linear_weight.shape[0]
+    pre = _precomputed(reduction, need_weight, need_bias)
+    acc = torch.promote_types(accum_dtype, x.dtype)
+    out_dtype = torch.result_type(x, target) if prob_target else x.dtype
+    return (x.new_empty((N,) if reduction == "none" else (), dtype=out_dtype),
+            x.new_empty(N, dtype=torch.float32),
+            x.new_empty((N, D) if need_input and pre else (0,)),
+            x.new_empty((V, D) if need_weight and pre else (0,), dtype=acc),
+            x.new_empty((V,) if need_bias and pre else (0,), dtype=acc))
+
+
+@torch.library.custom_op("triton_xent::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    x: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
+    target: torch.Tensor, weight: torch.Tensor | None,
+    grad_output: torch.Tensor,  # (N,) per-row factors ("none")
+    prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
+    lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
+    chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
+    need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_x, d_W, d_b) recomputed chunk by chunk with per-row grad_output; empty if unasked."""
+    problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
+                           lse_square_scale, softcap, check_targets, use_triton)
+    plan, weight = _make_plan(problem, x, linear_weight, target, weight, chunk_size,
+                              memory_budget_bytes, accum_dtype, any_grad=False)
+    _, _, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
+                               grad_output=grad_output.reshape(-1), need_input=need_input,
+                               need_weight=need_weight, need_bias=need_bias)
+    return _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(x, linear_weight, linear_bias, target, weight, grad_output, prob_target, reduction,
+      ignore_index, label_smoothing, lse_square_scale, softcap, check_targets, use_triton,
+      chunk_size, memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
+    N, D = x.shape
+    V = linear_weight.shape[0]
+    acc = torch.promote_types(accum_dtype, x.dtype)
+    return (x.new_empty((N, D) if need_input else (0,)),
+            x.new_empty((V, D) if need_weight else (0,), dtype=acc),
+            x.new_empty((V,) if need_bias else (0,), dtype=acc))
+
+
+N_OP_ARGS = 19  # the forward op's arguments, for backward's tuple of gradients
+
+
+def _setup_context(ctx, inputs, output):
+    x, linear_weight, linear_bias, target, weight = inputs[:5]
+    ctx.options = inputs[5:]
+    *_, need_input, need_weight, need_bias = inputs
+    reduction = inputs[6]
+    _, lse, d_x, d_w, d_b = output
+    ctx.precompute = _precomputed(reduction, need_weight, need_bias)
+    ctx.reduction = reduction
+    ctx.dtypes = (x.dtype, linear_weight.dtype,
+                  linear_bias.dtype if linear_bias is not None else None)
+    if ctx.precompute:
+        ctx.save_for_backward(d_x, d_w, d_b)
+    else:
+        ctx.save_for_backward(x, linear_weight, linear_bias, target, weight)
+    ctx.mark_non_differentiable(lse, d_x, d_w, d_b)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
+    need = ctx.needs_input_grad[:3]
+    if grad_loss is None or not any(need):
+        return (None,) * N_OP_ARGS
+    if ctx.precompute:
+        grads = ctx.saved_tensors
+        # Scale the saved gradients in place unless the graph is kept (retain_graph=True) or
+        # torch.compile traces: a second backward must find them as forward left them.
+        traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()
+        in_place = not traced and not _graph_is_kept()
+        per_row = grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss
+        factors = (per_row, grad_loss, grad_loss)
+        out = tuple(
+            ((g.mul_(f) if in_place else g * f).to(dtype) if wanted else None)
+            for g, f, dtype, wanted in zip(grads, factors, ctx.dtypes, need))
+    else:
+        x, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+        d_x, d_w, d_b = linear_cross_entropy_backward_op(
+            x, linear_weight, linear_bias, target, weight, grad_loss, *ctx.options)
+        out = tuple(g.to(dtype) if wanted else None
+                    for g, dtype, wanted in zip((d_x, d_w, d_b), ctx.dtypes, need))
+    return out + (None,) * (N_OP_ARGS - 3)
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(
@@ -171,7 +284,7 @@ def linear_cross_entropy(
     Gradients go to input, linear_weight and linear_bias, each only if it requires grad;
     nothing gradient-related runs when none does. For "mean" and "sum" they are computed in
     forward (backward multiplies by grad_output); for "none" with a trainable head, backward
-    recomputes the chunks (see LinearCrossEntropyFunction). Double backward is not supported.
+    recomputes the chunks (see the custom ops above). Double backward is not supported.
     """
     # --- checks: every one before anything is computed or written ---
     if not isinstance(input, torch.Tensor):
@@ -234,47 +347,16 @@ def linear_cross_entropy(
                                     (weight is not None and weight.requires_grad)):
         raise ValueError("triton_xent computes gradients of input, linear_weight and "
                          "linear_bias only; detach the target and the class weight")
-    problem = core.Problem(
-        prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
-        softcap=None if softcap is None else float(softcap), inplace_backward=False,
-        check_targets=bool(check_targets), use_triton=_use_triton(backend, input),
-    )
-    checked = not prob_target and (problem.check_targets or not problem.use_triton)
-    if checked:
-        core.check_targets(tgt, V, problem.ignore_index)
-
-    # --- the plan: rows to compute, chunking, denominators ---
-    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    if weight is not None and problem.use_triton:
-        weight = weight.to(torch.float32).contiguous()
-    active, weight_sum, count = core.denominators(problem, tgt, weight, N, V, stat_dtype)
-    rows = None
-    if checked:  # the check above synced already; one more to drop the ignored rows
-        kept = active.nonzero().squeeze(1)
-        rows = kept if kept.numel() < N else None
-    n_compute = N if rows is None else rows.numel()
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, linear_weight, linear_bias)]
-    plan = _Plan(
-        problem=problem, rows=rows,
-        chunk_rows=plan_chunk_rows(n_compute, V, input.element_size(), chunk_size=chunk_size,
-                                   memory_budget_bytes=memory_budget_bytes),
-        accum_dtype=torch.promote_types(accum_dtype, input.dtype),
-        active=active, weight_sum=weight_sum, count=count,
-        scale=(torch.stack([1.0 / weight_sum, 1.0 / count])
-               if reduction == "mean" and any(needs) else None),
-        row_shape=lead,
-        out_dtype=torch.result_type(input, target) if prob_target else input.dtype,
-    )
-
-    x = input.reshape(N, D)
-    if any(needs):
-        loss, lse = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, tgt,
-                                                     weight, plan)
-    else:
-        ce, lse, *_ = _run(plan, x, linear_weight, linear_bias, tgt, weight)
-        loss, lse = _reduce(plan, ce, lse)
+    loss, lse, *_ = linear_cross_entropy_op(
+        input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target, reduction,
+        int(ignore_index), float(label_smoothing), float(lse_square_scale),
+        None if softcap is None else float(softcap), bool(check_targets),
+        _use_triton(backend, input), chunk_size, memory_budget_bytes, accum_dtype, *needs)
+    if reduction == "none":
+        loss = loss.view(lead)
+    lse = lse.view(lead)
     return (loss, lse) if return_lse else loss
 
 
