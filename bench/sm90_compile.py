@@ -33,7 +33,7 @@ NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"
 SM90 = GPUTarget("cuda", 90, 32)
 POINTERS = dict(logits_ptr="*bf16", grad_ptr="*bf16", target_ptr="*i64", weight_ptr="*fp32",
                 scale_ptr="*fp32", ce_ptr="*fp32", lse_ptr="*fp32", record_ptr="*fp32",
-                flag_ptr="*i32", grad_out_ptr="*bf16")
+                flag_ptr="*i32", stats_ptr="*fp32", grad_out_ptr="*bf16")
 FLOATS = ("label_smoothing", "lse_square_scale", "softcap")
 
 
@@ -41,7 +41,7 @@ def switches(**overrides) -> dict:
     """The row kernel's constexprs: an LM row (class indices, mean, nothing else) by default."""
     base = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
                 HAS_ZLOSS=False, HAS_SCALE=True, COMPUTE_GRAD=True, SPLIT=False, FINISH=False,
-                BLOCK_V=1024)
+                STATS=0, BLOCK_V=1024)
     base.update(overrides)
     base["TRACK_U"] = base["PROB_TARGET"] or base["HAS_SMOOTHING"]
     return base
@@ -61,6 +61,10 @@ def variants() -> dict[str, tuple]:
         "split_finish": (xent._xent_kernel, switches(SPLIT=True, FINISH=True, HAS_SOFTCAP=True), 4),
         "split_no_grad_finish": (xent._xent_kernel, switches(SPLIT=True, FINISH=True,
                                                              COMPUTE_GRAD=False), 4),
+        "slice_stats": (xent._xent_kernel, switches(STATS=1, SPLIT=True, COMPUTE_GRAD=False,
+                                                    HAS_SMOOTHING=True, HAS_WEIGHT=True), 4),
+        "slice_grad": (xent._xent_kernel, switches(STATS=2, HAS_SMOOTHING=True, HAS_ZLOSS=True),
+                       4),
         "scale_rows": (xent._scale_rows_kernel, dict(BLOCK_V=config.SCALE_BLOCK_V),
                        config.SCALE_NUM_WARPS),
     }

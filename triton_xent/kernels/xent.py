@@ -59,11 +59,12 @@ def _tanh(x):
 def _load_block(
     row_ptr, target_row_ptr, weight_ptr,  # pointers
     cols, mask,  # (BLOCK_V,) column indices and their validity
-    stride_col, stride_target_col, label_smoothing, n_cols, softcap,  # strides, options
+    stride_col, stride_target_col, label_smoothing, class_offset, n_classes, softcap,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """Loads one block of a row: z (softcapped, -inf off the row), tanh(x/s), and u."""
+    """Loads one block of a row: z (softcapped, -inf off the row), tanh(x/s), and u.
+    Column c is class class_offset + c of n_classes (a vocab-parallel rank's slice)."""
     cols64 = cols.to(tl.int64)
     x = tl.load(row_ptr + cols64 * stride_col, mask=mask, other=0.0).to(tl.float32)
     t = x
@@ -73,12 +74,12 @@ def _load_block(
     z = tl.where(mask, x, NEG_INF)
     u = mask.to(tl.float32)
     if HAS_WEIGHT:
-        u = tl.load(weight_ptr + cols64, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(weight_ptr + class_offset + cols64, mask=mask, other=0.0).to(tl.float32)
     if PROB_TARGET:
         q = tl.load(target_row_ptr + cols64 * stride_target_col, mask=mask, other=0.0)
         q = q.to(tl.float32)
         if HAS_SMOOTHING:
-            q = (1.0 - label_smoothing) * q + label_smoothing / n_cols
+            q = (1.0 - label_smoothing) * q + label_smoothing / n_classes
         u = u * tl.where(mask, q, 0.0)
     return z, t, u
 
@@ -138,9 +139,9 @@ def _store_grad(
 def _xent_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
-    record_ptr, flag_ptr,
-    # sizes
-    n_cols, n_inner, n_slices, slice_width,
+    record_ptr, flag_ptr, stats_ptr,
+    # sizes: this tensor's n_cols columns are classes class_offset.. of n_classes
+    n_cols, n_inner, n_slices, slice_width, class_offset, n_classes,
     # strides (sample, class, position) of logits, gradient and targets
     stride_x_n, stride_x_c, stride_x_d,
     stride_g_n, stride_g_c, stride_g_d,
@@ -151,8 +152,11 @@ def _xent_kernel(
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
     TRACK_U: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr,
-    FINISH: tl.constexpr, BLOCK_V: tl.constexpr,
+    FINISH: tl.constexpr, STATS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # STATS: 0 the loss of whole rows; 1 write each row's (m, s, S, U, z_y) instead of the
+    # loss (vocab-parallel ranks, whose rows are slices of the classes); 2 take the row's
+    # merged (m, s, S, U) from stats_ptr and write the gradient only.
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_slices
     j = pid % n_slices  # this program's slice of the row
@@ -170,31 +174,39 @@ def _xent_kernel(
         b = 1.0
         z_y = 0.0
     else:
-        y = tl.load(target_row_ptr).to(tl.int64)
-        ignored = y == ignore_index
-        in_range = (y >= 0) & (y < n_cols)
-        row_ok = in_range & (y != ignore_index)
+        y_global = tl.load(target_row_ptr).to(tl.int64)
+        ignored = y_global == ignore_index
+        in_range = (y_global >= 0) & (y_global < n_classes)
+        row_ok = in_range & (y_global != ignore_index)
         row_nan = (~in_range) & (~ignored)  # an unchecked bad target: NaN, never a wild read
-        y_safe = tl.where(row_ok, y, 0)
         w_y = 1.0
         if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y_safe).to(tl.float32)
+            w_y = tl.load(weight_ptr + tl.where(row_ok, y_global, 0)).to(tl.float32)
         a = (1.0 - label_smoothing) * w_y
-        b = label_smoothing / n_cols
+        b = label_smoothing / n_classes
+        y = y_global - class_offset  # the target's column here, if it is one of ours
+        has_y = row_ok & (y >= 0) & (y < n_cols)
         if FINISH:
             z_y = tl.load(record_ptr + pid * 5 + 4)  # the logit may hold a gradient by now
         else:
-            z_y = tl.load(row_ptr + y_safe * stride_x_c).to(tl.float32)
+            z_y = tl.load(row_ptr + tl.where(has_y, y, 0) * stride_x_c).to(tl.float32)
             if HAS_SOFTCAP:
                 z_y = softcap * _tanh(z_y / softcap)
+            z_y = tl.where(has_y, z_y, 0.0)
 
     # This program's slice, held in registers until its gradient is written.
     cols = j * slice_width + tl.arange(0, BLOCK_V)
     mask = (tl.arange(0, BLOCK_V) < slice_width) & (cols < n_cols)
     z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, mask, stride_x_c,
-                          stride_t_c, label_smoothing, n_cols, softcap,
+                          stride_t_c, label_smoothing, class_offset, n_classes, softcap,
                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-    m, s, S, U = _block_stats(z, u, TRACK_U)
+    if STATS == 2:
+        m = tl.load(stats_ptr + row * 4)
+        s = tl.load(stats_ptr + row * 4 + 1)
+        S = tl.load(stats_ptr + row * 4 + 2)
+        U = tl.load(stats_ptr + row * 4 + 3)
+    else:
+        m, s, S, U = _block_stats(z, u, TRACK_U)
     # 1 when this program writes its results now; 0 when it has nothing to do (FINISH launch
     # of a program that was not deferred, or a slice other than 0 without a gradient).
     active = tl.full((), 1, tl.int32)
@@ -245,13 +257,20 @@ def _xent_kernel(
     if active != 0:
         log_s = tl.log(s)
         if j == 0:
-            ce = a * (log_s + (m - z_y))
-            if TRACK_U:
-                ce += b * (U * log_s + S)
-            ce = tl.where(row_ok, ce, 0.0)
-            ce = tl.where(row_nan, float("nan"), ce)
-            tl.store(ce_ptr + row, ce)
-            tl.store(lse_ptr + row, m + log_s)
+            if STATS == 0:
+                ce = a * (log_s + (m - z_y))
+                if TRACK_U:
+                    ce += b * (U * log_s + S)
+                ce = tl.where(row_ok, ce, 0.0)
+                ce = tl.where(row_nan, float("nan"), ce)
+                tl.store(ce_ptr + row, ce)
+                tl.store(lse_ptr + row, m + log_s)
+            if STATS == 1:
+                tl.store(stats_ptr + row * 5, m)
+                tl.store(stats_ptr + row * 5 + 1, s)
+                tl.store(stats_ptr + row * 5 + 2, S)
+                tl.store(stats_ptr + row * 5 + 3, U)
+                tl.store(stats_ptr + row * 5 + 4, z_y)
         # The gradient of this slice, already scaled by the reduction (1/denominator, "mean").
         if COMPUTE_GRAD:
             scale_ce = 1.0
@@ -291,6 +310,68 @@ def _scale_rows_kernel(
 # --- launchers -----------------------------------------------------------------------------
 
 
+def _launch(
+    logits: torch.Tensor,  # (N, V, D)
+    target: torch.Tensor,  # (N*D,) class indices, or (N, V, D) probabilities
+    weight: torch.Tensor | None,  # (n_classes,) float32, contiguous
+    scale: torch.Tensor | None,  # (2,) float32
+    grad: torch.Tensor | None,  # (N, V, D) or None
+    outputs: tuple,  # (ce, lse, stats): the mode's output tensors, None where unused
+    *,
+    stats_mode: int,  # the kernel's STATS switch
+    class_offset: int,
+    n_classes: int,
+    prob_target: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+) -> None:
+    N, V, D = logits.shape
+    rows = N * D
+    if rows == 0:
+        return
+    device = logits.device
+    n_slices = triton.cdiv(V, config.ROW_SLICE_MAX_V)
+    slice_width = triton.cdiv(triton.cdiv(V, n_slices), 16) * 16  # aligned slice starts
+    block_v = triton.next_power_of_2(slice_width)
+    split = n_slices > 1 and stats_mode != 2  # with the statistics given, slices are alone
+    records = flags = None
+    if split:
+        records = torch.empty(rows * n_slices * 5, device=device, dtype=torch.float32)
+        flags = torch.zeros(rows * n_slices, device=device, dtype=torch.int32)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
+    # Class indices are a flat (N*D,) vector with one stride: row n*D + d sits at that offset.
+    t_strides = target.stride() if prob_target else (D * target.stride(0), 0, target.stride(0))
+    ce, lse, stats = outputs
+    args = (
+        logits, g, target, weight, scale, ce, lse, records, flags, stats,
+        V, D, n_slices, slice_width, class_offset, n_classes,
+        *logits.stride(), *g.stride(), *t_strides,
+        ignore_index, float(label_smoothing), float(lse_square_scale),
+        float(softcap) if softcap is not None else 1.0,
+        0 if interpreting else config.SLICE_SPIN_LIMIT,
+    )
+    switches = dict(
+        PROB_TARGET=prob_target,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap is not None,
+        TRACK_U=prob_target or label_smoothing > 0.0,  # the smoothing sums S, U are needed
+        HAS_ZLOSS=lse_square_scale != 0.0,
+        HAS_SCALE=scale is not None,
+        COMPUTE_GRAD=grad is not None,
+        SPLIT=split,
+        STATS=stats_mode,
+        BLOCK_V=block_v,
+        num_warps=config.num_warps_for(block_v),
+    )
+    _xent_kernel[(rows * n_slices,)](*args, FINISH=False, **switches)
+    if split:  # programs whose siblings were late finish here (most exit at once)
+        _xent_kernel[(rows * n_slices,)](*args, FINISH=True, **switches)
+
+
 def xent_rows(
     logits: torch.Tensor,  # (N, V, D), fp32/fp16/bf16, any strides
     target: torch.Tensor,  # (N*D,) integer class indices (any stride), or (N, V, D) probabilities
@@ -310,49 +391,56 @@ def xent_rows(
     out-of-range target), without the z-loss, which the caller adds from `lse`.
     """
     N, V, D = logits.shape
-    rows = N * D
-    device = logits.device
-    ce = torch.empty(rows, device=device, dtype=torch.float32)
-    lse = torch.empty(rows, device=device, dtype=torch.float32)
-    if rows == 0:
-        return ce, lse
-    n_slices = triton.cdiv(V, config.ROW_SLICE_MAX_V)
-    slice_width = triton.cdiv(triton.cdiv(V, n_slices), 16) * 16  # aligned slice starts
-    block_v = triton.next_power_of_2(slice_width)
-    split = n_slices > 1
-    records = flags = None
-    if split:
-        records = torch.empty(rows * n_slices * 5, device=device, dtype=torch.float32)
-        flags = torch.zeros(rows * n_slices, device=device, dtype=torch.int32)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
-    # Class indices are a flat (N*D,) vector with one stride: row n*D + d sits at that offset.
-    t_strides = target.stride() if prob_target else (D * target.stride(0), 0, target.stride(0))
-    args = (
-        logits, g, target, weight, scale, ce, lse, records, flags,
-        V, D, n_slices, slice_width,
-        *logits.stride(), *g.stride(), *t_strides,
-        ignore_index, float(label_smoothing), float(lse_square_scale),
-        float(softcap) if softcap is not None else 1.0,
-        0 if interpreting else config.SLICE_SPIN_LIMIT,
-    )
-    switches = dict(
-        PROB_TARGET=prob_target,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap is not None,
-        TRACK_U=prob_target or label_smoothing > 0.0,  # the smoothing sums S, U are needed
-        HAS_ZLOSS=lse_square_scale != 0.0,
-        HAS_SCALE=scale is not None,
-        COMPUTE_GRAD=grad is not None,
-        SPLIT=split,
-        BLOCK_V=block_v,
-        num_warps=config.num_warps_for(block_v),
-    )
-    _xent_kernel[(rows * n_slices,)](*args, FINISH=False, **switches)
-    if split:  # programs whose siblings were late finish here (most exit at once)
-        _xent_kernel[(rows * n_slices,)](*args, FINISH=True, **switches)
+    ce = torch.empty(N * D, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(N * D, device=logits.device, dtype=torch.float32)
+    _launch(logits, target, weight, scale, grad, (ce, lse, None), stats_mode=0, class_offset=0,
+            n_classes=V, prob_target=prob_target, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     return ce, lse
+
+
+def xent_slice_stats(
+    logits: torch.Tensor,  # (N, V_r, D): classes class_offset .. class_offset + V_r - 1
+    target: torch.Tensor,  # (N*D,) global class indices
+    weight: torch.Tensor | None,  # (n_classes,) float32, contiguous: all classes' weights
+    *,
+    class_offset: int,
+    n_classes: int,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """(N*D, 5) float32 statistics of each row's slice: max m, sum exp(z - m), S = sum u (m - z),
+    U = sum u, and the target's (softcapped) logit where it lies in the slice, else 0."""
+    N, V, D = logits.shape
+    stats = torch.empty((N * D, 5), device=logits.device, dtype=torch.float32)
+    _launch(logits, target, weight, None, None, (None, None, stats), stats_mode=1,
+            class_offset=class_offset, n_classes=n_classes, prob_target=False,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=0.0,
+            softcap=softcap)
+    return stats
+
+
+def xent_slice_grad(
+    logits: torch.Tensor,  # (N, V_r, D): classes class_offset .. class_offset + V_r - 1
+    target: torch.Tensor,  # (N*D,) global class indices
+    weight: torch.Tensor | None,  # (n_classes,) float32, contiguous
+    stats: torch.Tensor,  # (N*D, 4) float32 (m, s, S, U) of the whole rows
+    scale: torch.Tensor | None,  # (2,) float32 "mean" factors, or None
+    grad: torch.Tensor,  # (N, V_r, D) written
+    *,
+    class_offset: int,
+    n_classes: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+) -> None:
+    """Writes the gradient of a slice of classes from the statistics of the whole rows."""
+    _launch(logits, target, weight, scale, grad, (None, None, stats.contiguous()),
+            stats_mode=2, class_offset=class_offset, n_classes=n_classes, prob_target=False,
+            ignore_index=ignore_index, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap)
 
 
 def scale_rows_(
