@@ -9,8 +9,9 @@ import os
 import torch
 from torch.nn import _reduction
 
-from . import core
+from . import core, distributed
 from .autograd import CrossEntropyFunction, cross_entropy_op
+from .distributed import VocabParallelCrossEntropyFunction
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -120,6 +121,7 @@ def cross_entropy(
     inplace_backward: bool = False,
     backend: str = "auto",
     check_targets: bool = True,
+    process_group=None,
 ):
     """Drop-in for torch.nn.functional.cross_entropy, computed by fused Triton kernels.
 
@@ -141,6 +143,13 @@ def cross_entropy(
         False there is no sync (CUDA graphs, torch.compile) and such a row's loss and gradient
         are NaN; the kernel never reads out of bounds. The CPU fallback always checks.
 
+    process_group: vocab parallelism over torch.distributed (NCCL on GPUs, gloo on CPUs).
+        `input` is then this rank's contiguous slice of the class dimension, slices in
+        group-rank order, sizes possibly unequal; `target` holds global class indices, the
+        same on every rank; `weight`, if given, holds all C classes' weights on every rank.
+        Every rank gets the loss of the full problem, and its input gradient is its own slice
+        of the full gradient. Label smoothing uses the global C. Class-index targets only.
+
     Only `input` receives a gradient; a weight or probability target that requires grad is
     refused.
     """
@@ -155,7 +164,13 @@ def cross_entropy(
         reduction = _reduction.legacy_get_string(size_average, reduce)
     _check_options(reduction, label_smoothing, lse_square_scale, softcap)
     prob_target = _check_target(input, target, ignore_index)
-    _check_weight(input, weight)
+    if process_group is None:
+        _check_weight(input, weight)
+    elif prob_target or inplace_backward:
+        raise ValueError("process_group takes class-index targets and no inplace_backward")
+    elif weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1
+                                 or not weight.is_floating_point()):
+        raise ValueError("with a process_group, weight is a 1-D float tensor of all classes")
     needs_grad = torch.is_grad_enabled() and input.requires_grad
     if torch.is_grad_enabled() and (target.requires_grad or
                                     (weight is not None and weight.requires_grad)):
@@ -163,7 +178,16 @@ def cross_entropy(
                          "target and weight (or use F.cross_entropy for their gradients)")
     use_triton = _use_triton(backend, input)
     softcap = None if softcap is None else float(softcap)
-    if inplace_backward and needs_grad:
+    if process_group is not None:
+        problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
+                               float(lse_square_scale), softcap, bool(check_targets), use_triton)
+        if needs_grad:
+            loss, lse = VocabParallelCrossEntropyFunction.apply(input, target, weight, problem,
+                                                                process_group)
+        else:
+            loss, lse, _ = distributed.forward(problem, input, target, weight, process_group,
+                                               compute_grad=False)
+    elif inplace_backward and needs_grad:
         if torch.compiler.is_compiling():
             raise ValueError("inplace_backward is an eager-mode feature: under torch.compile "
                              "the loss is a custom op, which may not write into its input")

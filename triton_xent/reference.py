@@ -152,3 +152,83 @@ def scale_rows_torch_(
     go = grad_output.reshape(-1)
     factor = go.view(N, 1, D) if go.numel() == N * D and go.numel() != 1 else go.reshape(())
     return grad.mul_(factor)
+
+
+# --- rows that are a slice of the classes (vocab parallelism, distributed.py) --------------
+
+
+def _slice_chunk(x, target, weight, class_offset, n_classes, label_smoothing, softcap,
+                 ignore_index):
+    """Common part of a chunk of a class slice: z, tanh, u, and the target's position."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    R, V = x.shape
+    z = x.to(acc)
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        z = softcap * tanh
+    u = (weight[class_offset:class_offset + V].to(acc) if weight is not None
+         else torch.ones(V, dtype=acc, device=x.device))
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    active = (target != ignore_index) & ~bad
+    y = target - class_offset
+    has_y = active & (y >= 0) & (y < V)
+    y = torch.where(has_y, y, 0).long()
+    w_y = (weight.to(acc)[torch.where(active, target, 0).long()] if weight is not None
+           else torch.ones(R, dtype=acc, device=x.device))
+    return z, tanh, u, active, bad, has_y, y, w_y
+
+
+def slice_stats_torch(logits, target, weight, *, class_offset, n_classes, ignore_index,
+                      label_smoothing, softcap):
+    """Same contract as kernels.xent.xent_slice_stats: (N*D, 5) rows of (m, s, S, U, z_y)."""
+    N, V, D = logits.shape
+    x_rows = logits.movedim(1, 2)
+    t_rows = target.view(N, D)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    stats = torch.zeros((N * D, 5), dtype=acc, device=logits.device)
+    for n0, n1, d0, d1 in _row_chunks(N, D, V):
+        z, _, u, _, _, has_y, y, _ = _slice_chunk(
+            x_rows[n0:n1, d0:d1].reshape(-1, V), t_rows[n0:n1, d0:d1].reshape(-1), weight,
+            class_offset, n_classes, label_smoothing, softcap, ignore_index)
+        m = z.amax(-1, keepdim=True)
+        m_ref = torch.where(m == float("-inf"), 0.0, m)
+        part = stats[n0 * D + d0:(n1 - 1) * D + d1]
+        part[:, 0] = m.squeeze(1)
+        part[:, 1] = torch.exp(z - m_ref).sum(-1)
+        if label_smoothing > 0:
+            part[:, 2] = (u * torch.where((u == 0) | (z == m), 0.0, m - z)).sum(-1)
+            part[:, 3] = u.sum()
+        part[:, 4] = torch.where(has_y, z.gather(1, y[:, None]).squeeze(1), 0.0)
+    return stats
+
+
+def slice_grad_torch(logits, target, weight, stats, scale, grad, *, class_offset, n_classes,
+                     ignore_index, label_smoothing, lse_square_scale, softcap):
+    """Same contract as kernels.xent.xent_slice_grad: the slice's gradient from the (m, s, S, U)
+    of the whole rows (see the module docstring for the formula)."""
+    N, V, D = logits.shape
+    x_rows = logits.movedim(1, 2)
+    g_rows = grad.movedim(1, 2)
+    t_rows = target.view(N, D)
+    s_ce, s_z = (scale[0], scale[1]) if scale is not None else (1.0, 1.0)
+    b = label_smoothing / n_classes
+    for n0, n1, d0, d1 in _row_chunks(N, D, V):
+        flat = slice(n0 * D + d0, (n1 - 1) * D + d1)
+        z, tanh, u, active, bad, has_y, y, w_y = _slice_chunk(
+            x_rows[n0:n1, d0:d1].reshape(-1, V), t_rows[n0:n1, d0:d1].reshape(-1), weight,
+            class_offset, n_classes, label_smoothing, softcap, ignore_index)
+        m, s, _, U = (stats[flat, k].to(z.dtype) for k in range(4))
+        a = torch.where(active, (1.0 - label_smoothing) * w_y, 0.0)
+        coef = (a + b * U) * s_ce
+        if lse_square_scale != 0.0:
+            coef = coef + 2.0 * lse_square_scale * (m + torch.log(s)) * s_z
+        g = torch.exp(z - m[:, None]) / s[:, None] * coef[:, None]
+        if label_smoothing > 0:
+            g = g - (b * s_ce) * u
+        g = g - torch.zeros_like(g).scatter_(1, y[:, None], (a * s_ce * has_y)[:, None])
+        g = torch.where(active[:, None], g, 0.0)
+        g = torch.where(bad[:, None], float("nan"), g)
+        if tanh is not None:
+            g = g * (1.0 - tanh * tanh)
+        g_rows[n0:n1, d0:d1] = g.view(n1 - n0, d1 - d0, V)

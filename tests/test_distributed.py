@@ -1,0 +1,113 @@
+"""Vocab-parallel cross-entropy over torch.distributed (gloo on CPU, spawned processes):
+every rank's loss and gradient slice against the single-process result.
+
+Each worker saves its results, then leaves with os._exit(0): with torch 2.13 a gloo process
+can abort in its C++ teardown at interpreter exit after its work is done, and skipping that
+teardown keeps the test about the work. A real failure still fails the test: a worker that
+raises writes its traceback (and exits 1), and the parent requires every rank's results.
+"""
+
+import multiprocessing
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import triton_xent
+from helpers import assert_close
+
+V = 37
+N = 9
+SLICES = {2: [10, 27], 3: [5, 20, 12]}  # unequal, in rank order
+CASES = {
+    "mean": dict(reduction="mean"),
+    "sum_weighted": dict(reduction="sum", weighted=True),
+    "none_ignore": dict(reduction="none", ignore_index=4),
+    "smoothing_weight": dict(label_smoothing=0.2, weighted=True),
+    "zloss_softcap_none": dict(lse_square_scale=1e-2, softcap=3.0, reduction="none"),
+    "everything": dict(label_smoothing=0.1, lse_square_scale=1e-3, weighted=True),
+}
+
+
+def _problem(case):
+    g = torch.Generator().manual_seed(7)
+    x = 3 * torch.randn(N, V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[2] = -100
+    t[5] = 4
+    kwargs = dict(CASES[case])
+    t[t == -100] = kwargs.get("ignore_index", -100)
+    if kwargs.pop("weighted", False):
+        kwargs["weight"] = torch.rand(V, generator=g) + 0.5
+    return x, t, kwargs
+
+
+def _grad_output(loss):
+    return torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else None
+
+
+def _worker(rank, world, rendezvous, out_dir, backend):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                                world_size=world)
+        lo = sum(SLICES[world][:rank])
+        hi = lo + SLICES[world][rank]
+        results = {}
+        for case in CASES:
+            x, t, kwargs = _problem(case)
+            x_local = x[:, lo:hi].clone().requires_grad_(True)
+            loss = triton_xent.cross_entropy(x_local, t, process_group=dist.group.WORLD,
+                                             backend=backend, **kwargs)
+            loss.backward(_grad_output(loss))
+            results[case] = (loss.detach(), x_local.grad)
+        try:  # a bad target must raise on every rank alike, leaving none in a collective
+            triton_xent.cross_entropy(torch.randn(3, hi - lo), torch.tensor([0, V, 1]),
+                                      process_group=dist.group.WORLD, backend=backend)
+            results["bad_target"] = "no error"
+        except IndexError as e:
+            results["bad_target"] = str(e)
+        dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("world", [2, 3], ids=["world2", "world3"])
+def test_vocab_parallel_matches_single_process(backend, world, tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "rdzv"), str(tmp_path),
+                                                backend))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = {r: (tmp_path / f"rank{r}.err").read_text()
+              for r in range(world) if (tmp_path / f"rank{r}.err").exists()}
+    assert not errors, f"worker failures: {errors}"
+    assert not hung, f"ranks {hung} did not finish"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for case in CASES:
+        x, t, kwargs = _problem(case)
+        full = x.clone().requires_grad_(True)
+        expected = triton_xent.cross_entropy(full, t, backend=backend, **kwargs)
+        expected.backward(_grad_output(expected))
+        for rank, res in enumerate(results):
+            loss, grad = res[case]
+            lo = sum(SLICES[world][:rank])
+            hi = lo + SLICES[world][rank]
+            assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
+            assert_close(grad, full.grad[:, lo:hi], torch.float32, f"{case} grad, rank {rank}")
+    for res in results:
+        assert res["bad_target"].startswith(f"Target {V} is out of bounds"), res["bad_target"]

@@ -1,0 +1,133 @@
+"""Vocab-parallel cross-entropy over torch.distributed: each rank holds a contiguous slice of
+the classes, and the loss comes from small per-row statistics, never from gathered logits.
+
+Per row, each rank computes the statistics of its slice (kernel STATS=1, or the plain-PyTorch
+twin): m_r = max z, s_r = sum exp(z - m_r), S_r = sum u (m_r - z), U_r = sum u, and z_y if the
+target is one of its classes (else 0). They merge exactly as slices of one row do inside the
+kernel (kernels/xent.py):
+    m = max_r m_r,  s = sum_r s_r exp(m_r - m),  S = sum_r S_r + U_r (m - m_r),  U = sum_r U_r
+and then lse = m + log s, loss = a (log s + m - z_y) + b (U log s + S) with b = eps / V for
+the global V. Each rank then writes the gradient of its own slice from (m, s, S, U).
+
+Collectives per call, on a group of R ranks and N rows: one all_gather of one int64 per rank
+(the slice sizes, hence each rank's first class), one all_reduce MAX of N float32 (m), one
+all_reduce SUM of 4N float32 (s, S, U, z_y rescaled to m): 20 N bytes per rank, whatever V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import core, reference
+from .autograd import _scale_saved_grad
+
+NEG_INF = float("-inf")
+
+
+def _slice_fns(use_triton: bool):
+    if use_triton:
+        from .kernels import xent
+
+        return xent.xent_slice_stats, xent.xent_slice_grad
+    return reference.slice_stats_torch, reference.slice_grad_torch
+
+
+def class_slices(n_local: int, device: torch.device, group) -> tuple[int, int]:
+    """(first class of this rank, total classes), from every rank's slice size in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device)
+             for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=device),
+                    group=group)
+    sizes = [int(s) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _merge_across_ranks(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, s, S, U) of whole rows (N, 4) and their target logit (N,), from each rank's (N, 5)."""
+    m_local, s, S, U, z_y = stats.unbind(1)
+    m = m_local.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m_ref = torch.where(m == NEG_INF, 0.0, m)  # a row all -inf everywhere keeps s = 0
+    shift = torch.where((m == m_local) | (U == 0), 0.0, m - m_local)
+    summed = torch.stack([s * torch.exp(m_local - m_ref), S + U * shift, U, z_y], dim=1)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    return torch.cat([m[:, None], summed[:, :3]], dim=1), summed[:, 3]
+
+
+def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
+            weight: torch.Tensor | None, group, *, compute_grad: bool):
+    """(loss, lse, grad of the local slice): the loss of the full problem, on every rank."""
+    logits = core.rows_view(input)
+    N, V_local, D = logits.shape
+    class_offset, n_classes = class_slices(V_local, input.device, group)
+    if weight is not None and weight.shape != (n_classes,):
+        raise ValueError(f"with a process_group, weight holds all {n_classes} classes' weights "
+                         f"on every rank, got shape {tuple(weight.shape)}")
+    tgt = target.reshape(-1)
+    if not tgt.dtype.is_signed:
+        tgt = tgt.long()
+    if problem.check_targets or not problem.use_triton:
+        # Every rank holds the same targets, so every rank raises alike, before any
+        # collective that another rank could be left waiting in.
+        core.check_targets(tgt, n_classes, problem.ignore_index)
+    if weight is not None and problem.use_triton:
+        weight = weight.to(torch.float32).contiguous()
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    stats_fn, grad_fn = _slice_fns(problem.use_triton)
+    options = dict(class_offset=class_offset, n_classes=n_classes,
+                   ignore_index=problem.ignore_index, label_smoothing=problem.label_smoothing,
+                   softcap=problem.softcap)
+    stats = stats_fn(logits, tgt, weight, **options)
+    row_stats, z_y = _merge_across_ranks(stats.to(acc), group)
+    m, s, S, U = row_stats.unbind(1)
+
+    active, weight_sum, count = core.denominators(problem, tgt, weight, N * D, n_classes, acc)
+    eps = problem.label_smoothing
+    w_y = (weight.to(acc)[torch.where(active, tgt, 0).long()] if weight is not None
+           else torch.ones_like(m))
+    log_s = torch.log(s)
+    ce = (1.0 - eps) * w_y * (log_s + (m - z_y))
+    if eps > 0:
+        ce = ce + eps / n_classes * (U * log_s + S)
+    bad = (tgt != problem.ignore_index) & ~active
+    ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
+    lse = m + log_s
+    loss_shape = core.row_shape(input, target, prob_target=False)
+    loss = core.reduce_rows(problem, ce, lse, active, weight_sum, count, loss_shape)
+
+    grad = None
+    if compute_grad:
+        scale = None
+        if problem.reduction == "mean":
+            scale = torch.stack([1.0 / weight_sum, 1.0 / count])
+            scale = scale.to(torch.float32 if problem.use_triton else acc)
+        grad = torch.empty((N, V_local, D), dtype=input.dtype, device=input.device)
+        grad_fn(logits, tgt, weight, row_stats.to(stats.dtype), scale, grad,
+                lse_square_scale=problem.lse_square_scale, **options)
+        grad = grad.reshape(input.shape)
+    return loss.to(input.dtype), lse.to(torch.float32).view(loss_shape), grad
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """(input slice, target, weight) -> (loss, lse); the gradient of this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, problem: core.Problem, group):
+        loss, lse, grad = forward(problem, input, target, weight, group, compute_grad=True)
+        ctx.problem = problem
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        if grad_loss is None:
+            return None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        # grad_output is the same on every rank (the loss is): no collective needed here.
+        return _scale_saved_grad(ctx.problem, grad, grad_loss), None, None, None, None
