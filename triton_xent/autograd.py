@@ -6,8 +6,8 @@ Two doors lead to core.forward:
   implementation and registered autograd): what cross_entropy calls, so that
   torch.compile(fullgraph=True) sees one opaque node instead of tracing Triton launches and
   host-side checks;
-- CrossEntropyFunction, for inplace_backward only: a custom op may not return a gradient
-  that aliases its input, so the in-place gradient stays an eager-mode feature.
+- CrossEntropyFunction, for inplace_backward (a custom op may not return a gradient that
+  aliases its input) and for process_group (collectives): eager-mode features.
 """
 
 from __future__ import annotations
@@ -15,23 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import core
-
-
-def _graph_is_kept() -> bool:
-    """True while the running backward was asked to keep the graph (retain_graph=True)."""
-    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep is None else bool(keep())
-
-
-def _scale_saved_grad(problem: core.Problem, grad: torch.Tensor, grad_loss: torch.Tensor):
-    """The backward: grad * grad_loss. In eager mode without retain_graph the saved gradient
-    is used once, so it is scaled in place (the kernel leaves rows whose factor is 1
-    untouched); with retain_graph, or while torch.compile traces (the saved tensor is then a
-    fake or functional tensor subclass), it stays as it is."""
-    traced = type(grad) is not torch.Tensor or torch.compiler.is_compiling()
-    in_place = not traced and not _graph_is_kept()
-    return core.scale_grad(problem, grad, grad_loss, in_place=in_place)
+from . import core, distributed
 
 
 # --- the custom op -----------------------------------------------------------------------
@@ -87,23 +71,28 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
     input_grad = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         (grad,) = ctx.saved_tensors
-        input_grad = _scale_saved_grad(ctx.problem, grad, grad_loss)
+        input_grad = core.scale_saved_grad(ctx.problem, grad, grad_loss)
     return (input_grad,) + (None,) * 11
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- the in-place gradient (eager) -----------------------------------------------------------
+# --- eager-only paths: the in-place gradient, and vocab parallelism ----------------------
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """(input, target, weight) -> (loss, lse) with the gradient written into input's storage;
-    only `input` gets a gradient, lse has none."""
+    """(input, target, weight) -> (loss, lse); only `input` gets a gradient, lse has none.
+    With `group`, input is this rank's slice of the classes (distributed.py); otherwise the
+    problem has inplace_backward and the gradient is written into input's storage."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, problem: core.Problem):
-        loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=True)
+    def forward(ctx, input, target, weight, problem: core.Problem, group):
+        if group is None:
+            loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=True)
+        else:
+            loss, lse, grad = distributed.forward(problem, input, target, weight, group,
+                                                  compute_grad=True)
         ctx.problem = problem
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
@@ -114,6 +103,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @once_differentiable  # the Hessian of the loss is not implemented: refuse, loudly
     def backward(ctx, grad_loss, grad_lse):
         if grad_loss is None:
-            return None, None, None, None
+            return None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return _scale_saved_grad(ctx.problem, grad, grad_loss), None, None, None
+        # With a group, grad_output is the same on every rank (the loss is): no collective.
+        return core.scale_saved_grad(ctx.problem, grad, grad_loss), None, None, None, None

@@ -158,6 +158,27 @@ def reduce_rows(problem: Problem, ce: torch.Tensor, lse: torch.Tensor,
     return loss if z_loss is None else loss + z_loss.sum() / count
 
 
+def graph_is_kept() -> bool:
+    """True while the running backward was asked to keep the graph (retain_graph=True)."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
+def saved_grad_is_spent(saved: torch.Tensor) -> bool:
+    """Whether a backward may scale a gradient saved in forward in place: in eager mode
+    without retain_graph it is used once; with retain_graph a second backward must find it as
+    forward left it, and while torch.compile traces (the saved tensor is then a fake or
+    functional tensor subclass) the traced graph must not mutate it."""
+    traced = type(saved) is not torch.Tensor or torch.compiler.is_compiling()
+    return not traced and not graph_is_kept()
+
+
+def scale_saved_grad(problem: Problem, grad: torch.Tensor, grad_loss: torch.Tensor):
+    """A backward: grad * grad_loss, in place when the saved gradient is spent (the kernel
+    then leaves rows whose factor is 1 untouched)."""
+    return scale_grad(problem, grad, grad_loss, in_place=saved_grad_is_spent(grad))
+
+
 def scale_grad(problem: Problem, grad: torch.Tensor, grad_loss: torch.Tensor,
                *, in_place: bool) -> torch.Tensor:
     """grad * grad_loss, broadcast per row ("none") or as a scalar; in place when allowed."""

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import core, reference
-from .autograd import _scale_saved_grad
 
 NEG_INF = float("-inf")
 
@@ -109,25 +107,3 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
                 lse_square_scale=problem.lse_square_scale, **options)
         grad = grad.reshape(input.shape)
     return loss.to(input.dtype), lse.to(torch.float32).view(loss_shape), grad
-
-
-class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """(input slice, target, weight) -> (loss, lse); the gradient of this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, problem: core.Problem, group):
-        loss, lse, grad = forward(problem, input, target, weight, group, compute_grad=True)
-        ctx.problem = problem
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        return loss, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_lse):
-        if grad_loss is None:
-            return None, None, None, None, None
-        (grad,) = ctx.saved_tensors
-        # grad_output is the same on every rank (the loss is): no collective needed here.
-        return _scale_saved_grad(ctx.problem, grad, grad_loss), None, None, None, None

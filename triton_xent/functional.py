@@ -11,7 +11,6 @@ from torch.nn import _reduction
 
 from . import core, distributed
 from .autograd import CrossEntropyFunction, cross_entropy_op
-from .distributed import VocabParallelCrossEntropyFunction
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -182,8 +181,8 @@ def cross_entropy(
         problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
                                float(lse_square_scale), softcap, bool(check_targets), use_triton)
         if needs_grad:
-            loss, lse = VocabParallelCrossEntropyFunction.apply(input, target, weight, problem,
-                                                                process_group)
+            loss, lse = CrossEntropyFunction.apply(input, target, weight, problem,
+                                                   process_group)
         else:
             loss, lse, _ = distributed.forward(problem, input, target, weight, process_group,
                                                compute_grad=False)
@@ -196,7 +195,7 @@ def cross_entropy(
             label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
             softcap=softcap, inplace_backward=True, check_targets=bool(check_targets),
             use_triton=use_triton)
-        loss, lse = CrossEntropyFunction.apply(input, target, weight, problem)
+        loss, lse = CrossEntropyFunction.apply(input, target, weight, problem, None)
     else:
         loss, lse, _ = cross_entropy_op(
             input, target, weight, prob_target, reduction, int(ignore_index),

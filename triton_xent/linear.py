@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from . import core
-from .autograd import _graph_is_kept
 from .functional import _check_options, _check_target, _check_weight, _use_triton
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
@@ -213,10 +212,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
         return (None,) * N_OP_ARGS
     if ctx.precompute:
         grads = ctx.saved_tensors
-        # Scale the saved gradients in place unless the graph is kept (retain_graph=True) or
-        # torch.compile traces: a second backward must find them as forward left them.
-        traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()
-        in_place = not traced and not _graph_is_kept()
+        in_place = core.saved_grad_is_spent(grad_loss)
         per_row = grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss
         factors = (per_row, grad_loss, grad_loss)
         out = tuple(
