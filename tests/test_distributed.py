@@ -1,5 +1,6 @@
 """Vocab-parallel cross-entropy over torch.distributed (gloo on CPU, spawned processes):
-every rank's loss and gradient slice against the single-process result.
+every rank's loss and gradient slice against the single-process result, for cross_entropy
+and for linear_cross_entropy with the head split by rows.
 
 Each worker saves its results, then leaves with os._exit(0): with torch 2.13 a gloo process
 can abort in its C++ teardown at interpreter exit after its work is done, and skipping that
@@ -44,6 +45,22 @@ def _problem(case):
     return x, t, kwargs
 
 
+LINEAR_CASES = {
+    "linear_mean_chunked": dict(chunk_size=4, label_smoothing=0.1),
+    "linear_none_recompute": dict(reduction="none", chunk_size=3, lse_square_scale=1e-2),
+}
+
+
+def _linear_problem(case):
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(N, 13, generator=g)
+    w = torch.randn(V, 13, generator=g) / 3
+    b = torch.randn(V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[1] = -100
+    return h, w, b, t, dict(LINEAR_CASES[case])
+
+
 def _grad_output(loss):
     return torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else None
 
@@ -62,6 +79,15 @@ def _worker(rank, world, rendezvous, out_dir, backend):
                                              backend=backend, **kwargs)
             loss.backward(_grad_output(loss))
             results[case] = (loss.detach(), x_local.grad)
+        for case in LINEAR_CASES:
+            h, w_full, b_full, t, kwargs = _linear_problem(case)
+            h = h.clone().requires_grad_(True)
+            w = w_full[lo:hi].clone().requires_grad_(True)
+            b = b_full[lo:hi].clone().requires_grad_(True)
+            loss = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend=backend,
+                                                    process_group=dist.group.WORLD, **kwargs)
+            loss.backward(_grad_output(loss))
+            results[case] = (loss.detach(), h.grad, w.grad, b.grad)
         try:  # a bad target must raise on every rank alike, leaving none in a collective
             triton_xent.cross_entropy(torch.randn(3, hi - lo), torch.tensor([0, V, 1]),
                                       process_group=dist.group.WORLD, backend=backend)
@@ -109,5 +135,18 @@ def test_vocab_parallel_matches_single_process(backend, world, tmp_path):
             hi = lo + SLICES[world][rank]
             assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
             assert_close(grad, full.grad[:, lo:hi], torch.float32, f"{case} grad, rank {rank}")
+    for case in LINEAR_CASES:
+        h, w, b, t, kwargs = _linear_problem(case)
+        h, w, b = (p.clone().requires_grad_(True) for p in (h, w, b))
+        expected = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend=backend,
+                                                    **kwargs)
+        expected.backward(_grad_output(expected))
+        for rank, (loss, d_h, d_w, d_b) in enumerate(r[case] for r in results):
+            lo = sum(SLICES[world][:rank])
+            hi = lo + SLICES[world][rank]
+            assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
+            assert_close(d_h, h.grad, torch.float32, f"{case} d_input, rank {rank}")
+            assert_close(d_w, w.grad[lo:hi], torch.float32, f"{case} d_weight, rank {rank}")
+            assert_close(d_b, b.grad[lo:hi], torch.float32, f"{case} d_bias, rank {rank}")
     for res in results:
         assert res["bad_target"].startswith(f"Target {V} is out of bounds"), res["bad_target"]

@@ -55,12 +55,47 @@ def _merge_across_ranks(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch
     return torch.cat([m[:, None], summed[:, :3]], dim=1), summed[:, 3]
 
 
-def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
-            weight: torch.Tensor | None, group, *, compute_grad: bool):
-    """(loss, lse, grad of the local slice): the loss of the full problem, on every rank."""
-    logits = core.rows_view(input)
-    N, V_local, D = logits.shape
-    class_offset, n_classes = class_slices(V_local, input.device, group)
+def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
+    """A row function with the contract of kernels.xent.xent_rows for logits (N, V_r, D) that
+    are this rank's classes class_offset .. class_offset + V_r - 1 of n_classes: (ce, lse) of
+    the whole rows, the same on every rank, and `grad` (if given) filled for the slice.
+    Every rank must call it with the same rows: it runs two collectives."""
+    stats_fn, grad_fn = _slice_fns(use_triton)
+
+    def rows(logits, target, weight, scale, grad, *, prob_target, ignore_index,
+             label_smoothing, lse_square_scale, softcap):
+        if prob_target:
+            raise ValueError("vocab parallelism takes class-index targets")
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        options = dict(class_offset=class_offset, n_classes=n_classes,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       softcap=softcap)
+        stats = stats_fn(logits, target, weight, **options)
+        row_stats, z_y = _merge_across_ranks(stats.to(acc), group)
+        m, s, S, U = row_stats.unbind(1)
+        bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+        active = (target != ignore_index) & ~bad
+        w_y = (weight.to(acc)[torch.where(active, target, 0).long()] if weight is not None
+               else torch.ones_like(m))
+        log_s = torch.log(s)
+        ce = (1.0 - label_smoothing) * w_y * (log_s + (m - z_y))
+        if label_smoothing > 0:
+            ce = ce + label_smoothing / n_classes * (U * log_s + S)
+        ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
+        if grad is not None:
+            grad_fn(logits, target, weight, row_stats.to(stats.dtype), scale, grad,
+                    lse_square_scale=lse_square_scale, **options)
+        return ce, m + log_s
+
+    return rows
+
+
+def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
+            weight: torch.Tensor | None, group):
+    """(class_offset, n_classes, flat int64 target, weight as the row functions take it),
+    after the checks that every rank makes alike (it holds the same targets and weights)
+    before any collective that another rank could be left waiting in."""
+    class_offset, n_classes = class_slices(n_local, target.device, group)
     if weight is not None and weight.shape != (n_classes,):
         raise ValueError(f"with a process_group, weight holds all {n_classes} classes' weights "
                          f"on every rank, got shape {tuple(weight.shape)}")
@@ -68,42 +103,30 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
     if not tgt.dtype.is_signed:
         tgt = tgt.long()
     if problem.check_targets or not problem.use_triton:
-        # Every rank holds the same targets, so every rank raises alike, before any
-        # collective that another rank could be left waiting in.
         core.check_targets(tgt, n_classes, problem.ignore_index)
     if weight is not None and problem.use_triton:
         weight = weight.to(torch.float32).contiguous()
+    return class_offset, n_classes, tgt, weight
+
+
+def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
+            weight: torch.Tensor | None, group, *, compute_grad: bool):
+    """(loss, lse, grad of the local slice): the loss of the full problem, on every rank."""
+    logits = core.rows_view(input)
+    N, V_local, D = logits.shape
+    class_offset, n_classes, tgt, weight = prepare(problem, V_local, target, weight, group)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    stats_fn, grad_fn = _slice_fns(problem.use_triton)
-    options = dict(class_offset=class_offset, n_classes=n_classes,
-                   ignore_index=problem.ignore_index, label_smoothing=problem.label_smoothing,
-                   softcap=problem.softcap)
-    stats = stats_fn(logits, tgt, weight, **options)
-    row_stats, z_y = _merge_across_ranks(stats.to(acc), group)
-    m, s, S, U = row_stats.unbind(1)
-
     active, weight_sum, count = core.denominators(problem, tgt, weight, N * D, n_classes, acc)
-    eps = problem.label_smoothing
-    w_y = (weight.to(acc)[torch.where(active, tgt, 0).long()] if weight is not None
-           else torch.ones_like(m))
-    log_s = torch.log(s)
-    ce = (1.0 - eps) * w_y * (log_s + (m - z_y))
-    if eps > 0:
-        ce = ce + eps / n_classes * (U * log_s + S)
-    bad = (tgt != problem.ignore_index) & ~active
-    ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
-    lse = m + log_s
-    loss_shape = core.row_shape(input, target, prob_target=False)
-    loss = core.reduce_rows(problem, ce, lse, active, weight_sum, count, loss_shape)
-
-    grad = None
+    scale = grad = None
     if compute_grad:
-        scale = None
         if problem.reduction == "mean":
             scale = torch.stack([1.0 / weight_sum, 1.0 / count])
             scale = scale.to(torch.float32 if problem.use_triton else acc)
         grad = torch.empty((N, V_local, D), dtype=input.dtype, device=input.device)
-        grad_fn(logits, tgt, weight, row_stats.to(stats.dtype), scale, grad,
-                lse_square_scale=problem.lse_square_scale, **options)
+    rows = sliced_rows(group, class_offset, n_classes, problem.use_triton)
+    ce, lse = rows(logits, tgt, weight, scale, grad, **problem.row_kwargs())
+    loss_shape = core.row_shape(input, target, prob_target=False)
+    loss = core.reduce_rows(problem, ce, lse, active, weight_sum, count, loss_shape)
+    if grad is not None:
         grad = grad.reshape(input.shape)
     return loss.to(input.dtype), lse.to(torch.float32).view(loss_shape), grad

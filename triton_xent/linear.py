@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
+import torch.distributed as dist
+
+from . import core, distributed
 from .functional import _check_options, _check_target, _check_weight, _use_triton
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
@@ -35,13 +37,12 @@ class _Plan:
     out_dtype: torch.dtype
 
 
-def _make_plan(problem: core.Problem, x, linear_weight, target, weight, chunk_size,
+def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
                memory_budget_bytes, accum_dtype, any_grad: bool):
     """(plan, class weights as the row function takes them). With checks on (always on the
     "torch" backend) an out-of-range target raises here and the ignored rows are dropped, for
     one host synchronisation; without, nothing syncs and ignored rows are computed as zeros."""
-    N = x.shape[0]
-    V = linear_weight.shape[0]
+    N = x.shape[0]  # V: all classes (of every rank, with vocab parallelism)
     checked = not problem.prob_target and (problem.check_targets or not problem.use_triton)
     if checked:
         core.check_targets(target, V, problem.ignore_index)
@@ -70,12 +71,13 @@ def _make_plan(problem: core.Problem, x, linear_weight, target, weight, chunk_si
 
 
 def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=None,
-         grad_output=None, need_input=False, need_weight=False, need_bias=False):
+         grad_output=None, need_input=False, need_weight=False, need_bias=False,
+         rows_fn=None):
     return linear_xent_chunks(
         x, linear_weight, linear_bias, target, weight, plan.problem, rows=plan.rows,
         chunk_rows=plan.chunk_rows, scale=scale, grad_output=grad_output,
         need_input=need_input, need_weight=need_weight, need_bias=need_bias,
-        accum_dtype=plan.accum_dtype)
+        accum_dtype=plan.accum_dtype, rows_fn=rows_fn)
 
 
 def _reduce(plan: _Plan, ce: torch.Tensor, lse: torch.Tensor):
@@ -126,7 +128,7 @@ def linear_cross_entropy_op(
                            lse_square_scale, softcap, check_targets, use_triton)
     pre = _precomputed(reduction, need_weight, need_bias)
     any_grad = pre and (need_input or need_weight or need_bias)
-    plan, weight = _make_plan(problem, x, linear_weight, target, weight, chunk_size,
+    plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
                               memory_budget_bytes, accum_dtype, any_grad)
     ce, lse, d_x, d_w, d_b = _run(
         plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
@@ -165,7 +167,7 @@ def linear_cross_entropy_backward_op(
     """(d_x, d_W, d_b) recomputed chunk by chunk with per-row grad_output; empty if unasked."""
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
-    plan, weight = _make_plan(problem, x, linear_weight, target, weight, chunk_size,
+    plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
                               memory_budget_bytes, accum_dtype, any_grad=False)
     _, _, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
                                grad_output=grad_output.reshape(-1), need_input=need_input,
@@ -230,6 +232,75 @@ def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- vocab parallelism (eager: collectives) --------------------------------------------------
+
+
+def _run_sliced(plan: _Plan, group, class_offset: int, n_classes: int, x, linear_weight,
+                linear_bias, target, weight, **kwargs):
+    """_run for a head whose rows are this rank's classes: the row function merges the
+    ranks' statistics per chunk, and d_input, a sum over all classes, is summed over ranks."""
+    rows_fn = distributed.sliced_rows(group, class_offset, n_classes, plan.problem.use_triton)
+    ce, lse, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
+                                  rows_fn=rows_fn, **kwargs)
+    if d_x is not None:
+        dist.all_reduce(d_x, group=group)
+    return ce, lse, d_x, d_w, d_b
+
+
+class VocabParallelLinearFunction(torch.autograd.Function):
+    """The linear op with linear_weight (and linear_bias) sharded by rows over `group`: the
+    same chunked algorithm and the same split between forward and backward as the custom ops
+    above; every rank runs the same chunks (chunking follows the global class count)."""
+
+    @staticmethod
+    def forward(ctx, x, linear_weight, linear_bias, target, weight, problem, group, tuning,
+                needs):
+        class_offset, n_classes, target, weight = distributed.prepare(
+            problem, linear_weight.shape[0], target, weight, group)
+        need_x, need_w, need_b = needs
+        pre = _precomputed(problem.reduction, need_w, need_b)
+        plan, weight = _make_plan(problem, x, n_classes, target, weight, *tuning,
+                                  any_grad=pre and any(needs))
+        ce, lse, d_x, d_w, d_b = _run_sliced(
+            plan, group, class_offset, n_classes, x, linear_weight, linear_bias, target, weight,
+            scale=plan.scale, need_input=need_x and pre, need_weight=need_w and pre,
+            need_bias=need_b and pre)
+        ctx.pre = pre
+        ctx.context = (plan, group, class_offset, n_classes)
+        ctx.dtypes = (x.dtype, linear_weight.dtype,
+                      linear_bias.dtype if linear_bias is not None else None)
+        if pre:
+            ctx.save_for_backward(d_x, d_w, d_b)
+        else:
+            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight)
+        loss, lse = _reduce(plan, ce, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        need = ctx.needs_input_grad[:3]
+        if grad_loss is None or not any(need):
+            return (None,) * 9
+        if ctx.pre:
+            in_place = core.saved_grad_is_spent(grad_loss)
+            per_row = grad_loss.reshape(-1, 1) if ctx.context[0].problem.reduction == "none" \
+                else grad_loss
+            grads = zip(ctx.saved_tensors, (per_row, grad_loss, grad_loss))
+            out = [((g.mul_(f) if in_place else g * f) if g is not None else None)
+                   for g, f in grads]
+        else:
+            plan, group, class_offset, n_classes = ctx.context
+            _, _, *out = _run_sliced(plan, group, class_offset, n_classes, *ctx.saved_tensors,
+                                     grad_output=grad_loss.reshape(-1), need_input=need[0],
+                                     need_weight=need[1], need_bias=need[2])
+        out = [g.to(dtype) if g is not None and wanted else None
+               for g, dtype, wanted in zip(out, ctx.dtypes, need)]
+        return (*out,) + (None,) * 6
+
+
 def linear_cross_entropy(
     input: torch.Tensor,  # (..., D) activations, or (D,) for one sample
     linear_weight: torch.Tensor,  # (V, D): the classifier head, as nn.Linear stores it
@@ -248,6 +319,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    process_group=None,
 ):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without storing the
     (N, V) logits: rows go through the head `chunk_size` at a time, and each chunk's logits are
@@ -276,6 +348,11 @@ def linear_cross_entropy(
     accum_dtype: dtype in which d_W and d_b are summed over chunks (default float32; never
         narrower than input's dtype). They are kept in it until backward, then cast to the
         parameters' dtypes: a bf16 head with accum_dtype=torch.bfloat16 halves that memory.
+
+    process_group: vocab parallelism (see cross_entropy): linear_weight (V_r, D) and
+        linear_bias (V_r,) are this rank's rows of the head, in group-rank order; input and
+        target are the same on every rank, and so is the loss; weight holds all classes'.
+        Each rank gets its head slice's gradients and the full input gradient. Eager only.
 
     Gradients go to input, linear_weight and linear_bias, each only if it requires grad;
     nothing gradient-related runs when none does. For "mean" and "sum" they are computed in
@@ -329,7 +406,8 @@ def linear_cross_entropy(
     tgt = target.reshape(N, V) if prob_target else target.reshape(N)
     logits_like = input.new_empty(()).expand(N, V)  # the logits' shape and device, no memory
     _check_target(logits_like, tgt, ignore_index)  # dtype, device, ignore_index
-    _check_weight(logits_like, weight)
+    if process_group is None:  # with a group, weight holds every rank's classes
+        _check_weight(logits_like, weight)
     if chunk_size is not None and (isinstance(chunk_size, bool) or
                                    not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
@@ -345,6 +423,19 @@ def linear_cross_entropy(
                          "linear_bias only; detach the target and the class weight")
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, linear_weight, linear_bias)]
+    if process_group is not None:
+        if prob_target:
+            raise ValueError("process_group takes class-index targets")
+        problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
+                               float(lse_square_scale), None if softcap is None else float(softcap),
+                               bool(check_targets), _use_triton(backend, input))
+        loss, lse = VocabParallelLinearFunction.apply(
+            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, problem,
+            process_group, (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
+        if reduction == "none":
+            loss = loss.view(lead)
+        lse = lse.view(lead)
+        return (loss, lse) if return_lse else loss
     loss, lse, *_ = linear_cross_entropy_op(
         input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target, reduction,
         int(ignore_index), float(label_smoothing), float(lse_square_scale),

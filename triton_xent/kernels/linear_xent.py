@@ -85,6 +85,7 @@ def linear_xent_chunks(
     need_weight: bool,
     need_bias: bool,
     accum_dtype: torch.dtype,  # of d_W and d_b
+    rows_fn=None,  # the row function (core.row_fns' by default; distributed.sliced_rows')
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:
     """(ce, lse, d_input, d_weight, d_bias) of cross_entropy(x @ W.T + b, target) per row.
@@ -104,7 +105,7 @@ def linear_xent_chunks(
     d_weight = x.new_zeros((V, D), dtype=accum_dtype) if need_weight else None
     d_bias = x.new_zeros((V,), dtype=accum_dtype) if need_bias else None
     compute_grad = need_input or need_weight or need_bias
-    rows_fn, _ = core.row_fns(problem.use_triton)
+    rows_fn = rows_fn or core.row_fns(problem.use_triton)[0]
     w_t = linear_weight.t()  # (D, V) view: no copy
 
     n_compute = N if rows is None else rows.numel()
