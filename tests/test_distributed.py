@@ -65,31 +65,38 @@ def _grad_output(loss):
     return torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else None
 
 
-def _worker(rank, world, rendezvous, out_dir, backend):
+def _worker(rank, world, rendezvous, out_dir, backend, transport):
     try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+        dev = torch.device("cuda", rank) if transport == "nccl" else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(transport, init_method=f"file://{rendezvous}", rank=rank,
                                 world_size=world)
         lo = sum(SLICES[world][:rank])
         hi = lo + SLICES[world][rank]
         results = {}
         for case in CASES:
             x, t, kwargs = _problem(case)
-            x_local = x[:, lo:hi].clone().requires_grad_(True)
+            t, kwargs = t.to(dev), {k: v.to(dev) if torch.is_tensor(v) else v
+                                     for k, v in kwargs.items()}
+            x_local = x[:, lo:hi].to(dev).requires_grad_(True)
             loss = triton_xent.cross_entropy(x_local, t, process_group=dist.group.WORLD,
                                              backend=backend, **kwargs)
             loss.backward(_grad_output(loss))
-            results[case] = (loss.detach(), x_local.grad)
+            results[case] = (loss.detach().cpu(), x_local.grad.cpu())
         for case in LINEAR_CASES:
             h, w_full, b_full, t, kwargs = _linear_problem(case)
-            h = h.clone().requires_grad_(True)
-            w = w_full[lo:hi].clone().requires_grad_(True)
-            b = b_full[lo:hi].clone().requires_grad_(True)
+            t = t.to(dev)
+            h = h.to(dev).requires_grad_(True)
+            w = w_full[lo:hi].to(dev).requires_grad_(True)
+            b = b_full[lo:hi].to(dev).requires_grad_(True)
             loss = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend=backend,
                                                     process_group=dist.group.WORLD, **kwargs)
             loss.backward(_grad_output(loss))
-            results[case] = (loss.detach(), h.grad, w.grad, b.grad)
+            results[case] = tuple(v.cpu() for v in (loss.detach(), h.grad, w.grad, b.grad))
         try:  # a bad target must raise on every rank alike, leaving none in a collective
-            triton_xent.cross_entropy(torch.randn(3, hi - lo), torch.tensor([0, V, 1]),
+            triton_xent.cross_entropy(torch.randn(3, hi - lo, device=dev),
+                                      torch.tensor([0, V, 1], device=dev),
                                       process_group=dist.group.WORLD, backend=backend)
             results["bad_target"] = "no error"
         except IndexError as e:
@@ -103,11 +110,21 @@ def _worker(rank, world, rendezvous, out_dir, backend):
     os._exit(0)
 
 
+TRANSPORTS = [pytest.param("gloo", id="gloo"),
+              pytest.param("nccl", id="nccl", marks=pytest.mark.skipif(
+                  torch.cuda.device_count() < 2, reason="NCCL needs two or more GPUs"))]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("world", [2, 3], ids=["world2", "world3"])
-def test_vocab_parallel_matches_single_process(backend, world, tmp_path):
+def test_vocab_parallel_matches_single_process(backend, world, transport, tmp_path):
+    if transport == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    if transport == "gloo" and backend == "triton" and torch.cuda.is_available():
+        pytest.skip("on a GPU machine the kernels want CUDA tensors: the nccl case runs them")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "rdzv"), str(tmp_path),
-                                                backend))
+                                                backend, transport))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -127,7 +144,9 @@ def test_vocab_parallel_matches_single_process(backend, world, tmp_path):
     for case in CASES:
         x, t, kwargs = _problem(case)
         full = x.clone().requires_grad_(True)
-        expected = triton_xent.cross_entropy(full, t, backend=backend, **kwargs)
+        # The single-process result, on CPU (the plain-PyTorch backend, checked against
+        # float64 elsewhere), whatever backend and transport the ranks used.
+        expected = triton_xent.cross_entropy(full, t, backend="torch", **kwargs)
         expected.backward(_grad_output(expected))
         for rank, res in enumerate(results):
             loss, grad = res[case]
@@ -138,7 +157,7 @@ def test_vocab_parallel_matches_single_process(backend, world, tmp_path):
     for case in LINEAR_CASES:
         h, w, b, t, kwargs = _linear_problem(case)
         h, w, b = (p.clone().requires_grad_(True) for p in (h, w, b))
-        expected = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend=backend,
+        expected = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend="torch",
                                                     **kwargs)
         expected.backward(_grad_output(expected))
         for rank, (loss, d_h, d_w, d_b) in enumerate(r[case] for r in results):
