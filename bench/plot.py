@@ -1,7 +1,13 @@
-"""Plots of benchmark CSVs (bench/common.py's columns): for each CSV <stem>.csv, PNGs
-<stem>_bandwidth.png (gbps against V, the copy bandwidth as a dashed line),
-<stem>_speedup.png (eager "torch" ms / provider ms against V) and <stem>_memory.png
-(peak_mem_mb against V), one panel per dtype x mode x N, one line per provider.
+"""Plots of benchmark CSVs (bench/common.py's columns). For each CSV <stem>.csv:
+
+- cross_entropy rows (bench_xent.py): <stem>_bandwidth.png (gbps against V, the copy
+  bandwidth as a dashed line), <stem>_speedup.png (eager "torch" ms / provider ms against V)
+  and <stem>_memory.png (peak_mem_mb against V), one panel per dtype x mode x N, one line
+  per provider;
+- linear_cross_entropy rows (bench_linear.py), a few (N, D, V) cases bound by their GEMMs:
+  <stem>_time.png (ms per provider, bars grouped by case, each labelled with its ratio to
+  the matmul_floor row of the case) and <stem>_memory.png (peak_mem_mb per provider), one
+  panel per dtype x mode.
 
     python bench/plot.py                       # every CSV in bench/results/
     python bench/plot.py a.csv b.csv --out-dir /tmp/plots
@@ -24,7 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PROVIDER_ORDER = ("triton_xent", "torch", "torch_compile", "liger", "quack")
+PROVIDER_ORDER = ("triton_xent", "torch", "torch_compile", "torch_chunked", "liger", "cce",
+                  "cce_exact", "quack")
+LINEAR_OP = "linear_cross_entropy"
+FLOOR = "matmul_floor"  # bench_linear.py's time floor: the op's three GEMMs alone
 
 
 def _providers(rows):
@@ -102,9 +111,93 @@ def _draw_speedup(ax, rows):
     ax.set_yscale("log")  # ratios: 0.5x and 2x equally far from 1
 
 
+def _case_label(case) -> str:
+    N, D, V = case
+    return f"N={N}\nD={D}\nV={V}"
+
+
+def _draw_linear_bars(column, floor_ratio):
+    """Grouped bars of `column`: one group per (N, D, V) case, one bar per provider (the
+    matmul_floor hatched); with floor_ratio, each bar is labelled with value / the floor's."""
+    def draw(ax, rows):
+        latest = {(r["provider"], (r["N"], r["D"], r["V"])): r for r in rows
+                  if r[column] is not None}
+        cases = sorted({case for _, case in latest})
+        names = [p for p in _providers(rows) if any((p, c) in latest for c in cases)]
+        width = 0.8 / max(len(names), 1)
+        for i, p in enumerate(names):
+            xs, ys = [], []
+            for k, case in enumerate(cases):
+                if (p, case) in latest:
+                    xs.append(k - 0.4 + (i + 0.5) * width)
+                    ys.append(latest[(p, case)][column])
+            bars = ax.bar(xs, ys, width, label=p, hatch="//" if p == FLOOR else None,
+                          color="lightgray" if p == FLOOR else None, edgecolor="black",
+                          linewidth=0.5)
+            if floor_ratio:
+                labels = []
+                for x, y in zip(xs, ys):
+                    case = cases[round(x)]
+                    floor = latest.get((FLOOR, case))
+                    labels.append(f"{y / floor[column]:.2f}x" if floor else "")
+                ax.bar_label(bars, labels, fontsize=6, rotation=90, padding=2)
+        ax.set_xticks(range(len(cases)), [_case_label(c) for c in cases], fontsize=7)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the labels
+    return draw
+
+
+def _linear_figure(rows, title, ylabel, draw):
+    """One panel per (dtype, mode), stacked."""
+    keys = sorted({(r["dtype"], r["mode"]) for r in rows})
+    cases = {(r["N"], r["D"], r["V"]) for r in rows}
+    fig, axes = plt.subplots(len(keys), 1, squeeze=False, layout="constrained",
+                             figsize=(max(6.0, 2.2 * len(cases) + 3.0), 3.6 * len(keys) + 0.6))
+    for ax, (dtype, mode) in zip(axes.flat, keys):
+        draw(ax, [r for r in rows if (r["dtype"], r["mode"]) == (dtype, mode)])
+        ax.set_title(f"{dtype} {mode}", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"{title}\n{rows[0]['device']}, torch {rows[0]['torch']}, "
+                 f"triton {rows[0]['triton']}", fontsize=10)
+    return fig
+
+
+def _xent_plots(path, rows):
+    plots = [("bandwidth", "Achieved bandwidth (floor bytes / median time)", "GB/s",
+              _figure, _draw_bandwidth, rows)]
+    if any(r["provider"] == "torch" for r in rows):
+        plots.append(("speedup", 'Speed-up over eager "torch" (torch ms / provider ms)',
+                      "speed-up (x)", _figure, _draw_speedup, rows))
+    else:
+        print(f"{path}: no eager 'torch' rows, skipping the speed-up plot")
+    mem_rows = [r for r in rows if r["peak_mem_mb"] is not None]
+    if mem_rows:
+        plots.append(("memory", "Peak memory above the inputs", "MB (1e6 bytes)", _figure,
+                      _draw_metric("peak_mem_mb"), mem_rows))
+    else:
+        print(f"{path}: peak_mem_mb is empty (CPU run), skipping the memory plot")
+    return plots
+
+
+def _linear_plots(path, rows):
+    plots = [("time", "Linear + cross-entropy: median time (label: ratio to the "
+              f"{FLOOR} row, the three GEMMs alone)", "ms", _linear_figure,
+              _draw_linear_bars("ms", floor_ratio=True), rows)]
+    mem_rows = [r for r in rows if r["peak_mem_mb"] is not None]
+    if mem_rows:
+        plots.append(("memory", "Linear + cross-entropy: peak memory above the inputs "
+                      "(x, W, targets)", "MB (1e6 bytes)", _linear_figure,
+                      _draw_linear_bars("peak_mem_mb", floor_ratio=False), mem_rows))
+    else:
+        print(f"{path}: peak_mem_mb is empty (CPU run), skipping the memory plot")
+    return plots
+
+
 def plot_csv(path: str, out_dir: str | None = None) -> list[str]:
     """Writes the PNGs of one CSV; returns their paths. Plots without data are skipped with
-    a message (peak memory on CPU, speed-up without eager torch rows)."""
+    a message (peak memory on CPU, speed-up without eager torch rows). A CSV that holds
+    both ops prefixes each plot's name with its op."""
     rows = common.read_csv(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     out_dir = out_dir or os.path.dirname(os.path.abspath(path))
@@ -112,27 +205,19 @@ def plot_csv(path: str, out_dir: str | None = None) -> list[str]:
     if not rows:
         print(f"{path}: no rows, nothing to plot")
         return []
-    plots = [("bandwidth", "Achieved bandwidth (floor bytes / median time)", "GB/s",
-              _draw_bandwidth, rows)]
-    if any(r["provider"] == "torch" for r in rows):
-        plots.append(("speedup", 'Speed-up over eager "torch" (torch ms / provider ms)',
-                      "speed-up (x)", _draw_speedup, rows))
-    else:
-        print(f"{path}: no eager 'torch' rows, skipping the speed-up plot")
-    mem_rows = [r for r in rows if r["peak_mem_mb"] is not None]
-    if mem_rows:
-        plots.append(("memory", "Peak memory above the inputs", "MB (1e6 bytes)",
-                      _draw_metric("peak_mem_mb"), mem_rows))
-    else:
-        print(f"{path}: peak_mem_mb is empty (CPU run), skipping the memory plot")
+    ops = sorted({r["op"] for r in rows})
     written = []
-    for name, title, ylabel, draw, plot_rows in plots:
-        fig = _figure(plot_rows, title, ylabel, draw)
-        png = os.path.join(out_dir, f"{stem}_{name}.png")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        written.append(png)
-        print(f"wrote {png}")
+    for op in ops:
+        op_rows = [r for r in rows if r["op"] == op]
+        plots = (_linear_plots if op == LINEAR_OP else _xent_plots)(path, op_rows)
+        prefix = f"{op}_" if len(ops) > 1 else ""
+        for name, title, ylabel, figure, draw, plot_rows in plots:
+            fig = figure(plot_rows, title, ylabel, draw)
+            png = os.path.join(out_dir, f"{stem}_{prefix}{name}.png")
+            fig.savefig(png, dpi=110)
+            plt.close(fig)
+            written.append(png)
+            print(f"wrote {png}")
     return written
 
 

@@ -1,0 +1,443 @@
+"""Benchmark of fused linear + cross-entropy, loss = cross_entropy(x @ W.T, t) with x (N, D),
+W (V, D), class-index targets and mean reduction: median time of forward + backward (the loss,
+then the gradients of x and W) and peak memory above the inputs, for triton_xent and the other
+implementations that are installed, with three plain matmuls of the same shapes as the time
+floor. Writes one CSV row per (case, provider, mode), bench_xent.py's columns with
+op = linear_cross_entropy and D filled in; see bench/README.md.
+
+    python bench/bench_linear.py               # full run (GPU)
+    python bench/bench_linear.py --quick       # tiny CPU smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from bench_xent import (  # noqa: E402  (same conventions as the cross-entropy benchmark)
+    DTYPES, GRAD_TOL, HEADROOM_BYTES, TOL, Unavailable, dtype_name)
+from bench_xent import default_out as _xent_default_out  # noqa: E402
+
+OP = "linear_cross_entropy"
+FLOOR = "matmul_floor"  # not a loss: the three GEMMs alone, see measure_floor
+PROVIDERS = ("triton_xent", "torch", "torch_chunked", "cce", "cce_exact", "liger")
+QUICK_PROVIDERS = ("triton_xent", "torch", "torch_chunked")
+MODES = ("fwd", "fwd_bwd")
+# (N, D, V): Gemma-2 2B's head on 8192 tokens (the Cut Cross-Entropy paper's table) and
+# Llama-3 8B's on 16384 tokens.
+CASES = ((8192, 2304, 256000), (16384, 4096, 128256))
+QUICK_CASES = ((64, 37, 1000), (64, 37, 4099))  # odd D and V: the kernels' masked edges
+CHECK_ROWS = 16  # rows of d_x compared with the reference (and as many classes of d_W)
+
+# torch_chunked: torch's F.linear_cross_entropy falls back to its unfused reference path, with
+# this warning, for options it does not support; such a run is not the chunked op.
+TORCH_FALLBACK_WARNING = "``options`` ignored"
+
+
+class WrongResult(Exception):
+    """A provider whose result disagrees with the float32 reference."""
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable  # (x (N, D), W (V, D), t (N,)) -> mean loss, differentiable in x and W
+    reject_warning: str | None = None  # a warning that means "this is not the provider"
+
+
+def make_provider(name: str, device: torch.device) -> Provider:
+    """The provider's loss function, or Unavailable with the reason."""
+    if name == "triton_xent":
+        import triton_xent
+
+        return Provider(name, lambda x, w, t: triton_xent.linear_cross_entropy(x, w, t))
+    if name == "torch":
+        # Unfused: the (N, V) logits in the input dtype, then F.cross_entropy on them.
+        return Provider(name, lambda x, w, t: F.cross_entropy(x @ w.T, t))
+    if name == "torch_chunked":
+        options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+        if not hasattr(F, "linear_cross_entropy") or options_cls is None:
+            raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy with "
+                              "LinearCrossEntropyOptions (torch >= 2.13)")
+        # options=None would be the unfused reference path; LinearCrossEntropyOptions() is
+        # the chunked op with its "auto" chunking and accumulation policy for the device.
+        options = options_cls()
+        return Provider(name, lambda x, w, t: F.linear_cross_entropy(x, w, t, options=options),
+                        reject_warning=TORCH_FALLBACK_WARNING)
+    if name in ("cce", "cce_exact"):
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce_lce
+        except Exception as e:  # ImportError, or its Triton kernels failing to load
+            raise Unavailable(f"cut-cross-entropy is not importable "
+                              f"({type(e).__name__}: {e})") from None
+        if device.type != "cuda":
+            raise Unavailable("Cut Cross-Entropy's Triton kernels need a CUDA GPU")
+        if name == "cce":  # its defaults: gradient filtering, filter_eps="high"
+            return Provider(name, lambda x, w, t: cce_lce(x, w, t))
+        # filter_eps=None: no gradient block is skipped, the same computation as the others.
+        return Provider(name, lambda x, w, t: cce_lce(x, w, t, filter_eps=None))
+    if name == "liger":
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        except Exception as e:
+            raise Unavailable(f"liger-kernel is not importable ({type(e).__name__}: {e})") \
+                from None
+        if device.type != "cuda":
+            raise Unavailable("liger's fused linear cross-entropy needs a CUDA GPU")
+        # Its defaults: accum_dtype=None, i.e. d_W accumulated over chunks in W's dtype.
+        return Provider(name, lambda x, w, t: liger_fused_linear_cross_entropy(x, w, t))
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS + (FLOOR,)}")
+
+
+# --- memory estimates ----------------------------------------------------------------------
+
+def extra_bytes(name: str, N: int, D: int, V: int, elem: int) -> int:
+    """What a provider (or the floor) allocates beyond the inputs x, W, t, in bytes, for
+    fwd_bwd (also used for fwd, where it over-estimates): generous estimates from what each
+    one keeps, so that a case that cannot fit is skipped before anything is allocated."""
+    logits = N * V * elem
+    grads = (N + V) * D * elem  # x.grad and W.grad, left alive after the call
+    acc = (N + V) * D * 4  # float32 accumulators of d_x and d_W (cast to elem at the end)
+    chunk = 2 * N * D * 4  # a chunk of logits about the size of x, in float32 (+ its grad)
+    if name == "torch":  # logits, log_softmax's saved output, its grad, the logits' grad
+        return 3 * logits + grads
+    if name == FLOOR:  # the (N, V) d_logits input, the (N, V) product, d_x and d_W
+        return 2 * logits + grads
+    if name == "triton_xent":  # + one 256 MiB chunk of logits and its float32 temporaries
+        return acc + grads + 3 * (256 << 20)
+    return acc + grads + chunk  # torch_chunked, cce, cce_exact, liger
+
+
+# --- inputs and the reference ---------------------------------------------------------------
+
+def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, *,
+                requires_grad: bool, seed: int = 0):
+    """x (N, D) ~ N(0, 1), W (V, D) ~ N(0, 1/D) (so the logits are about N(0, 1)) and uniform
+    random class targets t (N,); the same values on every call (fresh, identical inputs for
+    each provider and mode)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(N, D, dtype=dtype, device=device, generator=g)
+    w = torch.randn(V, D, dtype=dtype, device=device, generator=g).mul_(D ** -0.5)
+    t = torch.randint(0, V, (N,), device=device, generator=g)
+    return x.requires_grad_(requires_grad), w.requires_grad_(requires_grad), t
+
+
+def reference_bytes(N: int, D: int, V: int) -> int:
+    """Memory of reference(): float32 copies of W and x, one 256 MB chunk of float32 logits
+    (and its softmax), the (N, 2 * CHECK_ROWS) slice of the d_W reference."""
+    return (V + N) * D * 4 + 2 * (1 << 28) + N * 2 * CHECK_ROWS * 4
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> dict:
+    """float32 reference of cross_entropy(x @ w.T, t), mean: the loss over all N rows (row
+    chunks of about 256 MB of float32 logits), d_x of the first CHECK_ROWS rows, and d_W of
+    `classes`, the first rows' target classes and the first CHECK_ROWS classes (over all
+    rows). Everything in float32 from the inputs' values (TF32 off), so the check's tolerance
+    only has to cover the provider's rounding."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the reference's GEMMs
+    try:
+        return _reference(x, w, t)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> dict:
+    N, D = x.shape
+    V = w.shape[0]
+    wf = w.detach().float()
+    xf = x.detach().float()
+    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    chunk = max(1, (1 << 26) // V)
+    for i in range(0, N, chunk):
+        logits = xf[i:i + chunk] @ wf.T
+        lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+        total += (lse[i:i + chunk] - logits.gather(1, t[i:i + chunk, None]).squeeze(1)).sum()
+        del logits
+    r = min(N, CHECK_ROWS)
+    p = torch.softmax(xf[:r] @ wf.T, dim=-1)
+    p[torch.arange(r, device=x.device), t[:r]] -= 1.0
+    d_x = (p @ wf) / N
+    del p
+    classes = torch.unique(torch.cat([t[:r], torch.arange(min(V, r), device=x.device)]))
+    p = torch.exp(xf @ wf[classes].T - lse[:, None])  # (N, K): these classes' softmax
+    p -= (t[:, None] == classes[None, :]).float()
+    d_w = (p.T @ xf) / N
+    return {"loss": float(total) / N, "d_x": d_x, "classes": classes, "d_w": d_w}
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> float | None:
+    """The largest absolute error if it exceeds tol * the largest reference entry, else None."""
+    err = float((got.float() - ref).abs().max())
+    return err if not err <= tol * float(ref.abs().max()) else None
+
+
+def check(provider: Provider, mode: str, x, w, t, ref) -> None:
+    """Runs the provider once on the full case (its warm-up) and raises WrongResult when the
+    loss, d_x's first rows or d_W's reference classes disagree with the float32 reference."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "fwd":
+            with torch.no_grad():
+                loss = provider.fn(x, w, t)
+        else:
+            loss = provider.fn(x, w, t)
+            loss.backward()
+    for warning in caught:
+        if provider.reject_warning and provider.reject_warning in str(warning.message):
+            raise WrongResult(f"it fell back to another path: {warning.message}")
+        warnings.showwarning(warning.message, warning.category, warning.filename,
+                             warning.lineno)
+    if loss.dim() != 0:
+        raise WrongResult(f"loss has shape {tuple(loss.shape)}, expected a scalar")
+    tol = TOL[x.dtype]
+    value = float(loss.detach())
+    if not abs(value - ref["loss"]) <= tol * max(1.0, abs(ref["loss"])):
+        raise WrongResult(f"loss {value:.6g} differs from the float32 reference's "
+                          f"{ref['loss']:.6g}")
+    if mode == "fwd_bwd":
+        for name, grad, shape in (("x", x.grad, x.shape), ("W", w.grad, w.shape)):
+            if grad is None or grad.shape != shape:
+                raise WrongResult(f"no gradient of {name}'s shape")
+        err = _close(x.grad[:ref["d_x"].shape[0]], ref["d_x"], GRAD_TOL[x.dtype])
+        if err is not None:
+            raise WrongResult(f"d_x differs from the reference (max abs error {err:.3g})")
+        err = _close(w.grad[ref["classes"]], ref["d_w"], GRAD_TOL[x.dtype])
+        if err is not None:
+            raise WrongResult(f"d_W differs from the reference (max abs error {err:.3g})")
+        x.grad = w.grad = None
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+def _fits(label: str, need: int, device: torch.device) -> bool:
+    free = common.free_bytes(device)
+    if need > free:
+        print(f"  skip {label}: needs about {need / common.GB:.1f} GB, "
+              f"{free / common.GB:.1f} GB free")
+        return False
+    return True
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(provider: Provider, mode: str, N: int, D: int, V: int, dtype: torch.dtype,
+            device: torch.device, ref, cpu_budget_s: float):
+    """(median ms, peak MB or None) of one provider and mode on fresh inputs; None, with a
+    printed message, when the provider is skipped for this case."""
+    label = f"{provider.name} {mode} {dtype_name(dtype)} N={N} D={D} V={V}"
+    elem = torch.finfo(dtype).bits // 8
+    inputs = (N + V) * D * elem + N * 8
+    if not _fits(label, inputs + extra_bytes(provider.name, N, D, V, elem) + HEADROOM_BYTES,
+                 device):
+        return None
+    x = w = t = grads = None
+    try:
+        x, w, t = make_inputs(N, D, V, dtype, device, requires_grad=mode == "fwd_bwd")
+        check(provider, mode, x, w, t, ref)
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return provider.fn(x, w, t)
+        else:
+            def step():
+                provider.fn(x, w, t).backward()
+        grads = [x, w] if mode == "fwd_bwd" else None
+        # check() ran the provider once on these inputs: that was the warm-up (compilation).
+        ms = common.median_ms(step, device, grad_to_none=grads, cpu_budget_s=cpu_budget_s,
+                              warmup=False)
+        peak = common.peak_mem_mb(step, device, grad_to_none=grads)
+        return ms, peak
+    except WrongResult as e:
+        print(f"  skip {label}: wrong result, {e}")
+        return None
+    except Exception as e:  # a provider that cannot run this case (OOM, unsupported shape)
+        print(f"  skip {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    finally:
+        x = w = t = grads = None  # also empties the closure `step`
+        _release(device)
+
+
+def measure_floor(mode: str, N: int, D: int, V: int, dtype: torch.dtype,
+                  device: torch.device, cpu_budget_s: float):
+    """Median ms of the GEMMs that any implementation must run, timed as one call:
+    fwd: x @ W.T (N, V); fwd_bwd: that, d_logits @ W (N, D) and d_logits.T @ x (V, D), with a
+    random (N, V) d_logits made beforehand. None, with a message, if it does not fit."""
+    label = f"{FLOOR} {mode} {dtype_name(dtype)} N={N} D={D} V={V}"
+    elem = torch.finfo(dtype).bits // 8
+    need = (N + V) * D * elem + extra_bytes(FLOOR, N, D, V, elem) + HEADROOM_BYTES
+    if not _fits(label, need, device):
+        return None
+    x = w = d_logits = None
+    try:
+        x, w, _ = make_inputs(N, D, V, dtype, device, requires_grad=False)
+        if mode == "fwd":
+            def step():
+                return x @ w.T
+        else:
+            d_logits = torch.randn(N, V, dtype=dtype, device=device,
+                                   generator=torch.Generator(device=device).manual_seed(1))
+
+            def step():
+                return x @ w.T, d_logits @ w, d_logits.T @ x
+        return common.median_ms(step, device, cpu_budget_s=cpu_budget_s)
+    except Exception as e:
+        print(f"  skip {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    finally:
+        x = w = d_logits = None
+        _release(device)
+
+
+def counted_bytes(mode: str, N: int, D: int, V: int, elem: int) -> int:
+    """The bytes behind gbps: x and W read once (fwd), and d_x and d_W written once (fwd_bwd).
+    Targets, the loss and any (N, V) intermediate are not counted."""
+    return (N + V) * D * elem * (1 if mode == "fwd" else 2)
+
+
+def gemm_flops(mode: str, N: int, D: int, V: int) -> int:
+    """2*N*D*V per GEMM: one (the logits) in fwd, three in fwd_bwd."""
+    return 2 * N * D * V * (1 if mode == "fwd" else 3)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        n, d, v = (int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,D,V (e.g. 8192,2304,256000), got "
+                                         f"{text!r}") from None
+    if min(n, d, v) < 1:
+        raise argparse.ArgumentTypeError(f"N, D and V must be >= 1, got {text!r}")
+    return n, d, v
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny smoke-test cases (N, D, V) in {QUICK_CASES}, providers "
+                        f"{QUICK_PROVIDERS} and {FLOOR}, both modes, short CPU timing "
+                        "(flags below still override)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS + (FLOOR,),
+                   help=f"default: all, and {FLOOR}")
+    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32", "bf16", "fp32"),
+                   help="default: bfloat16")
+    p.add_argument("--modes", nargs="+", choices=MODES,
+                   help="default: fwd_bwd (--quick: fwd fwd_bwd)")
+    p.add_argument("--shapes", nargs="+", type=_shape, metavar="N,D,V",
+                   help=f"cases as N,D,V; default {' '.join(','.join(map(str, c)) for c in CASES)}")
+    p.add_argument("--out", help="CSV path; default "
+                                 "bench/results/<device-slug>[-cpu][-quick]-linear.csv")
+    p.add_argument("--append", action="store_true",
+                   help="add rows to an existing --out CSV instead of overwriting it")
+    args = p.parse_args(argv)
+    args.providers = args.providers or ((QUICK_PROVIDERS if args.quick else PROVIDERS)
+                                        + (FLOOR,))
+    args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16",))]
+    args.modes = args.modes or (MODES if args.quick else ("fwd_bwd",))
+    args.shapes = args.shapes or (QUICK_CASES if args.quick else CASES)
+    return args
+
+
+def default_out(device: torch.device, quick: bool) -> str:
+    """bench_xent's default name with '-linear': e.g. bench/results/nvidia-h100-80gb-hbm3-
+    linear.csv, bench/results/<cpu>-cpu-quick-linear.csv."""
+    return _xent_default_out(device, quick).removesuffix(".csv") + "-linear.csv"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = common.run_info(device)
+    out = args.out or default_out(device, args.quick)
+    print(f"device: {info['device']} ({device.type}); torch {info['torch']}, "
+          f"triton {info['triton'] or '-'}; writing {out}")
+    if device.type == "cpu":
+        print("note: CPU run, a smoke test of the script only; peak_mem_mb is left empty")
+        if "triton_xent" in args.providers:
+            path = ("Triton kernels through the interpreter"
+                    if os.environ.get("TRITON_INTERPRET") == "1" else "its PyTorch fallback")
+            print(f"note: triton_xent runs {path} on CPU tensors")
+
+    providers = []
+    for name in dict.fromkeys(args.providers):
+        if name == FLOOR:
+            continue
+        try:
+            providers.append(make_provider(name, device))
+        except Unavailable as e:
+            print(f"skip provider {name}: {e}")
+
+    cpu_budget_s = 0.2 if args.quick else 1.0
+    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 24 if args.quick else 1 << 28)
+    copy_bytes = min(copy_bytes, common.free_bytes(device) // 4)
+    copy = common.copy_gbps(device, copy_bytes, cpu_budget_s=cpu_budget_s)
+    print(f"copy: {copy_bytes / common.GB:.3g} GB buffers, {copy:.1f} GB/s")
+
+    rows = 0
+    with common.CsvWriter(out, append=args.append) as writer:
+        def write(name, mode, dtype, N, D, V, ms, peak):
+            elem = torch.finfo(dtype).bits // 8
+            gbps = counted_bytes(mode, N, D, V, elem) / (ms * 1e-3) / common.GB
+            writer.write(**info, op=OP, provider=name, mode=mode, dtype=dtype_name(dtype),
+                         N=N, V=V, D=D, ms=ms, gbps=gbps, copy_gbps=copy, peak_mem_mb=peak)
+            tflops = gemm_flops(mode, N, D, V) / (ms * 1e-3) / 1e12
+            mem = f"{peak:.1f} MB" if peak is not None else "-"
+            print(f"  {name:13s} {mode:7s} {ms:10.4f} ms {gbps:8.1f} GB/s "
+                  f"{tflops:8.2f} TFLOP/s  peak {mem}")
+
+        for dtype in args.dtypes:
+            elem = torch.finfo(dtype).bits // 8
+            for N, D, V in args.shapes:
+                case = f"{dtype_name(dtype)} N={N} D={D} V={V}"
+                # The inputs and the float32 reference, plus headroom.
+                need = (N + V) * D * elem + reference_bytes(N, D, V) + HEADROOM_BYTES
+                free = common.free_bytes(device)
+                if need > free:
+                    print(f"skip case {case}: needs about {need / common.GB:.1f} GB, "
+                          f"{free / common.GB:.1f} GB free")
+                    continue
+                print(f"case {case}")
+                x, w, t = make_inputs(N, D, V, dtype, device, requires_grad=False)
+                ref = reference(x, w, t)
+                del x, w, t
+                _release(device)
+                for mode in args.modes:
+                    if FLOOR in args.providers:
+                        ms = measure_floor(mode, N, D, V, dtype, device, cpu_budget_s)
+                        if ms is not None:
+                            # A time floor only: its memory (an (N, V) product) is no floor.
+                            write(FLOOR, mode, dtype, N, D, V, ms, None)
+                            rows += 1
+                    for provider in providers:
+                        result = measure(provider, mode, N, D, V, dtype, device, ref,
+                                         cpu_budget_s)
+                        if result is not None:
+                            write(provider.name, mode, dtype, N, D, V, *result)
+                            rows += 1
+                del ref
+                _release(device)
+    print(f"wrote {rows} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
