@@ -20,6 +20,12 @@ ROW_SLICE_MAX_V = 8192
 # slice to the kernel's second (FINISH) launch and exits. Not yet measured on a GPU.
 SLICE_SPIN_LIMIT = 1 << 14
 
+# The same under Triton's interpreter (TRITON_INTERPRET=1), which runs a grid's programs one
+# after another: a sibling can never publish while a program polls, so polling only costs
+# time and every program but a row's last defers at once. Tests raise it to run the polling
+# loop itself through the interpreter. Not a speed setting.
+INTERPRET_SLICE_SPIN_LIMIT = 0
+
 # Warps per program, by the number of columns a program holds at once (first match wins):
 # 8 to 16 columns a thread. Spill-free in the offline sm_90 compile above (4096 at 8 warps:
 # 116 registers); speed not yet measured on a GPU.

@@ -32,8 +32,8 @@ re-read its own slice, which nobody else writes, and finish from the now complet
 The target logit that the loss needs is kept in slice 0's record, read before any gradient
 of that row can exist (a sibling writes only after it has seen slice 0's flag). So the
 kernel cannot deadlock when siblings are not co-resident, and Triton's interpreter, which
-runs programs one after another with spin_limit = 0, runs the same code: there every program
-but a row's last is deferred.
+runs programs one after another with config.INTERPRET_SLICE_SPIN_LIMIT polls (0 by
+default), runs the same code: there every program but a row's last is deferred.
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def _launch(
         *logits.stride(), *g.stride(), *t_strides,
         ignore_index, float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap is not None else 1.0,
-        0 if interpreting else config.SLICE_SPIN_LIMIT,
+        config.INTERPRET_SLICE_SPIN_LIMIT if interpreting else config.SLICE_SPIN_LIMIT,
     )
     switches = dict(
         PROB_TARGET=prob_target,
