@@ -352,6 +352,22 @@ def test_non_contiguous_grad_output(backend, device):
 # --- return_lse -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("softcap", [1.0, 30.0, 1e3, 1e5],
+                         ids=["softcap=1", "softcap=30", "softcap=1e3", "softcap=1e5"])
+def test_softcap_far_above_the_logits_keeps_float32_accuracy(backend, device, softcap):
+    """With a softcap much larger than the logits, tanh(x / s) is taken near 0, where
+    1 - 2 / (exp(2x) + 1) cancels: the kernel's tanh must stay accurate there."""
+    x = _logits((16, 100), torch.float32, seed=16, device=device, scale=3.0)
+    t = _class_target((16, 100), seed=16, device=device)
+    leaf = x.clone().requires_grad_(True)
+    loss = triton_xent.cross_entropy(leaf, t, reduction="none", softcap=softcap,
+                                     backend=backend)
+    loss.sum().backward()
+    exp_loss, exp_grad = reference(x, t, reduction="none", softcap=softcap)
+    assert_close(loss, exp_loss, torch.float32, "loss")
+    assert_close(leaf.grad, exp_grad, torch.float32, "grad")
+
+
 LSE_CASES = [  # (shape, dtype, reduction): each reduction, dtype and rank at least once
     pytest.param((5, 17), torch.float32, "mean", id="(N,C)-fp32-mean"),
     pytest.param((5, 17), torch.float16, "sum", id="(N,C)-fp16-sum"),
