@@ -8,6 +8,7 @@ from torch import nn
 import triton_xent
 from helpers import assert_close
 from triton_xent.autograd import cross_entropy_op
+from triton_xent.linear import linear_cross_entropy_backward_op, linear_cross_entropy_op
 
 
 def _model_and_batch(device, V=50):
@@ -123,3 +124,26 @@ def test_compiled_linear_cross_entropy_step_equals_eager(backend, device, reduct
     assert_close(loss, eager, torch.float32, "loss")
     for got, p in zip(compiled_grads, params):
         assert_close(got, p.grad, torch.float32, "parameter gradient")
+
+
+# need_input, need_weight, need_bias: all three, a frozen head (d_W, d_b placeholders), and
+# frozen activations; in bf16 the placeholders and the float32 accumulators differ in dtype.
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False),
+                                   (False, True, True)], ids=["all", "frozen_head", "frozen_x"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs):
+    torch.manual_seed(0)
+    x = torch.randn(7, 11, device=device, dtype=dtype)
+    w = torch.randn(13, 11, device=device, dtype=dtype)
+    b = torch.randn(13, device=device, dtype=dtype)
+    t = torch.tensor([0, 12, -100, 3, 4, 5, 6], device=device)
+    options = (False, reduction, -100, 0.1, 1e-3, 4.0, False, backend == "triton", 3, None,
+               torch.float32, *needs)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static",
+             "test_aot_dispatch_dynamic")
+    torch.library.opcheck(linear_cross_entropy_op, (x, w, b, t, None, *options),
+                          test_utils=tests)
+    go = torch.rand(7, device=device, dtype=dtype)
+    torch.library.opcheck(linear_cross_entropy_backward_op, (x, w, b, t, None, go, *options),
+                          test_utils=tests)

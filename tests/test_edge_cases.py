@@ -128,6 +128,53 @@ def test_empty_batch_prob_target(backend, device, reduction):
     assert leaf.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("target", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_classes_with_every_target_ignored(backend, device, target, reduction):
+    """(N, 0) logits: F.cross_entropy accepts them when every class index is ignored (and
+    any probability target, an empty row): mean NaN (0/0), sum 0, none zeros."""
+    x = torch.randn(3, 0).to(device)
+    t = (torch.full((3,), -100, device=device) if target == "index"
+         else torch.rand(3, 0).to(device))
+    leaf = x.clone().requires_grad_(True)
+    loss, lse = triton_xent.cross_entropy(leaf, t, reduction=reduction, backend=backend,
+                                          return_lse=True)
+    expected = F.cross_entropy(x, t, reduction=reduction)
+    assert loss.shape == expected.shape
+    assert_close(loss, expected, torch.float32, "loss")
+    assert torch.equal(lse, torch.full((3,), -INF, device=device)), "log of an empty sum"
+    loss.sum().backward()
+    assert leaf.grad.shape == (3, 0)
+
+
+def test_no_classes_with_a_target_raises_index_error(backend, device):
+    with pytest.raises(IndexError, match="Target 0 is out of bounds .there are no classes"):
+        triton_xent.cross_entropy(torch.randn(3, 0).to(device),
+                                  torch.tensor([0, -100, -100], device=device), backend=backend)
+
+
+def test_weighted_mean_with_smoothing_and_no_target_weight_is_nan(backend, device):
+    """Every target's class weight is 0: F.cross_entropy's mean is 0/0 (NaN) plus the
+    smoothing term over a zero weight sum, so NaN, not inf."""
+    x = _randn(3, 4, device=device, seed=3)
+    t = torch.tensor([0, 0, 1], device=device)
+    w = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+    loss = triton_xent.cross_entropy(x, t, weight=w, label_smoothing=0.3, backend=backend)
+    assert torch.isnan(F.cross_entropy(x, t, weight=w, label_smoothing=0.3))
+    assert torch.isnan(loss)
+
+
+def test_one_sample_with_target_of_shape_1(backend, device):
+    """A (C,) input with a (1,) target is one sample, as F.cross_entropy reads it."""
+    x = _randn(7, device=device, seed=4)
+    t = torch.tensor([5], device=device)
+    for reduction in REDUCTIONS:
+        loss = triton_xent.cross_entropy(x, t, reduction=reduction, backend=backend)
+        expected = F.cross_entropy(x, t, reduction=reduction)
+        assert loss.shape == expected.shape
+        assert_close(loss, expected, torch.float32, reduction)
+
+
 # --- boundary classes, shift invariance ------------------------------------------------------
 
 
@@ -380,11 +427,12 @@ def test_non_contiguous_prob_target_and_weight(backend, device):
 # --- target dtypes, unchecked targets ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8],
-                         ids=["int64", "int32", "uint8"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8,
+                                   torch.uint8],
+                         ids=["int64", "int32", "int16", "int8", "uint8"])
 def test_integer_target_dtypes(backend, device, dtype):
-    """Any integer class-index tensor is accepted (torch itself rejects int32) with the int64
-    result; an in-range ignore_index works in each dtype."""
+    """Any integer class-index tensor is accepted (torch itself takes only int64 and uint8)
+    with the int64 result; an in-range ignore_index works in each dtype."""
     x = _randn(6, 40, device=device, seed=14)
     t64 = _randint(40, (6,), device=device, seed=14)
     t64[2] = 7
@@ -421,6 +469,28 @@ def test_uint8_target_with_more_than_256_classes(backend, device, use_weight, ch
     expected = F.cross_entropy(x.double(), t, weight=None if w is None else w.double())
     exp_loss, exp_grad = reference(x, t.long(), weight=w)
     assert_close(expected, exp_loss, torch.float32, "F.cross_entropy agrees with the reference")
+    assert_close(loss, exp_loss, torch.float32, "loss")
+    assert_close(grad, exp_grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=["int8", "int16"])
+def test_narrow_signed_target_with_more_classes_than_the_dtype_holds(backend, device, dtype):
+    """C = 40000 is out of int16's (and int8's) range: the range check must not compare in
+    the target's dtype, where C would wrap and a valid target would look out of bounds."""
+    x = _randn(3, 40000, device=device, seed=15)
+    t = torch.tensor([100, 3, 127], dtype=dtype, device=device)
+    loss, grad = _loss_and_grad(x, t, backend, "mean")
+    exp_loss, exp_grad = reference(x, t.long())
+    assert_close(loss, exp_loss, torch.float32, "loss")
+    assert_close(grad, exp_grad, torch.float32, "grad")
+
+
+def test_int32_target_with_ignore_index_beyond_int32(backend, device):
+    """ignore_index = 2**32 wraps to 0 in int32: class 0 must still count, as with int64."""
+    x = _randn(4, 6, device=device, seed=15)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    loss, grad = _loss_and_grad(x, t.int(), backend, "mean", ignore_index=2**32)
+    exp_loss, exp_grad = reference(x, t, ignore_index=2**32)
     assert_close(loss, exp_loss, torch.float32, "loss")
     assert_close(grad, exp_grad, torch.float32, "grad")
 
@@ -493,6 +563,35 @@ def test_inplace_backward_same_gradient_and_storage_holds_it(backend, device, sh
     y = x0.clone().requires_grad_(True)
     triton_xent.cross_entropy(y, t, backend=backend, **opts).backward(gout)
     assert_close(x.grad, y.grad, dtype, "in-place vs out-of-place")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_inplace_backward_on_an_expanded_input_is_computed_out_of_place(backend, device,
+                                                                       reduction):
+    """Rows of an expanded (stride-0) input share memory: their gradients cannot all be
+    written there. The gradient is then computed out of place, and the base is untouched."""
+    base0 = _randn(1, 9, device=device, seed=19)
+    t = torch.tensor([0, 4, 8, 2], device=device)
+    base = base0.clone().requires_grad_(True)
+    loss = triton_xent.cross_entropy(base.expand(4, 9), t, reduction=reduction,
+                                     inplace_backward=True, backend=backend)
+    assert torch.equal(base.detach(), base0), "the shared row was overwritten"
+    loss.sum().backward()
+    ref = base0.double().requires_grad_(True)
+    F.cross_entropy(ref.expand(4, 9), t, reduction=reduction).sum().backward()
+    assert_close(base.grad, ref.grad, torch.float32, "grad")
+
+
+def test_inplace_backward_gradient_from_autograd_grad_is_usable(backend, device):
+    """The gradient returned by torch.autograd.grad lives in the input's storage; using it in
+    later (grad-mode) arithmetic must work like any other tensor."""
+    x0 = _randn(4, 9, device=device, seed=20)
+    t = torch.tensor([0, 4, 8, 2], device=device)
+    x = x0.clone().requires_grad_(True)
+    loss = triton_xent.cross_entropy(x, t, inplace_backward=True, backend=backend)
+    (g,) = torch.autograd.grad(loss, x, torch.tensor(2.0, device=device))
+    _, exp_grad = reference(x0, t, grad_output=torch.tensor(2.0, device=device))
+    assert_close(g * 1.0, exp_grad, torch.float32, "grad")
 
 
 def test_inplace_backward_on_a_row_strided_slice_leaves_the_padding(backend, device):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import triton_xent
 
@@ -85,6 +86,30 @@ def test_ignore_index_with_probability_targets_is_refused(backend, device):
     with pytest.raises(ValueError, match="ignore_index is not supported"):
         triton_xent.cross_entropy(_x(device), torch.rand(4, 5, device=device).softmax(1),
                                   ignore_index=0, backend=backend)
+
+
+def test_negative_ignore_index_with_probability_targets_is_accepted(backend, device):
+    """As in PyTorch, which refuses only an ignore_index >= 0 there: nothing is ignored."""
+    x, p = _x(device), torch.rand(4, 5, device=device).softmax(1)
+    loss = triton_xent.cross_entropy(x, p, ignore_index=-1, backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x, p, ignore_index=-1))
+
+
+def test_deprecated_elementwise_mean_is_mean_with_pytorchs_warning(backend, device):
+    x, t = _x(device), torch.tensor([0, 1, 2, 3], device=device)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        loss = triton_xent.cross_entropy(x, t, reduction="elementwise_mean", backend=backend)
+    torch.testing.assert_close(loss, triton_xent.cross_entropy(x, t, backend=backend))
+
+
+@pytest.mark.parametrize("kwargs", [dict(label_smoothing=None), dict(label_smoothing="0.1"),
+                                    dict(lse_square_scale=None), dict(softcap="30")],
+                         ids=["smoothing_None", "smoothing_str", "zloss_None", "softcap_str"])
+def test_option_of_the_wrong_type_is_a_type_error_naming_it(device, kwargs):
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=f"{name} must be a number"):
+        triton_xent.cross_entropy(_x(device), torch.tensor([0, 1, 2, 3], device=device),
+                                  **kwargs)
 
 
 def test_target_or_weight_requiring_grad_is_refused(device):

@@ -366,6 +366,22 @@ def test_empty_batch(backend, device):
     assert none.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32],
+                         ids=["uint8", "int16", "int32"])
+def test_narrow_integer_targets(backend, device, dtype):
+    """V = 1001 does not fit in uint8 and -100 is class 156 in uint8: targets must be
+    compared as numbers, not in their own dtype (which would wrap both)."""
+    x, w, b, t = _problem(lead=(B * T,), device=device)
+    t = t % 200 if dtype == torch.uint8 else t
+    t[0], t[1] = 156, 199
+    go = _grad_output("none", t.shape).to(device)
+    for check_targets in (True, False):
+        ours = _run(x, w, b, t.to(dtype), go, reduction="none", backend=backend,
+                    chunk_size=CHUNK, check_targets=check_targets)
+        _check_all(ours, linear_reference(x, w, b, t, grad_output=go, reduction="none"),
+                   torch.float32)
+
+
 def test_matches_torch_linear_cross_entropy(backend, device):
     # Shared arguments, same names, same results as torch's own F.linear_cross_entropy.
     x, w, b, t = _problem(lead=(B * T,), device=device)

@@ -63,13 +63,38 @@ def row_fns(use_triton: bool):
     return reference.xent_rows_torch, reference.scale_rows_torch_
 
 
+def has_internal_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of x may share memory (an expanded, stride-0 view, say), so that
+    a gradient written into x would overwrite itself. Sorted by stride, each dimension must
+    step past everything the smaller ones reach; layouts that interleave dimensions without
+    overlapping also count as overlapping (they only lose the in-place write)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def empty_class_rows(problem: Problem, target: torch.Tensor, n_rows: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce, lse) of rows with no classes, as F.cross_entropy gives them: 0 for an ignored row
+    (or a probability target's empty sum), NaN for an unchecked out-of-range target, and
+    lse = log(0) = -inf."""
+    ce = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    if not problem.prob_target:
+        ce = torch.where(target == problem.ignore_index, ce, float("nan"))
+    return ce, torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
+
+
 def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """IndexError naming the first target outside [0, C) that is not ignore_index (a host sync
     on GPUs, which is why `check_targets=False` exists)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
-        raise IndexError(f"Target {value} is out of bounds (classes are 0..{n_classes - 1}, "
+        classes = f"classes are 0..{n_classes - 1}" if n_classes else "there are no classes"
+        raise IndexError(f"Target {value} is out of bounds ({classes}, "
                          f"ignore_index={ignore_index}).")
 
 
@@ -81,7 +106,9 @@ def denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | 
     by the count; both are n_rows for probability targets, whose mean is over all rows.
     """
     if problem.prob_target:
-        rows = torch.full((), float(n_rows), dtype=dtype, device=target.device)  # no H2D copy
+        # F.cross_entropy divides by input.numel() / C: 0/0 when there are no classes.
+        rows = float(n_rows) if n_classes > 0 else float("nan")
+        rows = torch.full((), rows, dtype=dtype, device=target.device)  # no H2D copy
         return None, rows, rows
     active = target != problem.ignore_index
     count = active.sum().to(dtype)
@@ -104,9 +131,7 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
         tgt = rows_view(target)
         out_dtype = torch.result_type(input, target)
     else:
-        tgt = target.reshape(-1)
-        if not tgt.dtype.is_signed:  # compare uint8 with -100 as numbers, not in uint8
-            tgt = tgt.long()
+        tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
         out_dtype = input.dtype
         if problem.check_targets or not problem.use_triton:
             check_targets(tgt, V, problem.ignore_index)
@@ -123,12 +148,16 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
 
     grad = None
     if compute_grad:
-        if problem.inplace_backward and logits.data_ptr() == input.data_ptr():
-            grad = logits
+        if (problem.inplace_backward and logits.data_ptr() == input.data_ptr()
+                and not has_internal_overlap(input)):
+            grad = logits.detach()  # an alias outside autograd: it holds no view of input
         else:
             grad = torch.empty((N, V, D), dtype=input.dtype, device=input.device)
-    rows_fn, _ = row_fns(problem.use_triton)
-    ce, lse = rows_fn(logits, tgt, weight, scale, grad, **problem.row_kwargs())
+    if V == 0:  # no classes: rows count only if ignored (checked above), and add nothing
+        ce, lse = empty_class_rows(problem, tgt, n_rows, input.device)
+    else:
+        rows_fn, _ = row_fns(problem.use_triton)
+        ce, lse = rows_fn(logits, tgt, weight, scale, grad, **problem.row_kwargs())
     if grad is not None and grad.data_ptr() == input.data_ptr():
         # The gradient now lives in input's storage: tell autograd, so that any other use of
         # the spent logits in backward fails loudly instead of reading a gradient.
@@ -155,6 +184,10 @@ def reduce_rows(problem: Problem, ce: torch.Tensor, lse: torch.Tensor,
     if problem.reduction == "sum":
         return ce.sum() if z_loss is None else ce.sum() + z_loss.sum()
     loss = ce.sum() / weight_sum
+    if problem.label_smoothing > 0.0 and not problem.prob_target:
+        # F.cross_entropy divides its two terms by the weight sum separately: when no target
+        # carries weight, 0/0 (NaN) plus smoothing/0, where one sum here would give inf.
+        loss = torch.where(weight_sum == 0, float("nan"), loss)
     return loss if z_loss is None else loss + z_loss.sum() / count
 
 

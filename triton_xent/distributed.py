@@ -94,16 +94,14 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
 
 def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
             weight: torch.Tensor | None, group):
-    """(class_offset, n_classes, flat int64 target, weight as the row functions take it),
-    after the checks that every rank makes alike (it holds the same targets and weights)
+    """(class_offset, n_classes, flat target (int64 or int32), weight as the row functions
+    take it), after the checks that every rank makes alike (it holds the same targets and weights)
     before any collective that another rank could be left waiting in."""
     class_offset, n_classes = class_slices(n_local, target.device, group)
     if weight is not None and weight.shape != (n_classes,):
         raise ValueError(f"with a process_group, weight holds all {n_classes} classes' weights "
                          f"on every rank, got shape {tuple(weight.shape)}")
-    tgt = target.reshape(-1)
-    if not tgt.dtype.is_signed:
-        tgt = tgt.long()
+    tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
     if problem.check_targets or not problem.use_triton:
         core.check_targets(tgt, n_classes, problem.ignore_index)
     if weight is not None and problem.use_triton:

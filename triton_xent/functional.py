@@ -4,6 +4,7 @@ of backend."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -63,8 +64,9 @@ def _check_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) 
                 f"float target holds class probabilities and must have input's shape "
                 f"{tuple(input.shape)}, got {tuple(target.shape)}; class indices must be an "
                 f"integer tensor")
-        if ignore_index != -100:
-            raise ValueError("ignore_index is not supported for class-probability targets")
+        if ignore_index >= 0:  # as PyTorch: a negative one is accepted, and matches nothing
+            raise ValueError(f"ignore_index is not supported for class-probability targets "
+                             f"(got {ignore_index}; leave it negative, e.g. -100)")
         return True
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class indices or float class "
@@ -77,6 +79,16 @@ def _check_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) 
         raise ValueError(f"target of class indices must have shape {tuple(expected)} for "
                          f"input of shape {tuple(input.shape)}, got {tuple(target.shape)}")
     return False
+
+
+def _class_indices(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Class indices as every path compares them: int64, or int32 where ignore_index fits in
+    it (read as is). Comparing uint8/int8/int16 targets with ignore_index or C in their own
+    dtype would wrap (-100 is class 156 in uint8; C = 300 is 44)."""
+    if target.dtype == torch.int64 or (target.dtype == torch.int32
+                                       and -2**31 <= ignore_index < 2**31):
+        return target
+    return target.long()
 
 
 def _check_weight(input: torch.Tensor, weight: torch.Tensor | None) -> None:
@@ -92,16 +104,36 @@ def _check_weight(input: torch.Tensor, weight: torch.Tensor | None) -> None:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
 
 
-def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> None:
+def _reduction_name(reduction) -> str:
+    """"mean", "sum" or "none"; PyTorch's deprecated "elementwise_mean" is "mean", with
+    PyTorch's own warning."""
+    if reduction == "elementwise_mean":
+        _reduction.get_enum(reduction)  # PyTorch's deprecation warning
+        return "mean"
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction "
                          f"(one of {_REDUCTIONS})")
+    return reduction
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+
+
+def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> str:
+    """Checks the options; returns the reduction's name."""
+    _check_number("label_smoothing", label_smoothing)
+    _check_number("lse_square_scale", lse_square_scale)
+    if softcap is not None:
+        _check_number("softcap", softcap)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not (math.isfinite(lse_square_scale) and lse_square_scale >= 0.0):
         raise ValueError(f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    return _reduction_name(reduction)
 
 
 def cross_entropy(
@@ -161,8 +193,13 @@ def cross_entropy(
                          "(N, C, d1, ..., dk), got a 0-dim tensor")
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+    reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+    if (input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,)
+            and not target.is_floating_point()):
+        target = target[0]  # one sample as (1,), which F.cross_entropy takes like ()
     prob_target = _check_target(input, target, ignore_index)
+    if not prob_target:
+        target = _class_indices(target, ignore_index)
     if process_group is None:
         _check_weight(input, weight)
     elif prob_target or inplace_backward:

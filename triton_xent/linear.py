@@ -17,7 +17,8 @@ from torch import nn
 import torch.distributed as dist
 
 from . import core, distributed
-from .functional import _check_options, _check_target, _check_weight, _use_triton
+from .functional import (_check_options, _check_target, _check_weight, _class_indices,
+                         _use_triton)
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
 
@@ -150,8 +151,9 @@ def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ign
     return (x.new_empty((N,) if reduction == "none" else (), dtype=out_dtype),
             x.new_empty(N, dtype=torch.float32),
             x.new_empty((N, D) if need_input and pre else (0,)),
-            x.new_empty((V, D) if need_weight and pre else (0,), dtype=acc),
-            x.new_empty((V,) if need_bias and pre else (0,), dtype=acc))
+            # an empty placeholder has x's dtype, as _or_empty makes it
+            x.new_empty((V, D), dtype=acc) if need_weight and pre else x.new_empty(0),
+            x.new_empty((V,), dtype=acc) if need_bias and pre else x.new_empty(0))
 
 
 @torch.library.custom_op("triton_xent::linear_cross_entropy_backward", mutates_args=())
@@ -183,8 +185,8 @@ def _(x, linear_weight, linear_bias, target, weight, grad_output, prob_target, r
     V = linear_weight.shape[0]
     acc = torch.promote_types(accum_dtype, x.dtype)
     return (x.new_empty((N, D) if need_input else (0,)),
-            x.new_empty((V, D) if need_weight else (0,), dtype=acc),
-            x.new_empty((V,) if need_bias else (0,), dtype=acc))
+            x.new_empty((V, D), dtype=acc) if need_weight else x.new_empty(0),
+            x.new_empty((V,), dtype=acc) if need_bias else x.new_empty(0))
 
 
 N_OP_ARGS = 19  # the forward op's arguments, for backward's tuple of gradients
@@ -391,7 +393,7 @@ def linear_cross_entropy(
         raise ValueError(f"linear_bias must have shape ({V},), one per output of "
                          f"linear_weight, got {tuple(linear_bias.shape)}")
     ignore_index = -100 if ignore_index is None else ignore_index
-    _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+    reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     lead = input.shape[:-1]
@@ -406,6 +408,8 @@ def linear_cross_entropy(
     tgt = target.reshape(N, V) if prob_target else target.reshape(N)
     logits_like = input.new_empty(()).expand(N, V)  # the logits' shape and device, no memory
     _check_target(logits_like, tgt, ignore_index)  # dtype, device, ignore_index
+    if not prob_target:
+        tgt = _class_indices(tgt, ignore_index)
     if process_group is None:  # with a group, weight holds every rank's classes
         _check_weight(logits_like, weight)
     if chunk_size is not None and (isinstance(chunk_size, bool) or
