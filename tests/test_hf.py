@@ -239,6 +239,36 @@ def test_autocast_bfloat16(monkeypatch):
                                    msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_model_with_num_items_in_batch(dtype):
+    """A model cast to float16 / bfloat16, 8192 target tokens at a loss near 10: their sum
+    (over 65504) does not fit in float16, transformers' float32 loss does, and so must ours.
+    The value agrees to the rounding of a half-precision mean (2^-8 relative in bfloat16)
+    and of half-precision logits."""
+    rows, n_pos = 64, 129
+    model = _model(max_position_embeddings=n_pos).to(dtype)
+    ids = torch.randint(0, V, (rows, n_pos), generator=torch.Generator().manual_seed(7))
+    num_items = torch.tensor(rows * (n_pos - 1))
+    ref = model(ids, labels=ids, num_items_in_batch=num_items).loss
+    assert ref.dtype == torch.float32 and 6.0 < ref.item() < 20.0
+    patch_causal_lm(model, backend="torch")  # 8192 rows: the interpreter would take ~25 s
+    got = model(ids, labels=ids, num_items_in_batch=num_items).loss
+    assert got.dtype == torch.float32 and math.isfinite(got.item())
+    torch.testing.assert_close(got, ref, rtol=2 ** -8, atol=0.0)
+
+
+def test_the_cache_is_passed_on_under_this_transformers_name():
+    model = _model()
+    ids, labels = _batch()
+    ref = model(ids, labels=labels, use_cache=True)
+    patch_causal_lm(model)
+    out = model(ids, labels=labels, use_cache=True)
+    names = set(ref.keys()) - {"loss", "logits"}
+    assert names and set(out.keys()) - {"loss"} == names
+    for name in names:  # the same kind of object: a Cache, or tuples of tensors
+        assert type(out[name]) is type(ref[name]), name
+
+
 def test_return_dict_false_gives_a_tuple_with_the_loss_first():
     model = _model()
     ids, labels = _batch()

@@ -35,9 +35,11 @@ Here the same quantities are linear_cross_entropy(hidden, lm_head.weight, shift_
 softcap=cap, reduction=..., ignore_index=...), float32-accumulated, and the loss is returned
 in float32 as transformers' is. For bfloat16 / float16 models, though, linear_cross_entropy
 returns the loss in the model's dtype, so its value is rounded to it (half a unit in the last
-place: 2^-9 relative in bfloat16), and with num_items_in_batch the factor
-1 / num_items_in_batch reaches the gradients rounded the same way (a common scale, off by
-at most 2^-9). float32 models are exact to float32 rounding.
+place: up to 2^-8 relative in bfloat16, 2^-11 in float16), and with num_items_in_batch the
+factor 1 / num_items_in_batch reaches the gradients rounded the same way (a common scale).
+float32 models are exact to float32 rounding. With num_items_in_batch the sum is taken as
+the mean times the number of counted rows: a float16 sum overflows past 65504 (8k tokens
+at a loss of 8), a mean does not.
 """
 
 from __future__ import annotations
@@ -147,11 +149,11 @@ def patch_causal_lm(
     When the patch computes the loss, the output is a CausalLMOutputWithPast whose `loss` is
     the model's own loss (see the module docstring: labels shifted, ignore_index -100
     skipped, the `num_items_in_batch` and `shift_labels` keywords as transformers reads
-    them, the final logit softcap of Gemma-2/3) and whose **`logits` is None**;
-    past_key_values, hidden_states and attentions are the base model's. With
-    return_dict=False it is the tuple of the non-None fields, (loss, past_key_values, ...):
-    no logits at index 1. Gradients reach the base model and lm_head.weight (tied or not)
-    as they would.
+    them, the final logit softcap of Gemma-2/3) and whose **`logits` is None**; the cache
+    (`past_key_values`, or `cache` in transformers 5.x), hidden_states and attentions are
+    the base model's. With return_dict=False it is the tuple of the non-None fields,
+    (loss, cache, ...): no logits at index 1. Gradients reach the base model and
+    lm_head.weight (tied or not) as they would.
 
     The original forward runs instead, unchanged, when labels are None, in eval mode (unless
     skip_logits=True), and when logits_to_keep is not 0. It also runs, with a warning, when
@@ -300,9 +302,13 @@ def _fused_forward(model: nn.Module, state: _Patch, inputs: dict):
     softcap = getattr(model.config, state.softcap_attr) if state.softcap_attr else None
     loss = _causal_lm_loss(hidden, head.weight, head.bias, labels, softcap=softcap,
                            options=state.options, **loss_kwargs)
-    output = CausalLMOutputWithPast(
-        loss=loss, logits=None, past_key_values=out.past_key_values,
-        hidden_states=out.hidden_states, attentions=out.attentions)
+    # The base model's cache, hidden_states and attentions, under this transformers' names
+    # (the cache is `past_key_values` before 5.x, `cache` since).
+    theirs = {f.name for f in dataclasses.fields(out)}
+    passed_on = {f.name: getattr(out, f.name)
+                 for f in dataclasses.fields(CausalLMOutputWithPast)
+                 if f.name in theirs and f.name != "last_hidden_state"}
+    output = CausalLMOutputWithPast(loss=loss, logits=None, **passed_on)
     return output if return_dict else output.to_tuple()
 
 
@@ -333,13 +339,16 @@ def _causal_lm_loss(
         dtype = torch.get_autocast_dtype(device_type)
         x, head_weight = x.to(dtype), head_weight.to(dtype)
         head_bias = head_bias.to(dtype) if head_bias is not None else None
-    reduction = "sum" if num_items_in_batch is not None else "mean"
     with torch.autocast(device_type, enabled=False):
         loss = linear_cross_entropy(x, head_weight, target, linear_bias=head_bias,
-                                    reduction=reduction, ignore_index=ignore_index,
+                                    reduction="mean", ignore_index=ignore_index,
                                     softcap=softcap, **options)
     loss = loss.float()  # transformers upcasts the logits: its loss is float32
     if num_items_in_batch is not None:
+        # transformers' sum / num_items_in_batch, the sum as mean * count in float32 (a
+        # float16 "sum" would overflow); no counted row: a sum of 0 (the mean is NaN).
+        counted = (target != ignore_index).sum()
+        loss = torch.where(counted > 0, loss * counted, 0.0)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
