@@ -21,7 +21,8 @@ from helpers import assert_close
 
 V = 37
 N = 9
-SLICES = {2: [10, 27], 3: [5, 20, 12]}  # unequal, in rank order
+# Slice sizes in rank order: unequal, and one rank with no class at all (it adds nothing).
+SLICES = {"world2": [10, 27], "world3": [5, 20, 12], "world3_empty_slice": [17, 0, 20]}
 CASES = {
     "mean": dict(reduction="mean"),
     "sum_weighted": dict(reduction="sum", weighted=True),
@@ -65,15 +66,15 @@ def _grad_output(loss):
     return torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else None
 
 
-def _worker(rank, world, rendezvous, out_dir, backend, transport):
+def _worker(rank, slices, rendezvous, out_dir, backend, transport):
     try:
         dev = torch.device("cuda", rank) if transport == "nccl" else torch.device("cpu")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(transport, init_method=f"file://{rendezvous}", rank=rank,
-                                world_size=world)
-        lo = sum(SLICES[world][:rank])
-        hi = lo + SLICES[world][rank]
+                                world_size=len(slices))
+        lo = sum(slices[:rank])
+        hi = lo + slices[rank]
         results = {}
         for case in CASES:
             x, t, kwargs = _problem(case)
@@ -101,6 +102,17 @@ def _worker(rank, world, rendezvous, out_dir, backend, transport):
             results["bad_target"] = "no error"
         except IndexError as e:
             results["bad_target"] = str(e)
+        # Ranks that disagree (a caller's bug) must raise alike, not hang in a collective:
+        # rank 0 with one row fewer, then rank 0 with other targets.
+        for name, rows, target in (("other_rows", 2 if rank == 0 else 3, [0, 1, 2]),
+                                   ("other_targets", 3, [2, 1, 0] if rank == 0 else [0, 1, 2])):
+            try:
+                triton_xent.cross_entropy(torch.randn(rows, hi - lo, device=dev),
+                                          torch.tensor(target[:rows], device=dev),
+                                          process_group=dist.group.WORLD, backend=backend)
+                results[name] = "no error"
+            except ValueError as e:
+                results[name] = str(e)
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -116,15 +128,17 @@ TRANSPORTS = [pytest.param("gloo", id="gloo"),
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("world", [2, 3], ids=["world2", "world3"])
-def test_vocab_parallel_matches_single_process(backend, world, transport, tmp_path):
+@pytest.mark.parametrize("layout", list(SLICES))
+def test_vocab_parallel_matches_single_process(backend, layout, transport, tmp_path):
+    slices = SLICES[layout]
+    world = len(slices)
     if transport == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     if transport == "gloo" and backend == "triton" and torch.cuda.is_available():
         pytest.skip("on a GPU machine the kernels want CUDA tensors: the nccl case runs them")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "rdzv"), str(tmp_path),
-                                                backend, transport))
+    procs = [ctx.Process(target=_worker, args=(r, slices, str(tmp_path / "rdzv"),
+                                                str(tmp_path), backend, transport))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -150,8 +164,8 @@ def test_vocab_parallel_matches_single_process(backend, world, transport, tmp_pa
         expected.backward(_grad_output(expected))
         for rank, res in enumerate(results):
             loss, grad = res[case]
-            lo = sum(SLICES[world][:rank])
-            hi = lo + SLICES[world][rank]
+            lo = sum(slices[:rank])
+            hi = lo + slices[rank]
             assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
             assert_close(grad, full.grad[:, lo:hi], torch.float32, f"{case} grad, rank {rank}")
     for case in LINEAR_CASES:
@@ -161,11 +175,13 @@ def test_vocab_parallel_matches_single_process(backend, world, transport, tmp_pa
                                                     **kwargs)
         expected.backward(_grad_output(expected))
         for rank, (loss, d_h, d_w, d_b) in enumerate(r[case] for r in results):
-            lo = sum(SLICES[world][:rank])
-            hi = lo + SLICES[world][rank]
+            lo = sum(slices[:rank])
+            hi = lo + slices[rank]
             assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
             assert_close(d_h, h.grad, torch.float32, f"{case} d_input, rank {rank}")
             assert_close(d_w, w.grad[lo:hi], torch.float32, f"{case} d_weight, rank {rank}")
             assert_close(d_b, b.grad[lo:hi], torch.float32, f"{case} d_bias, rank {rank}")
     for res in results:
         assert res["bad_target"].startswith(f"Target {V} is out of bounds"), res["bad_target"]
+        assert "the ranks hold [2, 3" in res["other_rows"], res["other_rows"]
+        assert "they differ between ranks" in res["other_targets"], res["other_targets"]

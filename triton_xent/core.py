@@ -92,10 +92,13 @@ def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> No
     on GPUs, which is why `check_targets=False` exists)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
-        value = int(target[bad][0])
-        classes = f"classes are 0..{n_classes - 1}" if n_classes else "there are no classes"
-        raise IndexError(f"Target {value} is out of bounds ({classes}, "
-                         f"ignore_index={ignore_index}).")
+        raise target_out_of_bounds(int(target[bad][0]), n_classes, ignore_index)
+
+
+def target_out_of_bounds(value: int, n_classes: int, ignore_index: int) -> IndexError:
+    classes = f"classes are 0..{n_classes - 1}" if n_classes else "there are no classes"
+    return IndexError(f"Target {value} is out of bounds ({classes}, "
+                      f"ignore_index={ignore_index}).")
 
 
 def denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | None,

@@ -9,11 +9,18 @@ kernel (kernels/xent.py):
 and then lse = m + log s, loss = a (log s + m - z_y) + b (U log s + S) with b = eps / V for
 the global V. Each rank then writes the gradient of its own slice from (m, s, S, U).
 
-Collectives per call, on a group of R ranks and N rows: one all_gather of one int64 per rank
-(the slice sizes, hence each rank's first class), one all_reduce MAX of N float32 (m), one
-all_reduce SUM of 4N float32 (s, S, U, z_y rescaled to m): 20 N bytes per rank, whatever V.
-linear_cross_entropy with the head split by rows makes the same two all-reduces per chunk of
-rows (20 bytes a row in all), then one all_reduce SUM of the (N, D) input gradient.
+Collectives per call, on a group of R ranks and N rows: one all_gather of five int64 per rank
+(the slice size, hence each rank's first class, and what every rank checks alike before
+anything else: its row count, its targets' range and a fingerprint of them), one all_reduce
+MAX of N floats (m), one all_reduce SUM of 4N floats (s, S, U, z_y rescaled to m): 20 N
+bytes per rank in float32 (40 N in float64), whatever V. linear_cross_entropy with the head
+split by rows makes the same two all-reduces per chunk of rows (20 bytes a row in all),
+then one all_reduce SUM of the (N, D) input gradient; with reduction "none" and a trainable
+head its backward recomputes the chunks: two more all-reduces per chunk and that of the
+input gradient again.
+
+A rank's slice may be empty (m = -inf, s = S = U = 0: it adds nothing), as long as some
+rank holds a class.
 """
 
 from __future__ import annotations
@@ -34,15 +41,25 @@ def _slice_fns(use_triton: bool):
     return reference.slice_stats_torch, reference.slice_grad_torch
 
 
-def class_slices(n_local: int, device: torch.device, group) -> tuple[int, int]:
-    """(first class of this rank, total classes), from every rank's slice size in rank order."""
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device)
-             for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=device),
-                    group=group)
-    sizes = [int(s) for s in sizes]
-    rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+_BIG = 2**62  # above any class index: the neutral element of the targets' minimum
+
+
+def _gather_facts(n_local: int, target: torch.Tensor, ignore_index: int, group) -> list:
+    """Every rank's [slice size, rows, least and largest counted target, fingerprint of the
+    targets] in rank order, from one all_gather (and one host sync)."""
+    t = target.long()
+    counted = t != ignore_index
+    pad = t.new_full((1,), _BIG)
+    position = torch.arange(1, t.numel() + 1, device=t.device)
+    mine = torch.stack([
+        torch.tensor(n_local, device=t.device), torch.tensor(t.numel(), device=t.device),
+        torch.cat([torch.where(counted, t, _BIG), pad]).amin(),
+        torch.cat([torch.where(counted, t, -_BIG), -pad]).amax(),
+        (t * position).sum(),  # differs (almost surely) when the targets or their order do
+    ])
+    facts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(facts, mine, group=group)
+    return torch.stack(facts).tolist()
 
 
 def _merge_across_ranks(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +89,11 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
         options = dict(class_offset=class_offset, n_classes=n_classes,
                        ignore_index=ignore_index, label_smoothing=label_smoothing,
                        softcap=softcap)
-        stats = stats_fn(logits, target, weight, **options)
+        if logits.shape[1] == 0:  # an empty slice: max -inf, and sums of nothing
+            stats = torch.zeros((target.numel(), 5), dtype=acc, device=logits.device)
+            stats[:, 0] = NEG_INF
+        else:
+            stats = stats_fn(logits, target, weight, **options)
         row_stats, z_y = _merge_across_ranks(stats.to(acc), group)
         m, s, S, U = row_stats.unbind(1)
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
@@ -84,7 +105,7 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
         if label_smoothing > 0:
             ce = ce + label_smoothing / n_classes * (U * log_s + S)
         ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
-        if grad is not None:
+        if grad is not None and grad.numel() > 0:
             grad_fn(logits, target, weight, row_stats.to(stats.dtype), scale, grad,
                     lse_square_scale=lse_square_scale, **options)
         return ce, m + log_s
@@ -95,15 +116,31 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
 def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
             weight: torch.Tensor | None, group):
     """(class_offset, n_classes, flat target (int64 or int32), weight as the row functions
-    take it), after the checks that every rank makes alike (it holds the same targets and weights)
-    before any collective that another rank could be left waiting in."""
-    class_offset, n_classes = class_slices(n_local, target.device, group)
+    take it). The checks run on every rank alike, from facts all ranks have gathered, so
+    that a failing call raises everywhere instead of leaving a rank waiting in a collective:
+    the same rows and targets on every rank, some class somewhere, targets in range."""
+    tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
+    facts = _gather_facts(n_local, tgt, problem.ignore_index, group)
+    sizes, rows, lows, highs, prints = zip(*facts)
+    if len(set(rows)) > 1:
+        raise ValueError(f"with a process_group every rank passes the same rows; the ranks "
+                         f"hold {list(rows)} target rows")
+    if len(set(prints)) > 1:
+        raise ValueError("with a process_group every rank passes the same (global) targets; "
+                         "they differ between ranks")
+    n_classes = sum(sizes)
+    if n_classes == 0:
+        raise ValueError("with a process_group some rank must hold a class; every slice "
+                         "is empty")
+    class_offset = sum(sizes[:dist.get_rank(group)])
     if weight is not None and weight.shape != (n_classes,):
         raise ValueError(f"with a process_group, weight holds all {n_classes} classes' weights "
                          f"on every rank, got shape {tuple(weight.shape)}")
-    tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
     if problem.check_targets or not problem.use_triton:
-        core.check_targets(tgt, n_classes, problem.ignore_index)
+        low, high = min(lows), max(highs)
+        if high >= n_classes or low < 0:
+            value = high if high >= n_classes else low
+            raise core.target_out_of_bounds(value, n_classes, problem.ignore_index)
     if weight is not None and problem.use_triton:
         weight = weight.to(torch.float32).contiguous()
     return class_offset, n_classes, tgt, weight

@@ -378,7 +378,7 @@ def linear_cross_entropy(
     if input.shape[-1] != D:
         raise ValueError(f"input's last dimension ({input.shape[-1]}) must match linear_weight's "
                          f"in_features (shape (V, D) = {tuple(linear_weight.shape)})")
-    if V == 0:
+    if V == 0 and process_group is None:  # with a group, other ranks may hold the classes
         raise ValueError("linear_weight has no rows: there must be at least one class")
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
