@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_xent import (  # noqa: E402  (same conventions as the cross-entropy benchmark)
-    DTYPES, GRAD_TOL, HEADROOM_BYTES, TOL, Unavailable, dtype_name)
+    DTYPES, GRAD_TOL, HEADROOM_BYTES, TOL, dtype_name)
+from common import Unavailable  # noqa: E402
 from bench_xent import default_out as _xent_default_out  # noqa: E402
 
 OP = "linear_cross_entropy"
@@ -368,29 +369,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = common.run_info(device)
     out = args.out or default_out(device, args.quick)
-    print(f"device: {info['device']} ({device.type}); torch {info['torch']}, "
-          f"triton {info['triton'] or '-'}; writing {out}")
-    if device.type == "cpu":
-        print("note: CPU run, a smoke test of the script only; peak_mem_mb is left empty")
-        if "triton_xent" in args.providers:
-            path = ("Triton kernels through the interpreter"
-                    if os.environ.get("TRITON_INTERPRET") == "1" else "its PyTorch fallback")
-            print(f"note: triton_xent runs {path} on CPU tensors")
+    common.announce(info, device, out, args.providers)
 
-    providers = []
-    for name in dict.fromkeys(args.providers):
-        if name == FLOOR:
-            continue
-        try:
-            providers.append(make_provider(name, device))
-        except Unavailable as e:
-            print(f"skip provider {name}: {e}")
+    providers = common.available_providers([p for p in args.providers if p != FLOOR],
+                                           lambda name: make_provider(name, device))
 
     cpu_budget_s = 0.2 if args.quick else 1.0
-    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 24 if args.quick else 1 << 28)
-    copy_bytes = min(copy_bytes, common.free_bytes(device) // 4)
-    copy = common.copy_gbps(device, copy_bytes, cpu_budget_s=cpu_budget_s)
-    print(f"copy: {copy_bytes / common.GB:.3g} GB buffers, {copy:.1f} GB/s")
+    copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)
 
     rows = 0
     with common.CsvWriter(out, append=args.append) as writer:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from common import Unavailable  # noqa: E402
 
 PROVIDERS = ("triton_xent", "torch", "torch_compile", "liger", "quack")
 QUICK_PROVIDERS = ("triton_xent", "torch")  # torch_compile: seconds of C++ compile per shape
@@ -53,10 +54,6 @@ HEADROOM_BYTES = 1 << 30
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 GRAD_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
 CHECK_ROWS = 16  # gradient rows compared with the reference
-
-
-class Unavailable(Exception):
-    """A provider that is not installed or cannot run on this device."""
 
 
 @dataclass
@@ -243,28 +240,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = common.run_info(device)
     out = args.out or default_out(device, args.quick)
-    print(f"device: {info['device']} ({device.type}); torch {info['torch']}, "
-          f"triton {info['triton'] or '-'}; writing {out}")
-    if device.type == "cpu":
-        print("note: CPU run, a smoke test of the script only; peak_mem_mb is left empty")
-        if "triton_xent" in args.providers:
-            path = ("Triton kernels through the interpreter"
-                    if os.environ.get("TRITON_INTERPRET") == "1" else "its PyTorch fallback")
-            print(f"note: triton_xent runs {path} on CPU tensors")
+    common.announce(info, device, out, args.providers)
 
-    providers = []
-    for name in dict.fromkeys(args.providers):
-        try:
-            providers.append(make_provider(name, device))
-        except Unavailable as e:
-            print(f"skip provider {name}: {e}")
+    providers = common.available_providers(args.providers,
+                                           lambda name: make_provider(name, device))
 
     cpu_budget_s = 0.2 if args.quick else 1.0
-    # Copy bandwidth: 1 GiB buffers on a GPU (far past L2), 16 MiB (quick) or 256 MiB on CPU.
-    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 24 if args.quick else 1 << 28)
-    copy_bytes = min(copy_bytes, common.free_bytes(device) // 4)
-    copy = common.copy_gbps(device, copy_bytes, cpu_budget_s=cpu_budget_s)
-    print(f"copy: {copy_bytes / common.GB:.3g} GB buffers, {copy:.1f} GB/s")
+    copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)
 
     rows = 0
     with common.CsvWriter(out, append=args.append) as writer:

@@ -71,6 +71,18 @@ def run_info(device: torch.device) -> dict:
     }
 
 
+def announce(info: dict, device: torch.device, out: str, providers: Iterable[str]) -> None:
+    """Prints what a run measures and where it writes; on a CPU, what its numbers are."""
+    print(f"device: {info['device']} ({device.type}); torch {info['torch']}, "
+          f"triton {info['triton'] or '-'}; writing {out}")
+    if device.type == "cpu":
+        print("note: CPU run, a smoke test of the script only; peak_mem_mb is left empty")
+        if "triton_xent" in providers:
+            path = ("Triton kernels through the interpreter"
+                    if os.environ.get("TRITON_INTERPRET") == "1" else "its PyTorch fallback")
+            print(f"note: triton_xent runs {path} on CPU tensors")
+
+
 def free_bytes(device: torch.device) -> int:
     """Memory that new tensors can still take: free GPU memory (after returning the caching
     allocator's unused blocks), or MemAvailable of the host."""
@@ -164,6 +176,32 @@ def copy_gbps(device: torch.device, nbytes: int, *, cpu_budget_s: float = 1.0) -
     ms = median_ms(lambda: dst.copy_(src), device, cpu_budget_s=cpu_budget_s)
     del src, dst
     return 2 * n * 4 / (ms * 1e-3) / GB  # bytes: n * 4 read + n * 4 written
+
+
+class Unavailable(Exception):
+    """A provider that is not installed or cannot run on this device."""
+
+
+def available_providers(names: Iterable[str], make: Callable[[str], object]) -> list:
+    """make(name) for each name, in order and once; a provider that raises Unavailable is
+    left out with a printed 'skip provider' line, never replaced by anything."""
+    providers = []
+    for name in dict.fromkeys(names):
+        try:
+            providers.append(make(name))
+        except Unavailable as e:
+            print(f"skip provider {name}: {e}")
+    return providers
+
+
+def run_copy_gbps(device: torch.device, *, quick: bool, cpu_budget_s: float) -> float:
+    """copy_gbps with the buffers a run uses, printed: 1 GiB on a GPU (far past L2), 16 MiB
+    (quick) or 256 MiB on CPU, at most a quarter of the free memory."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 24 if quick else 1 << 28)
+    nbytes = min(nbytes, free_bytes(device) // 4)
+    gbps = copy_gbps(device, nbytes, cpu_budget_s=cpu_budget_s)
+    print(f"copy: {nbytes / GB:.3g} GB buffers, {gbps:.1f} GB/s")
+    return gbps
 
 
 # --- CSV ----------------------------------------------------------------------------------

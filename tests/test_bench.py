@@ -1,5 +1,7 @@
-"""Smoke test of the benchmark scripts: `bench/bench_xent.py --quick` writes a well-formed CSV
-and `bench/plot.py` turns it into PNGs. Nothing here looks at how fast anything is."""
+"""Smoke test of the benchmark scripts: `bench/bench_xent.py --quick` and
+`bench/bench_linear.py --quick` write well-formed CSVs (the linear one with
+op = linear_cross_entropy, D filled in, matmul_floor rows) and `bench/plot.py` turns them
+into PNGs. Nothing here looks at how fast anything is."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -123,3 +126,130 @@ def test_slug_and_default_out():
     cpu = bench_xent.default_out(torch.device("cpu"), quick=True)
     assert os.path.basename(cpu).endswith("-cpu-quick.csv")
     assert os.path.dirname(cpu) == os.path.join(BENCH, "results")
+
+
+# --- bench_linear.py ---------------------------------------------------------------------
+
+LINEAR_QUICK_CASES = {(64, 37, 1000), (64, 37, 4099)}  # (N, D, V)
+HAS_TORCH_CHUNKED = (hasattr(F, "linear_cross_entropy")
+                     and hasattr(torch.nn, "LinearCrossEntropyOptions"))
+LINEAR_PROVIDERS = ("triton_xent", "torch", "matmul_floor") + (
+    ("torch_chunked",) if HAS_TORCH_CHUNKED else ())
+
+
+@pytest.fixture(scope="module")
+def linear_quick_run(tmp_path_factory):
+    """(CSV path, stdout) of one quick run (run once for the module)."""
+    out = tmp_path_factory.mktemp("bench_linear") / "quick-linear.csv"
+    stdout = _run([os.path.join(BENCH, "bench_linear.py"), "--quick", "--out", str(out)])
+    # providers x 2 modes x 2 shapes, one dtype (bfloat16), none skipped
+    assert f"wrote {len(LINEAR_PROVIDERS) * 2 * 2} rows" in stdout, stdout
+    if not torch.cuda.is_available():
+        assert "triton_xent runs Triton kernels through the interpreter" in stdout
+    if not HAS_TORCH_CHUNKED:
+        assert "skip provider torch_chunked" in stdout
+    return out, stdout
+
+
+def test_linear_quick_csv_is_well_formed(linear_quick_run):
+    path, stdout = linear_quick_run
+    assert "skip " not in stdout.replace("skip provider torch_chunked", "")
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == HEADER
+    rows = common.read_csv(path)  # parses N/V/D as int and the measurements as float
+    assert len(rows) == len(lines) - 1
+    seen = set()
+    for r in rows:
+        assert r["op"] == "linear_cross_entropy"
+        assert r["provider"] in LINEAR_PROVIDERS
+        assert r["mode"] in ("fwd", "fwd_bwd")
+        assert r["dtype"] == "bfloat16"
+        assert (r["N"], r["D"], r["V"]) in LINEAR_QUICK_CASES and r["D"] > 0
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+        assert r["torch"] == torch.__version__
+        assert r["date"].endswith("+00:00")
+        if torch.cuda.is_available() and r["provider"] != "matmul_floor":
+            assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
+        else:  # no allocator statistics on CPU; the floor is a time floor only
+            assert r["peak_mem_mb"] is None
+        seen.add((r["provider"], r["mode"], r["N"], r["D"], r["V"]))
+        # gbps: x and W read (N + V) * D * elem bytes once, d_x and d_W written once (fwd_bwd)
+        nbytes = (r["N"] + r["V"]) * r["D"] * 2 * (1 if r["mode"] == "fwd" else 2)
+        assert r["gbps"] == pytest.approx(nbytes / (r["ms"] * 1e-3) / 1e9, rel=1e-3)
+    assert seen == {(p, m, *case) for p in LINEAR_PROVIDERS for m in ("fwd", "fwd_bwd")
+                    for case in LINEAR_QUICK_CASES}
+
+
+def test_linear_plot_writes_time_bars(linear_quick_run, tmp_path):
+    path, _ = linear_quick_run
+    stdout = _run([os.path.join(BENCH, "plot.py"), str(path), "--out-dir", str(tmp_path)])
+    _assert_png(tmp_path / "quick-linear_time.png")
+    assert not (tmp_path / "quick-linear_bandwidth.png").exists()  # the GEMMs bound this op
+    if torch.cuda.is_available():
+        _assert_png(tmp_path / "quick-linear_memory.png")
+    else:
+        assert "skipping the memory plot" in stdout
+        assert not (tmp_path / "quick-linear_memory.png").exists()
+
+
+def test_linear_memory_plot(linear_quick_run, tmp_path):
+    """The linear memory plot's code path, on a copy of the quick CSV whose provider rows
+    get a placeholder peak_mem_mb and device "synthetic" (not a measurement)."""
+    import plot
+
+    path = tmp_path / "synthetic-linear.csv"
+    with common.CsvWriter(path) as out:
+        for r in common.read_csv(linear_quick_run[0]):
+            peak = None if r["provider"] == "matmul_floor" else 1.0
+            out.write(**dict(r, device="synthetic", peak_mem_mb=peak))
+    written = plot.plot_csv(str(path), str(tmp_path))
+    assert [os.path.basename(p) for p in written] == [
+        "synthetic-linear_time.png", "synthetic-linear_memory.png"]
+    for p in written:
+        _assert_png(tmp_path / os.path.basename(p))
+
+
+def test_linear_default_out_and_shapes():
+    import bench_linear
+
+    cpu = bench_linear.default_out(torch.device("cpu"), quick=True)
+    assert os.path.basename(cpu).endswith("-cpu-quick-linear.csv")
+    assert os.path.dirname(cpu) == os.path.join(BENCH, "results")
+    args = bench_linear.parse_args([])
+    assert args.shapes == ((8192, 2304, 256000), (16384, 4096, 128256))
+    assert args.modes == ("fwd_bwd",) and args.dtypes == [torch.bfloat16]
+    assert "matmul_floor" in args.providers
+    args = bench_linear.parse_args(["--shapes", "8,16,32", "4x5x6"])
+    assert args.shapes == [(8, 16, 32), (4, 5, 6)]
+
+
+def test_linear_check_rejects_a_wrong_provider(capsys):
+    """The float32 check that precedes the timing skips a provider whose loss or gradients
+    are off (here: the loss scaled by 1.05, and a gradient added to W's first rows), or that
+    warned that it fell back to another path (torch_chunked's "options ignored")."""
+    import warnings
+
+    import bench_linear as bl
+
+    device = torch.device("cpu")
+    N, D, V = 32, 24, 300
+    x, w, t = bl.make_inputs(N, D, V, torch.float32, device, requires_grad=False)
+    ref = bl.reference(x, w, t)
+    good = bl.Provider("good", lambda x, w, t: F.cross_entropy(x @ w.T, t))
+    scaled = bl.Provider("scaled", lambda x, w, t: F.cross_entropy(x @ w.T, t) * 1.05)
+    d_w_off = bl.Provider("d_w_off", lambda x, w, t: F.cross_entropy(x @ w.T, t)
+                          + (w[:4] - w[:4].detach()).sum() * 1e-2)
+
+    def fell_back(x, w, t):
+        warnings.warn(f"linear_cross_entropy: {bl.TORCH_FALLBACK_WARNING}; ...")
+        return F.cross_entropy(x @ w.T, t)
+
+    fallback = bl.Provider("fallback", fell_back, reject_warning=bl.TORCH_FALLBACK_WARNING)
+    assert bl.measure(good, "fwd_bwd", N, D, V, torch.float32, device, ref, 0.01) is not None
+    for bad, why in ((scaled, "wrong result, loss"), (d_w_off, "wrong result, d_W differs"),
+                     (fallback, "wrong result, it fell back")):
+        capsys.readouterr()
+        assert bl.measure(bad, "fwd_bwd", N, D, V, torch.float32, device, ref, 0.01) is None
+        out = capsys.readouterr().out
+        assert f"skip {bad.name} fwd_bwd" in out and why in out, out
