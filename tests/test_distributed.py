@@ -113,6 +113,18 @@ def _worker(rank, slices, rendezvous, out_dir, backend, transport):
                 results[name] = "no error"
             except ValueError as e:
                 results[name] = str(e)
+        # A rank whose own arguments fail the checks (rank 0: a target of 2 rows for 3 rows
+        # of logits) raises its error; the others raise too, naming it, instead of waiting.
+        for name, fn in (("refused", triton_xent.cross_entropy),
+                         ("refused_linear", triton_xent.linear_cross_entropy)):
+            t = torch.tensor([0, 1] if rank == 0 else [0, 1, 2], device=dev)
+            args = ((torch.randn(3, hi - lo, device=dev),) if name == "refused" else
+                    (torch.randn(3, 4, device=dev), torch.randn(hi - lo, 4, device=dev)))
+            try:
+                fn(*args, t, process_group=dist.group.WORLD, backend=backend)
+                results[name] = "no error"
+            except ValueError as e:
+                results[name] = str(e)
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -185,3 +197,8 @@ def test_vocab_parallel_matches_single_process(backend, layout, transport, tmp_p
         assert res["bad_target"].startswith(f"Target {V} is out of bounds"), res["bad_target"]
         assert "the ranks hold [2, 3" in res["other_rows"], res["other_rows"]
         assert "they differ between ranks" in res["other_targets"], res["other_targets"]
+    for name in ("refused", "refused_linear"):
+        assert "batch_size" in results[0][name] or "must have shape (3,)" in results[0][name]
+        for res in results[1:]:
+            assert res[name].startswith("with a process_group every rank must accept its "
+                                        "arguments; rank 0 refused them (ValueError: "), res[name]

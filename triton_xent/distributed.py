@@ -9,9 +9,10 @@ kernel (kernels/xent.py):
 and then lse = m + log s, loss = a (log s + m - z_y) + b (U log s + S) with b = eps / V for
 the global V. Each rank then writes the gradient of its own slice from (m, s, S, U).
 
-Collectives per call, on a group of R ranks and N rows: one all_gather of five int64 per rank
+Collectives per call, on a group of R ranks and N rows: one all_gather of six int64 per rank
 (the slice size, hence each rank's first class, and what every rank checks alike before
-anything else: its row count, its targets' range and a fingerprint of them), one all_reduce
+anything else: its row count, its targets' range, a fingerprint of them, and whether its
+own argument checks failed), one all_reduce
 MAX of N floats (m), one all_reduce SUM of 4N floats (s, S, U, z_y rescaled to m): 20 N
 bytes per rank in float32 (40 N in float64), whatever V. linear_cross_entropy with the head
 split by rows makes the same two all-reduces per chunk of rows (20 bytes a row in all),
@@ -24,6 +25,8 @@ rank holds a class.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -42,11 +45,19 @@ def _slice_fns(use_triton: bool):
 
 
 _BIG = 2**62  # above any class index: the neutral element of the targets' minimum
+_N_FACTS = 6
+
+
+def _all_gather(mine: torch.Tensor, group) -> list:
+    """Every rank's _N_FACTS int64, in rank order: the call's first collective."""
+    facts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(facts, mine, group=group)
+    return torch.stack(facts).tolist()
 
 
 def _gather_facts(n_local: int, target: torch.Tensor, ignore_index: int, group) -> list:
     """Every rank's [slice size, rows, least and largest counted target, fingerprint of the
-    targets] in rank order, from one all_gather (and one host sync)."""
+    targets, refused] in rank order, from one all_gather (and one host sync)."""
     t = target.long()
     counted = t != ignore_index
     pad = t.new_full((1,), _BIG)
@@ -56,10 +67,42 @@ def _gather_facts(n_local: int, target: torch.Tensor, ignore_index: int, group) 
         torch.cat([torch.where(counted, t, _BIG), pad]).amin(),
         torch.cat([torch.where(counted, t, -_BIG), -pad]).amax(),
         (t * position).sum(),  # differs (almost surely) when the targets or their order do
+        torch.tensor(0, device=t.device),
     ])
-    facts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(facts, mine, group=group)
-    return torch.stack(facts).tolist()
+    return _all_gather(mine, group)
+
+
+def _refusals(message: str | None, group) -> list:
+    """Every rank's reason for refusing its arguments (None where it did not), in rank order:
+    the collective that follows a first all_gather in which some rank refused."""
+    reasons = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reasons, message, group=group)
+    return reasons
+
+
+@contextlib.contextmanager
+def refusing_together(group, device_hint):
+    """Runs one rank's local argument checks. With a group, a rank whose checks raise first
+    joins the call's first collective as a refusal (and the exchange of reasons after it),
+    so that the other ranks raise too, naming it, instead of waiting there; then it raises
+    its own error. `device_hint`: a tensor argument, for the device of that collective."""
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:
+        if isinstance(device_hint, torch.Tensor):
+            device = device_hint.device
+        elif dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        mine = torch.zeros(_N_FACTS, dtype=torch.int64, device=device)
+        mine[-1] = 1
+        _all_gather(mine, group)
+        _refusals(f"{type(error).__name__}: {error}", group)
+        raise
 
 
 def _merge_across_ranks(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +164,12 @@ def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
     the same rows and targets on every rank, some class somewhere, targets in range."""
     tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
     facts = _gather_facts(n_local, tgt, problem.ignore_index, group)
-    sizes, rows, lows, highs, prints = zip(*facts)
+    sizes, rows, lows, highs, prints, refused = zip(*facts)
+    if any(refused):
+        reasons = _refusals(None, group)
+        raise ValueError("with a process_group every rank must accept its arguments; " +
+                         "; ".join(f"rank {r} refused them ({why})"
+                                   for r, why in enumerate(reasons) if why is not None))
     if len(set(rows)) > 1:
         raise ValueError(f"with a process_group every rank passes the same rows; the ranks "
                          f"hold {list(rows)} target rows")

@@ -184,36 +184,39 @@ def cross_entropy(
     Only `input` receives a gradient; a weight or probability target that requires grad is
     refused.
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must hold floating-point logits, got {input.dtype}")
-    if input.dim() == 0:
-        raise ValueError("input must have a class dimension: shape (C,), (N, C) or "
-                         "(N, C, d1, ..., dk), got a 0-dim tensor")
-    if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
-    reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
-    if (input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,)
-            and not target.is_floating_point()):
-        target = target[0]  # one sample as (1,), which F.cross_entropy takes like ()
-    prob_target = _check_target(input, target, ignore_index)
-    if not prob_target:
-        target = _class_indices(target, ignore_index)
-    if process_group is None:
-        _check_weight(input, weight)
-    elif prob_target or inplace_backward:
-        raise ValueError("process_group takes class-index targets and no inplace_backward")
-    elif weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1
-                                 or not weight.is_floating_point()):
-        raise ValueError("with a process_group, weight is a 1-D float tensor of all classes")
-    needs_grad = torch.is_grad_enabled() and input.requires_grad
-    if torch.is_grad_enabled() and (target.requires_grad or
-                                    (weight is not None and weight.requires_grad)):
-        raise ValueError("triton_xent computes the gradient of input only; detach the "
-                         "target and weight (or use F.cross_entropy for their gradients)")
-    use_triton = _use_triton(backend, input)
-    softcap = None if softcap is None else float(softcap)
+    # Every check before anything is computed; with a group, a rank that fails them still
+    # joins the first collective, so the others fail too (distributed.refusing_together).
+    with distributed.refusing_together(process_group, target):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must hold floating-point logits, got {input.dtype}")
+        if input.dim() == 0:
+            raise ValueError("input must have a class dimension: shape (C,), (N, C) or "
+                             "(N, C, d1, ..., dk), got a 0-dim tensor")
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+        if (input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,)
+                and not target.is_floating_point()):
+            target = target[0]  # one sample as (1,), which F.cross_entropy takes like ()
+        prob_target = _check_target(input, target, ignore_index)
+        if not prob_target:
+            target = _class_indices(target, ignore_index)
+        if process_group is None:
+            _check_weight(input, weight)
+        elif prob_target or inplace_backward:
+            raise ValueError("process_group takes class-index targets and no inplace_backward")
+        elif weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1
+                                     or not weight.is_floating_point()):
+            raise ValueError("with a process_group, weight is a 1-D float tensor of all classes")
+        needs_grad = torch.is_grad_enabled() and input.requires_grad
+        if torch.is_grad_enabled() and (target.requires_grad or
+                                        (weight is not None and weight.requires_grad)):
+            raise ValueError("triton_xent computes the gradient of input only; detach the "
+                             "target and weight (or use F.cross_entropy for their gradients)")
+        use_triton = _use_triton(backend, input)
+        softcap = None if softcap is None else float(softcap)
     if process_group is not None:
         problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
                                float(lse_square_scale), softcap, bool(check_targets), use_triton)

@@ -361,78 +361,84 @@ def linear_cross_entropy(
     forward (backward multiplies by grad_output); for "none" with a trainable head, backward
     recomputes the chunks (see the custom ops above). Double backward is not supported.
     """
-    # --- checks: every one before anything is computed or written ---
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must hold floating-point activations, got {input.dtype}")
-    if input.dim() == 0:
-        raise ValueError("input must have a feature dimension: shape (D,) or (..., D), got a "
-                         "0-dim tensor")
-    if not isinstance(linear_weight, torch.Tensor):
-        raise TypeError(f"linear_weight must be a tensor, got {type(linear_weight).__name__}")
-    if linear_weight.dim() != 2:
-        raise ValueError(f"linear_weight must have shape (V, D) as nn.Linear stores it, got "
-                         f"{tuple(linear_weight.shape)}")
-    V, D = linear_weight.shape
-    if input.shape[-1] != D:
-        raise ValueError(f"input's last dimension ({input.shape[-1]}) must match linear_weight's "
-                         f"in_features (shape (V, D) = {tuple(linear_weight.shape)})")
-    if V == 0 and process_group is None:  # with a group, other ranks may hold the classes
-        raise ValueError("linear_weight has no rows: there must be at least one class")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-        if t.dtype != input.dtype:
-            raise TypeError(f"{name} must have input's dtype {input.dtype}, got {t.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-    if linear_bias is not None and linear_bias.shape != (V,):
-        raise ValueError(f"linear_bias must have shape ({V},), one per output of "
-                         f"linear_weight, got {tuple(linear_bias.shape)}")
-    ignore_index = -100 if ignore_index is None else ignore_index
-    reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
-    lead = input.shape[:-1]
-    N = lead.numel()
-    prob_target = target.is_floating_point()
-    expected = lead + (V,) if prob_target else lead
-    if target.shape != expected:
-        what = "class probabilities" if prob_target else "class indices"
-        raise ValueError(f"target of {what} must have shape {tuple(expected)} for input of "
-                         f"shape {tuple(input.shape)} and {V} classes, got "
-                         f"{tuple(target.shape)}")
-    tgt = target.reshape(N, V) if prob_target else target.reshape(N)
-    logits_like = input.new_empty(()).expand(N, V)  # the logits' shape and device, no memory
-    _check_target(logits_like, tgt, ignore_index)  # dtype, device, ignore_index
-    if not prob_target:
-        tgt = _class_indices(tgt, ignore_index)
-    if process_group is None:  # with a group, weight holds every rank's classes
-        _check_weight(logits_like, weight)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or
-                                   not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int)
-                                            or memory_budget_bytes < 1):
-        raise ValueError(f"memory_budget_bytes must be None or an int >= 1, got "
-                         f"{memory_budget_bytes!r}")
-    if not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point:
-        raise TypeError(f"accum_dtype must be a floating-point torch.dtype, got {accum_dtype!r}")
-    if torch.is_grad_enabled() and (target.requires_grad or
-                                    (weight is not None and weight.requires_grad)):
-        raise ValueError("triton_xent computes gradients of input, linear_weight and "
-                         "linear_bias only; detach the target and the class weight")
+    # --- checks: every one before anything is computed or written; with a group, a rank
+    # that fails them still joins the first collective, so the others fail too ---
+    with distributed.refusing_together(process_group, target):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must hold floating-point activations, got {input.dtype}")
+        if input.dim() == 0:
+            raise ValueError("input must have a feature dimension: shape (D,) or (..., D), "
+                             "got a 0-dim tensor")
+        if not isinstance(linear_weight, torch.Tensor):
+            raise TypeError(f"linear_weight must be a tensor, got "
+                            f"{type(linear_weight).__name__}")
+        if linear_weight.dim() != 2:
+            raise ValueError(f"linear_weight must have shape (V, D) as nn.Linear stores it, "
+                             f"got {tuple(linear_weight.shape)}")
+        V, D = linear_weight.shape
+        if input.shape[-1] != D:
+            raise ValueError(f"input's last dimension ({input.shape[-1]}) must match "
+                             f"linear_weight's in_features (shape (V, D) = "
+                             f"{tuple(linear_weight.shape)})")
+        if V == 0 and process_group is None:  # with a group, other ranks may hold the classes
+            raise ValueError("linear_weight has no rows: there must be at least one class")
+        for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+            if t.dtype != input.dtype:
+                raise TypeError(f"{name} must have input's dtype {input.dtype}, got {t.dtype}")
+            if t.device != input.device:
+                raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if linear_bias is not None and linear_bias.shape != (V,):
+            raise ValueError(f"linear_bias must have shape ({V},), one per output of "
+                             f"linear_weight, got {tuple(linear_bias.shape)}")
+        ignore_index = -100 if ignore_index is None else ignore_index
+        reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+        lead = input.shape[:-1]
+        N = lead.numel()
+        prob_target = target.is_floating_point()
+        expected = lead + (V,) if prob_target else lead
+        if target.shape != expected:
+            what = "class probabilities" if prob_target else "class indices"
+            raise ValueError(f"target of {what} must have shape {tuple(expected)} for input "
+                             f"of shape {tuple(input.shape)} and {V} classes, got "
+                             f"{tuple(target.shape)}")
+        tgt = target.reshape(N, V) if prob_target else target.reshape(N)
+        logits_like = input.new_empty(()).expand(N, V)  # the logits' shape and device only
+        _check_target(logits_like, tgt, ignore_index)  # dtype, device, ignore_index
+        if not prob_target:
+            tgt = _class_indices(tgt, ignore_index)
+        if process_group is None:  # with a group, weight holds every rank's classes
+            _check_weight(logits_like, weight)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                       not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int)
+                                                or memory_budget_bytes < 1):
+            raise ValueError(f"memory_budget_bytes must be None or an int >= 1, got "
+                             f"{memory_budget_bytes!r}")
+        if not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point:
+            raise TypeError(f"accum_dtype must be a floating-point torch.dtype, got "
+                            f"{accum_dtype!r}")
+        if torch.is_grad_enabled() and (target.requires_grad or
+                                        (weight is not None and weight.requires_grad)):
+            raise ValueError("triton_xent computes gradients of input, linear_weight and "
+                             "linear_bias only; detach the target and the class weight")
+        if process_group is not None and prob_target:
+            raise ValueError("process_group takes class-index targets")
+        use_triton = _use_triton(backend, input)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, linear_weight, linear_bias)]
     if process_group is not None:
-        if prob_target:
-            raise ValueError("process_group takes class-index targets")
         problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
                                float(lse_square_scale), None if softcap is None else float(softcap),
-                               bool(check_targets), _use_triton(backend, input))
+                               bool(check_targets), use_triton)
         loss, lse = VocabParallelLinearFunction.apply(
             input.reshape(N, D), linear_weight, linear_bias, tgt, weight, problem,
             process_group, (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
@@ -444,7 +450,7 @@ def linear_cross_entropy(
         input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target, reduction,
         int(ignore_index), float(label_smoothing), float(lse_square_scale),
         None if softcap is None else float(softcap), bool(check_targets),
-        _use_triton(backend, input), chunk_size, memory_budget_bytes, accum_dtype, *needs)
+        use_triton, chunk_size, memory_budget_bytes, accum_dtype, *needs)
     if reduction == "none":
         loss = loss.view(lead)
     lse = lse.view(lead)
