@@ -130,6 +130,28 @@ def test_loss_and_grads_match_unpatched(family, num_items):
     _assert_same(out, grads, ref_out, ref_grads)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_padding_checkpointing_and_tied_head_match_unpatched(family, tied):
+    """A left-padded batch (attention_mask, padding labelled -100), gradient checkpointing
+    on, and the head tied to the input embeddings or not: the tied embedding's gradient is
+    the sum of its two uses, as in the unpatched model."""
+    model = _model(family, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    enable = getattr(model, "activation_checkpointing_enable", None)  # its newer name
+    (enable or model.gradient_checkpointing_enable)()
+    ids, labels = _batch()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding of the second row
+    labels[1, :3] = -100
+    ref_out, ref_grads = _loss_and_grads(model, ids, labels=labels, attention_mask=mask)
+    patch_causal_lm(model)
+    with _head_calls(model) as calls:
+        out, grads = _loss_and_grads(model, ids, labels=labels, attention_mask=mask)
+    assert out.logits is None and not calls
+    _assert_same(out, grads, ref_out, ref_grads)
+
+
 def test_num_items_in_batch_divides_the_sum():
     # Independent of transformers: sum over the 14 counted targets / 23 == mean * 14 / 23.
     model = patch_causal_lm(_model())
