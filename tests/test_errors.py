@@ -102,6 +102,13 @@ def test_deprecated_elementwise_mean_is_mean_with_pytorchs_warning(backend, devi
     torch.testing.assert_close(loss, triton_xent.cross_entropy(x, t, backend=backend))
 
 
+def test_options_as_0_dim_tensors_are_numbers(backend, device):
+    """F.cross_entropy takes label_smoothing=torch.tensor(0.1); so do we."""
+    x, t = _x(device), torch.tensor([0, 1, 2, 3], device=device)
+    loss = triton_xent.cross_entropy(x, t, label_smoothing=torch.tensor(0.1), backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, label_smoothing=0.1))
+
+
 @pytest.mark.parametrize("kwargs", [dict(label_smoothing=None), dict(label_smoothing="0.1"),
                                     dict(lse_square_scale=None), dict(softcap="30")],
                          ids=["smoothing_None", "smoothing_str", "zloss_None", "softcap_str"])

@@ -12,9 +12,9 @@ the global V. Each rank then writes the gradient of its own slice from (m, s, S,
 Collectives per call, on a group of R ranks and N rows: one all_gather of six int64 per rank
 (the slice size, hence each rank's first class, and what every rank checks alike before
 anything else: its row count, its targets' range, a fingerprint of them, and whether its
-own argument checks failed), one all_reduce
-MAX of N floats (m), one all_reduce SUM of 4N floats (s, S, U, z_y rescaled to m): 20 N
-bytes per rank in float32 (40 N in float64), whatever V. linear_cross_entropy with the head
+own argument checks failed), one all_reduce MAX of N floats (m), one all_reduce SUM of 4N
+floats (s, S, U, z_y rescaled to m): 20 N bytes per rank in float32 (40 N in float64),
+whatever V. linear_cross_entropy with the head
 split by rows makes the same two all-reduces per chunk of rows (20 bytes a row in all),
 then one all_reduce SUM of the (N, D) input gradient; with reduction "none" and a trainable
 head its backward recomputes the chunks: two more all-reduces per chunk and that of the

@@ -117,8 +117,13 @@ def _reduction_name(reduction) -> str:
 
 
 def _check_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    """A real number; like PyTorch, also a 0-dim real tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+            return
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return
+    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
 
 
 def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> str:
