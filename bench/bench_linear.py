@@ -61,6 +61,9 @@ def make_provider(name: str, device: torch.device) -> Provider:
     if name == "triton_xent":
         import triton_xent
 
+        if device.type == "cuda" and not triton_xent.triton_available():
+            raise Unavailable("triton is not installed: triton_xent would run its PyTorch "
+                              "fallback, not its kernels")
         return Provider(name, lambda x, w, t: triton_xent.linear_cross_entropy(x, w, t))
     if name == "torch":
         # Unfused: the (N, V) logits in the input dtype, then F.cross_entropy on them.

@@ -68,6 +68,9 @@ def make_provider(name: str, device: torch.device) -> Provider:
     if name == "triton_xent":
         import triton_xent
 
+        if device.type == "cuda" and not triton_xent.triton_available():
+            raise Unavailable("triton is not installed: triton_xent would run its PyTorch "
+                              "fallback, not its kernels")
         return Provider(name, lambda x, t: triton_xent.cross_entropy(x, t))
     if name == "torch":
         return Provider(name, lambda x, t: F.cross_entropy(x, t))
@@ -82,8 +85,9 @@ def make_provider(name: str, device: torch.device) -> Provider:
     if name == "liger":
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
-        except ImportError as e:
-            raise Unavailable(f"liger-kernel is not installed ({e})") from None
+        except Exception as e:  # ImportError, or its Triton kernels failing to load
+            raise Unavailable(f"liger-kernel is not importable ({type(e).__name__}: {e})") \
+                from None
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Unavailable("liger's Triton kernels need a GPU (or TRITON_INTERPRET=1)")
         # Note: with a gradient, liger writes it into the logits during the forward.

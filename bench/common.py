@@ -34,6 +34,11 @@ FLOAT_COLUMNS = ("ms", "gbps", "copy_gbps", "peak_mem_mb")  # peak_mem_mb may be
 GB = 1e9  # bytes
 MB = 1e6  # bytes
 
+# triton.testing.do_bench budgets, ms. It times max(1, rep / estimated call time) calls:
+# 500 ms gives 8 calls of 60 ms (eager float32 fwd_bwd at N=16384, V=256000), 500 of 1 ms.
+DO_BENCH_WARMUP_MS = 25
+DO_BENCH_REP_MS = 500
+
 
 # --- device and versions ------------------------------------------------------------------
 
@@ -123,7 +128,15 @@ def median_ms(fn: Callable[[], object], device: torch.device, *,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         if triton is not None:
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100,
+            # do_bench clears grad_to_none only before its timed calls; its estimation and
+            # warm-up calls would pile up gradients (one more (N, V) each), so clear them in
+            # every call too (freeing a tensor is host-side work only).
+            def cleared():
+                _clear_grads(grad_to_none)
+                return fn()
+
+            return float(triton.testing.do_bench(cleared, warmup=DO_BENCH_WARMUP_MS,
+                                                 rep=DO_BENCH_REP_MS,
                                                  grad_to_none=grad_to_none,
                                                  return_mode="median"))
         times = []

@@ -34,6 +34,9 @@ PROVIDER_ORDER = ("triton_xent", "torch", "torch_compile", "torch_chunked", "lig
                   "cce_exact", "quack")
 LINEAR_OP = "linear_cross_entropy"
 FLOOR = "matmul_floor"  # bench_linear.py's time floor: the op's three GEMMs alone
+# One colour per provider in every panel and figure (a provider skipped in one panel must
+# not shift the others' colours there); the floor light gray.
+COLORS = {p: f"C{i}" for i, p in enumerate(PROVIDER_ORDER)} | {FLOOR: "lightgray"}
 
 
 def _providers(rows):
@@ -88,7 +91,7 @@ def _draw_metric(column):
             pts = sorted((v, r[column]) for (q, v), r in latest.items()
                          if q == p and r[column] is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=p)
+                ax.plot(*zip(*pts), marker="o", label=p, color=COLORS.get(p))
     return draw
 
 
@@ -106,7 +109,7 @@ def _draw_speedup(ax, rows):
         pts = sorted((v, latest[("torch", v)]["ms"] / r["ms"]) for (q, v), r in latest.items()
                      if q == p and ("torch", v) in latest)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=p,
+            ax.plot(*zip(*pts), marker="o", label=p, color=COLORS.get(p),
                     linestyle=":" if p == "torch" else "-")
     ax.set_yscale("log")  # ratios: 0.5x and 2x equally far from 1
 
@@ -132,7 +135,7 @@ def _draw_linear_bars(column, floor_ratio):
                     xs.append(k - 0.4 + (i + 0.5) * width)
                     ys.append(latest[(p, case)][column])
             bars = ax.bar(xs, ys, width, label=p, hatch="//" if p == FLOOR else None,
-                          color="lightgray" if p == FLOOR else None, edgecolor="black",
+                          color=COLORS.get(p), edgecolor="black",
                           linewidth=0.5)
             if floor_ratio:
                 labels = []
