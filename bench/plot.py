@@ -129,20 +129,15 @@ def _draw_linear_bars(column, floor_ratio):
         names = [p for p in _providers(rows) if any((p, c) in latest for c in cases)]
         width = 0.8 / max(len(names), 1)
         for i, p in enumerate(names):
-            xs, ys = [], []
-            for k, case in enumerate(cases):
-                if (p, case) in latest:
-                    xs.append(k - 0.4 + (i + 0.5) * width)
-                    ys.append(latest[(p, case)][column])
-            bars = ax.bar(xs, ys, width, label=p, hatch="//" if p == FLOOR else None,
-                          color=COLORS.get(p), edgecolor="black",
-                          linewidth=0.5)
+            ks = [k for k, case in enumerate(cases) if (p, case) in latest]
+            ys = [latest[(p, cases[k])][column] for k in ks]
+            bars = ax.bar([k - 0.4 + (i + 0.5) * width for k in ks], ys, width, label=p,
+                          hatch="//" if p == FLOOR else None, color=COLORS.get(p),
+                          edgecolor="black", linewidth=0.5)
             if floor_ratio:
-                labels = []
-                for x, y in zip(xs, ys):
-                    case = cases[round(x)]
-                    floor = latest.get((FLOOR, case))
-                    labels.append(f"{y / floor[column]:.2f}x" if floor else "")
+                floors = [latest.get((FLOOR, cases[k])) for k in ks]
+                labels = [f"{y / floor[column]:.2f}x" if floor else ""
+                          for y, floor in zip(ys, floors)]
                 ax.bar_label(bars, labels, fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(cases)), [_case_label(c) for c in cases], fontsize=7)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the labels
@@ -166,6 +161,14 @@ def _linear_figure(rows, title, ylabel, draw):
     return fig
 
 
+def _memory_rows(path, rows):
+    """The rows with a peak memory; none (with a message) for a CPU run."""
+    mem_rows = [r for r in rows if r["peak_mem_mb"] is not None]
+    if not mem_rows:
+        print(f"{path}: peak_mem_mb is empty (CPU run), skipping the memory plot")
+    return mem_rows
+
+
 def _xent_plots(path, rows):
     plots = [("bandwidth", "Achieved bandwidth (floor bytes / median time)", "GB/s",
               _figure, _draw_bandwidth, rows)]
@@ -174,12 +177,10 @@ def _xent_plots(path, rows):
                       "speed-up (x)", _figure, _draw_speedup, rows))
     else:
         print(f"{path}: no eager 'torch' rows, skipping the speed-up plot")
-    mem_rows = [r for r in rows if r["peak_mem_mb"] is not None]
+    mem_rows = _memory_rows(path, rows)
     if mem_rows:
         plots.append(("memory", "Peak memory above the inputs", "MB (1e6 bytes)", _figure,
                       _draw_metric("peak_mem_mb"), mem_rows))
-    else:
-        print(f"{path}: peak_mem_mb is empty (CPU run), skipping the memory plot")
     return plots
 
 
@@ -187,13 +188,11 @@ def _linear_plots(path, rows):
     plots = [("time", "Linear + cross-entropy: median time (label: ratio to the "
               f"{FLOOR} row, the three GEMMs alone)", "ms", _linear_figure,
               _draw_linear_bars("ms", floor_ratio=True), rows)]
-    mem_rows = [r for r in rows if r["peak_mem_mb"] is not None]
+    mem_rows = _memory_rows(path, rows)
     if mem_rows:
         plots.append(("memory", "Linear + cross-entropy: peak memory above the inputs "
                       "(x, W, targets)", "MB (1e6 bytes)", _linear_figure,
                       _draw_linear_bars("peak_mem_mb", floor_ratio=False), mem_rows))
-    else:
-        print(f"{path}: peak_mem_mb is empty (CPU run), skipping the memory plot")
     return plots
 
 
