@@ -1,11 +1,12 @@
 """triton_xent: fused cross-entropy for PyTorch (Triton kernels on GPUs, PyTorch on CPUs)."""
 
-from .functional import cross_entropy, triton_available
+from .functional import CrossEntropyOutput, cross_entropy, triton_available
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 
 __all__ = [
     "cross_entropy",
+    "CrossEntropyOutput",
     "CrossEntropyLoss",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",

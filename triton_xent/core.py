@@ -27,12 +27,16 @@ class Problem:
     softcap: float | None
     check_targets: bool
     use_triton: bool
+    temperature: float = 1.0  # z = softcap(x) / temperature
+    entropy: bool = False  # return the per-row entropy (return_entropy)
+    argmax: bool = False  # compute the per-row argmax (return_argmax)
     inplace_backward: bool = False  # the order above is the custom ops' argument order
 
     def row_kwargs(self) -> dict:
         return dict(prob_target=self.prob_target, ignore_index=self.ignore_index,
                     label_smoothing=self.label_smoothing,
-                    lse_square_scale=self.lse_square_scale, softcap=self.softcap)
+                    lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+                    temperature=self.temperature, entropy=self.entropy, argmax=self.argmax)
 
 
 def row_shape(input: torch.Tensor, target: torch.Tensor, prob_target: bool) -> torch.Size:
@@ -77,14 +81,18 @@ def has_internal_overlap(x: torch.Tensor) -> bool:
 
 
 def empty_class_rows(problem: Problem, target: torch.Tensor, n_rows: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce, lse) of rows with no classes, as F.cross_entropy gives them: 0 for an ignored row
-    (or a probability target's empty sum), NaN for an unchecked out-of-range target, and
-    lse = log(0) = -inf."""
+                     device: torch.device) -> tuple:
+    """(ce, lse, H, argmax) of rows with no classes, as F.cross_entropy gives them: ce 0 for
+    an ignored row (or a probability target's empty sum), NaN for an unchecked out-of-range
+    target, lse = log(0) = -inf; the entropy of nothing is 0 and there is no argmax (-1)."""
     ce = torch.zeros(n_rows, dtype=torch.float32, device=device)
     if not problem.prob_target:
         ce = torch.where(target == problem.ignore_index, ce, float("nan"))
-    return ce, torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
+    lse = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
+    H = torch.zeros(n_rows, dtype=torch.float32, device=device) if problem.entropy else None
+    idx = (torch.full((n_rows,), -1, dtype=torch.int64, device=device) if problem.argmax
+           else None)
+    return ce, lse, H, idx
 
 
 def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -121,10 +129,33 @@ def denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | 
     return active, torch.where(active, w_y, 0.0).sum(), count
 
 
+def row_coefficients(problem: Problem, row_weight: torch.Tensor | None,
+                     entropy_weight: torch.Tensor | None, active: torch.Tensor | None,
+                     count: torch.Tensor | None, n_rows: int, dtype: torch.dtype):
+    """(r, e, e_grad), each (n_rows,) in `dtype` or None: r the row weight, 0 on rows that do
+    not count; e the entropy weight; e_grad = e scaled as "mean" scales the entropy term
+    (1 / count), the factor of dH in the gradient."""
+    r = e = e_grad = None
+    if row_weight is not None:
+        r = row_weight.reshape(-1).to(dtype)
+        if active is not None:
+            r = torch.where(active, r, 0.0)
+    if entropy_weight is not None:
+        e = entropy_weight.reshape(-1).to(dtype).expand(n_rows)
+        e_grad = e / count if problem.reduction == "mean" else e
+    return r, e, e_grad
+
+
 def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
-            weight: torch.Tensor | None, *, compute_grad: bool):
-    """(loss, lse, grad): loss as F.cross_entropy returns it (plus the z-loss), lse per row in
-    float32 with the target's row shape, grad shaped like input (None unless compute_grad)."""
+            weight: torch.Tensor | None, row_weight: torch.Tensor | None = None,
+            entropy_weight: torch.Tensor | None = None, *, compute_grad: bool):
+    """(loss, lse, H, argmax, grad): loss as F.cross_entropy returns it (plus the z-loss, the
+    row weights and the entropy term), lse and H per row in float32 and argmax in int64 with
+    the unreduced loss's shape (H, argmax None unless the problem asks for them), grad
+    shaped like input (None unless compute_grad).
+
+    row_weight: (rows,) float, multiplies each row's CE and z-loss; entropy_weight: () or
+    (rows,) float, adds entropy_weight * H to each row that counts."""
     logits = rows_view(input)
     N, V, D = logits.shape
     n_rows = N * D
@@ -141,13 +172,17 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
     if weight is not None and problem.use_triton:
         weight = weight.to(torch.float32).contiguous()
 
-    active = weight_sum = count = None  # needed by "mean" and by the z-loss only
-    if problem.reduction == "mean" or problem.lse_square_scale != 0.0:
+    active = weight_sum = count = None  # needed by "mean", the z-loss and the row extras
+    if (problem.reduction == "mean" or problem.lse_square_scale != 0.0
+            or row_weight is not None or entropy_weight is not None):
         active, weight_sum, count = denominators(problem, tgt, weight, n_rows, V, acc)
     scale = None
     if problem.reduction == "mean" and compute_grad:
         scale = torch.stack([1.0 / weight_sum, 1.0 / count])
         scale = scale.to(torch.float32 if problem.use_triton else acc)
+    kernel_dtype = torch.float32 if problem.use_triton else acc
+    r, e, e_grad = row_coefficients(problem, row_weight, entropy_weight, active, count,
+                                    n_rows, acc)
 
     grad = None
     if compute_grad:
@@ -157,41 +192,62 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
         else:
             grad = torch.empty((N, V, D), dtype=input.dtype, device=input.device)
     if V == 0:  # no classes: rows count only if ignored (checked above), and add nothing
-        ce, lse = empty_class_rows(problem, tgt, n_rows, input.device)
+        ce, lse, H, idx = empty_class_rows(problem, tgt, n_rows, input.device)
     else:
         rows_fn, _ = row_fns(problem.use_triton)
-        ce, lse = rows_fn(logits, tgt, weight, scale, grad, **problem.row_kwargs())
+        kwargs = problem.row_kwargs()
+        kwargs["entropy"] = problem.entropy or e is not None  # the entropy term needs H
+        ce, lse, H, idx = rows_fn(
+            logits, tgt, weight, scale, grad,
+            r.to(kernel_dtype).contiguous() if r is not None and compute_grad else None,
+            e_grad.to(kernel_dtype).contiguous() if e_grad is not None and compute_grad
+            else None,
+            **kwargs)
     if grad is not None and grad.data_ptr() == input.data_ptr():
         # The gradient now lives in input's storage: tell autograd, so that any other use of
         # the spent logits in backward fails loudly instead of reading a gradient.
         torch.autograd.graph.increment_version(input)
 
-    loss = reduce_rows(problem, ce.to(acc), lse.to(acc), active, weight_sum, count, loss_shape)
+    loss = reduce_rows(problem, ce.to(acc), lse.to(acc), H.to(acc) if H is not None else None,
+                       r, e, active, weight_sum, count, loss_shape)
     grad_out = grad.reshape(input.shape) if grad is not None else None
-    return loss.to(out_dtype), lse.to(torch.float32).view(loss_shape), grad_out
+    return (loss.to(out_dtype), lse.to(torch.float32).view(loss_shape),
+            H.to(torch.float32).view(loss_shape) if problem.entropy else None,
+            idx.view(loss_shape) if idx is not None else None, grad_out)
 
 
 def reduce_rows(problem: Problem, ce: torch.Tensor, lse: torch.Tensor,
+                H: torch.Tensor | None, r: torch.Tensor | None, e: torch.Tensor | None,
                 active: torch.Tensor | None, weight_sum: torch.Tensor | None,
                 count: torch.Tensor | None, row_shape: torch.Size) -> torch.Tensor:
-    """The loss from per-row (M,) cross-entropy and lse: the z-loss on the rows that count
-    (`active`, None for all), then "none" (shaped `row_shape`), "sum", or "mean" dividing the
-    cross-entropy by the weight sum and the z-loss by the count."""
-    z_loss = None
+    """The loss from per-row (M,) cross-entropy, lse and entropy H: the z-loss on the rows
+    that count (`active`, None for all), each row's CE and z-loss times its row weight `r`
+    (None: 1), plus e * H on the rows that count (e None: no entropy term); then "none"
+    (shaped `row_shape`), "sum", or "mean" dividing the cross-entropy by the weight sum and
+    the z-loss and entropy terms by the count."""
+    z_loss = ent = None
     if problem.lse_square_scale != 0.0:
         z_loss = problem.lse_square_scale * lse * lse
         if active is not None:
             z_loss = torch.where(active, z_loss, 0.0)
+    if r is not None:
+        ce = ce * r
+        z_loss = z_loss * r if z_loss is not None else None
+    if e is not None:
+        ent = e * H
+        if active is not None:
+            ent = torch.where(active, ent, 0.0)
+    extra = [t for t in (z_loss, ent) if t is not None]  # the terms divided by the count
     if problem.reduction == "none":
-        return (ce if z_loss is None else ce + z_loss).view(row_shape)
+        return sum(extra, ce).view(row_shape)
     if problem.reduction == "sum":
-        return ce.sum() if z_loss is None else ce.sum() + z_loss.sum()
+        return sum((t.sum() for t in extra), ce.sum())
     loss = ce.sum() / weight_sum
     if problem.label_smoothing > 0.0 and not problem.prob_target:
         # F.cross_entropy divides its two terms by the weight sum separately: when no target
         # carries weight, 0/0 (NaN) plus smoothing/0, where one sum here would give inf.
         loss = torch.where(weight_sum == 0, float("nan"), loss)
-    return loss if z_loss is None else loss + z_loss.sum() / count
+    return sum((t.sum() / count for t in extra), loss)
 
 
 def graph_is_kept() -> bool:

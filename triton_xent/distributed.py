@@ -106,39 +106,58 @@ def refusing_together(group, device_hint):
 
 
 def _merge_across_ranks(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, s, S, U) of whole rows (N, 4) and their target logit (N,), from each rank's (N, 5)."""
-    m_local, s, S, U, z_y = stats.unbind(1)
+    """(m, s, S, U, Q) of whole rows (N, 5) and their target logit (N,), from each rank's
+    (N, 6) rows of (m, s, S, U, z_y, Q)."""
+    m_local, s, S, U, z_y, Q = stats.unbind(1)
     m = m_local.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     m_ref = torch.where(m == NEG_INF, 0.0, m)  # a row all -inf everywhere keeps s = 0
+    scale = torch.exp(m_local - m_ref)
     shift = torch.where((m == m_local) | (U == 0), 0.0, m - m_local)
-    summed = torch.stack([s * torch.exp(m_local - m_ref), S + U * shift, U, z_y], dim=1)
+    q_shift = torch.where((m == m_local) | (s == 0), 0.0, m_local - m)
+    summed = torch.stack([s * scale, S + U * shift, U, scale * (Q + s * q_shift), z_y], dim=1)
     dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    return torch.cat([m[:, None], summed[:, :3]], dim=1), summed[:, 3]
+    return torch.cat([m[:, None], summed[:, :4]], dim=1), summed[:, 4]
+
+
+def _argmax_across_ranks(idx: torch.Tensor, m_local: torch.Tensor, m: torch.Tensor,
+                         group) -> torch.Tensor:
+    """The first global index of each row's maximum: the least index among the ranks whose
+    own maximum is the row's (a third collective, only for return_argmax)."""
+    candidate = torch.where(m_local == m, idx, _BIG)
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    return candidate
 
 
 def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
     """A row function with the contract of kernels.xent.xent_rows for logits (N, V_r, D) that
-    are this rank's classes class_offset .. class_offset + V_r - 1 of n_classes: (ce, lse) of
-    the whole rows, the same on every rank, and `grad` (if given) filled for the slice.
-    Every rank must call it with the same rows: it runs two collectives."""
+    are this rank's classes class_offset .. class_offset + V_r - 1 of n_classes: (ce, lse,
+    H, argmax) of the whole rows, the same on every rank, and `grad` (if given) filled for
+    the slice. Every rank must call it with the same rows: it runs two collectives (three
+    with argmax)."""
     stats_fn, grad_fn = _slice_fns(use_triton)
 
-    def rows(logits, target, weight, scale, grad, *, prob_target, ignore_index,
-             label_smoothing, lse_square_scale, softcap):
+    def rows(logits, target, weight, scale, grad, row_weight=None, entropy_weight=None, *,
+             prob_target, ignore_index, label_smoothing, lse_square_scale, softcap,
+             temperature=1.0, entropy=False, argmax=False):
         if prob_target:
             raise ValueError("vocab parallelism takes class-index targets")
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         options = dict(class_offset=class_offset, n_classes=n_classes,
                        ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       softcap=softcap)
+                       softcap=softcap, temperature=temperature)
+        entropy = entropy or entropy_weight is not None  # the gradient's dH needs H
         if logits.shape[1] == 0:  # an empty slice: max -inf, and sums of nothing
-            stats = torch.zeros((target.numel(), 5), dtype=acc, device=logits.device)
+            stats = torch.zeros((target.numel(), 6), dtype=acc, device=logits.device)
             stats[:, 0] = NEG_INF
+            idx = torch.full((target.numel(),), _BIG, dtype=torch.int64,
+                             device=logits.device)
         else:
-            stats = stats_fn(logits, target, weight, **options)
-        row_stats, z_y = _merge_across_ranks(stats.to(acc), group)
-        m, s, S, U = row_stats.unbind(1)
+            stats, idx = stats_fn(logits, target, weight, entropy=entropy, argmax=argmax,
+                                  **options)
+        stats = stats.to(acc)
+        row_stats, z_y = _merge_across_ranks(stats, group)
+        m, s, S, U, Q = row_stats.unbind(1)
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         active = (target != ignore_index) & ~bad
         w_y = (weight.to(acc)[torch.where(active, target, 0).long()] if weight is not None
@@ -148,10 +167,18 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
         if label_smoothing > 0:
             ce = ce + label_smoothing / n_classes * (U * log_s + S)
         ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
+        H = None
+        if entropy:  # H = log s - Q / s, two terms >= 0 (see kernels/xent.py)
+            H = torch.where(bad, float("nan"), torch.where(active, log_s - Q / s, 0.0))
+        if argmax:
+            idx = _argmax_across_ranks(idx, stats[:, 0], m, group)
+            idx = torch.where(active, idx, -1)
         if grad is not None and grad.numel() > 0:
-            grad_fn(logits, target, weight, row_stats.to(stats.dtype), scale, grad,
-                    lse_square_scale=lse_square_scale, **options)
-        return ce, m + log_s
+            grad_stats = torch.stack([m, s, S, U, H if H is not None else torch.zeros_like(m)],
+                                     dim=1)
+            grad_fn(logits, target, weight, grad_stats.to(stats.dtype), scale, grad,
+                    row_weight, entropy_weight, lse_square_scale=lse_square_scale, **options)
+        return ce, m + log_s, H, idx
 
     return rows
 
@@ -195,23 +222,36 @@ def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
 
 
 def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
-            weight: torch.Tensor | None, group, *, compute_grad: bool):
-    """(loss, lse, grad of the local slice): the loss of the full problem, on every rank."""
+            weight: torch.Tensor | None, group, row_weight: torch.Tensor | None = None,
+            entropy_weight: torch.Tensor | None = None, *, compute_grad: bool):
+    """(loss, lse, H, argmax, grad of the local slice): the loss of the full problem, on
+    every rank (H and argmax None unless the problem asks for them; see core.forward)."""
     logits = core.rows_view(input)
     N, V_local, D = logits.shape
     class_offset, n_classes, tgt, weight = prepare(problem, V_local, target, weight, group)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     active, weight_sum, count = core.denominators(problem, tgt, weight, N * D, n_classes, acc)
+    r, e, e_grad = core.row_coefficients(problem, row_weight, entropy_weight, active, count,
+                                         N * D, acc)
     scale = grad = None
     if compute_grad:
         if problem.reduction == "mean":
             scale = torch.stack([1.0 / weight_sum, 1.0 / count])
             scale = scale.to(torch.float32 if problem.use_triton else acc)
         grad = torch.empty((N, V_local, D), dtype=input.dtype, device=input.device)
+    kernel_dtype = torch.float32 if problem.use_triton else acc
     rows = sliced_rows(group, class_offset, n_classes, problem.use_triton)
-    ce, lse = rows(logits, tgt, weight, scale, grad, **problem.row_kwargs())
+    kwargs = problem.row_kwargs()
+    kwargs["entropy"] = problem.entropy or e is not None
+    ce, lse, H, idx = rows(
+        logits, tgt, weight, scale, grad,
+        r.to(kernel_dtype).contiguous() if r is not None and compute_grad else None,
+        e_grad.to(kernel_dtype).contiguous() if e_grad is not None and compute_grad else None,
+        **kwargs)
     loss_shape = core.row_shape(input, target, prob_target=False)
-    loss = core.reduce_rows(problem, ce, lse, active, weight_sum, count, loss_shape)
+    loss = core.reduce_rows(problem, ce, lse, H, r, e, active, weight_sum, count, loss_shape)
     if grad is not None:
         grad = grad.reshape(input.shape)
-    return loss.to(input.dtype), lse.to(torch.float32).view(loss_shape), grad
+    return (loss.to(input.dtype), lse.to(torch.float32).view(loss_shape),
+            H.to(torch.float32).view(loss_shape) if problem.entropy else None,
+            idx.view(loss_shape) if idx is not None else None, grad)

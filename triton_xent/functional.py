@@ -3,9 +3,11 @@ of backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
+from typing import NamedTuple
 
 import torch
 from torch.nn import _reduction
@@ -141,6 +143,76 @@ def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> str
     return _reduction_name(reduction)
 
 
+class CrossEntropyOutput(NamedTuple):
+    """What cross_entropy and linear_cross_entropy return when return_entropy or
+    return_argmax is asked for: the loss, then each extra (None where not asked for).
+
+    loss: reduced as `reduction` says, with the row weights and the entropy term.
+    lse: (rows) float32, the logsumexp of the tempered logits (return_lse); not reduced, no
+        gradient.
+    entropy: (rows) float32, H of the tempered distribution, 0 on ignored rows
+        (return_entropy); not reduced, and differentiable.
+    argmax: (rows) int64, the first index of the largest tempered logit, -1 on ignored rows
+        (return_argmax); not reduced, no gradient.
+    """
+
+    loss: torch.Tensor
+    lse: torch.Tensor | None
+    entropy: torch.Tensor | None
+    argmax: torch.Tensor | None
+
+
+def _results(loss, lse, entropy, argmax, return_lse: bool, return_entropy: bool,
+             return_argmax: bool):
+    """loss; (loss, lse) with return_lse alone; a CrossEntropyOutput with the others."""
+    if return_entropy or return_argmax:
+        return CrossEntropyOutput(loss, lse if return_lse else None,
+                                  entropy if return_entropy else None,
+                                  argmax if return_argmax else None)
+    return (loss, lse) if return_lse else loss
+
+
+def _check_temperature(temperature) -> float:
+    _check_number("temperature", temperature)
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def _check_row_tensor(name: str, t, rows: torch.Size, device: torch.device) -> None:
+    """A per-row float tensor: the unreduced loss's shape, input's device, no gradient."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.shape != rows:
+        raise ValueError(f"{name} must have the unreduced loss's shape {tuple(rows)}, one "
+                         f"value per row, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but input is on {device}")
+    if torch.is_grad_enabled() and t.requires_grad:
+        raise ValueError(f"triton_xent gives {name} no gradient; detach it")
+
+
+def _check_row_extras(row_weight, entropy_weight, rows: torch.Size, device: torch.device):
+    """(row_weight, entropy_weight as a tensor, or None for no entropy term), checked."""
+    if row_weight is not None:
+        _check_row_tensor("row_weight", row_weight, rows, device)
+    if isinstance(entropy_weight, torch.Tensor):
+        _check_row_tensor("entropy_weight", entropy_weight, rows, device)
+        return row_weight, entropy_weight
+    if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, numbers.Real):
+        raise TypeError(f"entropy_weight must be a number or a per-row float tensor, got "
+                        f"{type(entropy_weight).__name__}")
+    if not math.isfinite(entropy_weight):
+        raise ValueError(f"entropy_weight must be finite, got {entropy_weight}")
+    if entropy_weight == 0.0:
+        return row_weight, None
+    return row_weight, torch.full((), float(entropy_weight), dtype=torch.float64,
+                                  device=device)
+
+
 def cross_entropy(
     input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk) logits
     target: torch.Tensor,  # class indices (), (N,), (N, d1, ..., dk); or probabilities like input
@@ -158,6 +230,11 @@ def cross_entropy(
     backend: str = "auto",
     check_targets: bool = True,
     process_group=None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    entropy_weight: float | torch.Tensor = 0.0,  # a number, or the unreduced loss's shape
+    row_weight: torch.Tensor | None = None,  # the unreduced loss's shape
+    return_argmax: bool = False,
 ):
     """Drop-in for torch.nn.functional.cross_entropy, computed by fused Triton kernels.
 
@@ -186,8 +263,24 @@ def cross_entropy(
         Every rank gets the loss of the full problem, and its input gradient is its own slice
         of the full gradient. Label smoothing uses the global C. Class-index targets only.
 
-    Only `input` receives a gradient; a weight or probability target that requires grad is
-    refused.
+    For reinforcement learning and monitoring, in the same pass (see the README):
+    temperature: z = softcap(logits) / temperature before anything else (loss, lse, entropy,
+        argmax and gradient all see the tempered distribution); finite and > 0.
+    return_entropy: also return the per-row entropy H = lse - sum_c p_c z_c, float32, shaped
+        like the unreduced loss, 0 on ignored rows. It carries a gradient (its backward
+        recomputes from the input, so it is refused with inplace_backward).
+    entropy_weight: a number or a per-row float tensor: adds entropy_weight * H to each row
+        that counts, before the reduction ("mean" divides this term by the number of such
+        rows); its gradient is computed in the same pass.
+    row_weight: a per-row float tensor that multiplies each row's cross-entropy (with its
+        smoothing and z-loss), not the entropy term; "mean" keeps the usual denominators.
+    return_argmax: also return the per-row argmax class (int64) of the tempered logits,
+        first index on ties, -1 on ignored rows.
+    With return_entropy or return_argmax the result is a CrossEntropyOutput named tuple
+    (loss, lse, entropy, argmax), None where not asked for; return_lse alone keeps (loss, lse).
+
+    Only `input` receives a gradient; a weight, probability target, row_weight or
+    entropy_weight that requires grad is refused.
     """
     # Every check before anything is computed; with a group, a rank that fails them still
     # joins the first collective, so the others fail too (distributed.refusing_together).
@@ -220,30 +313,39 @@ def cross_entropy(
                                         (weight is not None and weight.requires_grad)):
             raise ValueError("triton_xent computes the gradient of input only; detach the "
                              "target and weight (or use F.cross_entropy for their gradients)")
+        temperature = _check_temperature(temperature)
+        row_weight, entropy_weight = _check_row_extras(
+            row_weight, entropy_weight, core.row_shape(input, target, prob_target),
+            input.device)
+        if inplace_backward and return_entropy:
+            raise ValueError("return_entropy's gradient is recomputed from the input, which "
+                             "inplace_backward spends; use entropy_weight for an entropy "
+                             "term in the loss")
         use_triton = _use_triton(backend, input)
         softcap = None if softcap is None else float(softcap)
+    extras = (bool(return_lse), bool(return_entropy), bool(return_argmax))
+    problem = core.Problem(
+        prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
+        softcap=softcap, check_targets=bool(check_targets), use_triton=use_triton,
+        temperature=temperature, entropy=extras[1], argmax=extras[2])
+    rows = (row_weight, entropy_weight)
     if process_group is not None:
-        problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
-                               float(lse_square_scale), softcap, bool(check_targets), use_triton)
         if needs_grad:
-            loss, lse = CrossEntropyFunction.apply(input, target, weight, problem,
-                                                   process_group)
+            out = CrossEntropyFunction.apply(input, target, weight, *rows, problem,
+                                             process_group)
         else:
-            loss, lse, _ = distributed.forward(problem, input, target, weight, process_group,
-                                               compute_grad=False)
+            out = distributed.forward(problem, input, target, weight, process_group, *rows,
+                                      compute_grad=False)[:4]
     elif inplace_backward and needs_grad:
         if torch.compiler.is_compiling():
             raise ValueError("inplace_backward is an eager-mode feature: under torch.compile "
                              "the loss is a custom op, which may not write into its input")
-        problem = core.Problem(
-            prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
-            label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
-            softcap=softcap, inplace_backward=True, check_targets=bool(check_targets),
-            use_triton=use_triton)
-        loss, lse = CrossEntropyFunction.apply(input, target, weight, problem, None)
+        problem = dataclasses.replace(problem, inplace_backward=True)
+        out = CrossEntropyFunction.apply(input, target, weight, *rows, problem, None)
     else:
-        loss, lse, _ = cross_entropy_op(
-            input, target, weight, prob_target, reduction, int(ignore_index),
+        out = cross_entropy_op(
+            input, target, weight, *rows, prob_target, reduction, int(ignore_index),
             float(label_smoothing), float(lse_square_scale), softcap, bool(check_targets),
-            use_triton, needs_grad)
-    return (loss, lse) if return_lse else loss
+            use_triton, temperature, extras[1], extras[2], needs_grad)[:4]
+    return _results(*out, *extras)

@@ -17,8 +17,8 @@ from torch import nn
 import torch.distributed as dist
 
 from . import core, distributed
-from .functional import (_check_options, _check_target, _check_weight, _class_indices,
-                         _use_triton)
+from .functional import (_check_options, _check_row_extras, _check_target, _check_temperature,
+                         _check_weight, _class_indices, _results, _use_triton)
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
 
@@ -72,23 +72,35 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
 
 
 def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=None,
-         grad_output=None, need_input=False, need_weight=False, need_bias=False,
-         rows_fn=None):
+         row_weight=None, entropy_weight=None, need_input=False, need_weight=False,
+         need_bias=False, rows_fn=None):
+    kernel_dtype = torch.float32 if plan.problem.use_triton else None
+    row_weight, entropy_weight = (
+        t.to(kernel_dtype or t.dtype).contiguous() if t is not None else None
+        for t in (row_weight, entropy_weight))
     return linear_xent_chunks(
         x, linear_weight, linear_bias, target, weight, plan.problem, rows=plan.rows,
-        chunk_rows=plan.chunk_rows, scale=scale, grad_output=grad_output,
-        need_input=need_input, need_weight=need_weight, need_bias=need_bias,
-        accum_dtype=plan.accum_dtype, rows_fn=rows_fn)
+        chunk_rows=plan.chunk_rows, scale=scale, row_weight=row_weight,
+        entropy_weight=entropy_weight, need_input=need_input, need_weight=need_weight,
+        need_bias=need_bias, accum_dtype=plan.accum_dtype, rows_fn=rows_fn)
 
 
-def _reduce(plan: _Plan, ce: torch.Tensor, lse: torch.Tensor):
-    """(loss, lse) from the per-row (N,) results, assembled as core.forward does ("none"
+def _coefficients(plan: _Plan, x, row_weight, entropy_weight):
+    """core.row_coefficients for the plan's rows: (r, e, e_grad), each (N,) or None."""
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return core.row_coefficients(plan.problem, row_weight, entropy_weight, plan.active,
+                                 plan.count, x.shape[0], stat_dtype)
+
+
+def _reduce(plan: _Plan, ce, lse, H, r, e):
+    """(loss, lse, H) from the per-row (N,) results, assembled as core.forward does ("none"
     stays (N,); the caller gives it the leading shape)."""
     if plan.active is not None:
         lse = torch.where(plan.active, lse, 0.0)  # ignored rows were never computed: 0
-    loss = core.reduce_rows(plan.problem, ce, lse, plan.active, plan.weight_sum, plan.count,
-                            ce.shape)
-    return loss.to(plan.out_dtype), lse.to(torch.float32)
+    loss = core.reduce_rows(plan.problem, ce, lse, H, r, e, plan.active, plan.weight_sum,
+                            plan.count, ce.shape)
+    H = H.to(torch.float32) if plan.problem.entropy else None
+    return loss.to(plan.out_dtype), lse.to(torch.float32), H
 
 
 def _precomputed(reduction: str, need_weight: bool, need_bias: bool) -> bool:
@@ -96,8 +108,28 @@ def _precomputed(reduction: str, need_weight: bool, need_bias: bool) -> bool:
     return reduction != "none" or not (need_weight or need_bias)
 
 
-def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like.new_empty(0)
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return t if t is not None else like.new_empty(0, dtype=dtype)
+
+
+def _recompute_factors(precomputed: bool, grad_loss, grad_entropy, row_weight,
+                       entropy_weight):
+    """(r, e): the per-row factors of the CE and entropy gradients that backward must
+    recompute from the chunks, or (None, None) when nothing is to be recomputed.
+
+    A per-row g ("none", not precomputed) gives r = g * row_weight, e = g * entropy_weight;
+    an upstream gradient g_H of the returned entropy adds g_H to e (with r = 0 where the
+    CE's gradient was precomputed)."""
+    r = e = None
+    if grad_loss is not None and not precomputed:
+        g = grad_loss.reshape(-1).to(torch.float32)
+        r = g * row_weight.reshape(-1) if row_weight is not None else g
+        e = g * entropy_weight.reshape(-1) if entropy_weight is not None else None
+    if grad_entropy is not None:
+        g_H = grad_entropy.reshape(-1).to(torch.float32)
+        r = torch.zeros_like(g_H) if r is None else r
+        e = g_H if e is None else e + g_H
+    return r, e
 
 
 # --- the custom ops --------------------------------------------------------------------------
@@ -107,8 +139,11 @@ def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 # as the loss and backward only multiplies them by g. A per-row g ("none") commutes with
 # d_input = d_logits @ W row by row, but not with the sum over rows in d_W = d_logits.T @ x and
 # d_b = sum_rows d_logits: there, forward computes only the loss and the backward op
-# recomputes the chunks with d_logits scaled row by row (one more GEMM per chunk; with a
-# frozen head, d_input is still precomputed). Nothing (N, V)-sized is allocated beyond a chunk.
+# recomputes the chunks with the row kernel's per-row factors set to g (one more GEMM per
+# chunk; with a frozen head, d_input is still precomputed). The same holds for the returned
+# entropy, whose upstream gradient is per-row: backward recomputes it (row_weight and
+# entropy_weight, which enter the loss, are in forward's gradients). Nothing (N, V)-sized
+# is allocated beyond a chunk.
 
 
 @torch.library.custom_op("triton_xent::linear_cross_entropy", mutates_args=())
@@ -118,31 +153,41 @@ def linear_cross_entropy_op(
     linear_bias: torch.Tensor | None,  # (V,)
     target: torch.Tensor,  # (N,) class indices or (N, V) probabilities
     weight: torch.Tensor | None,  # (V,) class weights
+    row_weight: torch.Tensor | None,  # (N,)
+    entropy_weight: torch.Tensor | None,  # () or (N,)
     prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
     lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
+    temperature: float, entropy: bool, argmax: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none" is (N,); the gradients
-    are empty where not asked for or not precomputed (d_W, d_b in the accumulation dtype)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(loss, lse (N,), H (N,), argmax (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none"
+    is (N,); H and argmax are empty unless asked for; the gradients are empty where not asked
+    for or not precomputed (d_W, d_b in the accumulation dtype)."""
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
-                           lse_square_scale, softcap, check_targets, use_triton)
+                           lse_square_scale, softcap, check_targets, use_triton, temperature,
+                           entropy, argmax)
     pre = _precomputed(reduction, need_weight, need_bias)
     any_grad = pre and (need_input or need_weight or need_bias)
     plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
                               memory_budget_bytes, accum_dtype, any_grad)
-    ce, lse, d_x, d_w, d_b = _run(
+    r, e, e_grad = _coefficients(plan, x, row_weight, entropy_weight)
+    ce, lse, H, idx, d_x, d_w, d_b = _run(
         plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
+        row_weight=r if any_grad else None, entropy_weight=e_grad if any_grad else None,
         need_input=need_input and pre, need_weight=need_weight and pre,
         need_bias=need_bias and pre)
-    loss, lse = _reduce(plan, ce, lse)
-    return loss, lse, _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
+    loss, lse, H = _reduce(plan, ce, lse, H, r, e)
+    return (loss, lse, _or_empty(H, lse), _or_empty(idx, lse, torch.int64), _or_empty(d_x, x),
+            _or_empty(d_w, x), _or_empty(d_b, x))
 
 
 @linear_cross_entropy_op.register_fake
-def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ignore_index,
-      label_smoothing, lse_square_scale, softcap, check_targets, use_triton, chunk_size,
-      memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
+def _(x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight, prob_target,
+      reduction, ignore_index, label_smoothing, lse_square_scale, softcap, check_targets,
+      use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes, accum_dtype,
+      need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     pre = _precomputed(reduction, need_weight, need_bias)
@@ -150,6 +195,8 @@ def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ign
     out_dtype = torch.result_type(x, target) if prob_target else x.dtype
     return (x.new_empty((N,) if reduction == "none" else (), dtype=out_dtype),
             x.new_empty(N, dtype=torch.float32),
+            x.new_empty(N if entropy else 0, dtype=torch.float32),
+            x.new_empty(N if argmax else 0, dtype=torch.int64),
             x.new_empty((N, D) if need_input and pre else (0,)),
             # an empty placeholder has x's dtype, as _or_empty makes it
             x.new_empty((V, D), dtype=acc) if need_weight and pre else x.new_empty(0),
@@ -160,27 +207,32 @@ def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ign
 def linear_cross_entropy_backward_op(
     x: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
     target: torch.Tensor, weight: torch.Tensor | None,
-    grad_output: torch.Tensor,  # (N,) per-row factors ("none")
+    row_factor: torch.Tensor,  # (N,) factor of each row's CE gradient
+    entropy_factor: torch.Tensor | None,  # (N,) factor of each row's dH
     prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
     lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
+    temperature: float, entropy: bool, argmax: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_x, d_W, d_b) recomputed chunk by chunk with per-row grad_output; empty if unasked."""
+    """(d_x, d_W, d_b) recomputed chunk by chunk with the per-row factors, as the gradient of
+    a "none" loss (no "mean" scaling: the factors carry it); empty if unasked."""
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
-                           lse_square_scale, softcap, check_targets, use_triton)
+                           lse_square_scale, softcap, check_targets, use_triton, temperature)
     plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
                               memory_budget_bytes, accum_dtype, any_grad=False)
-    _, _, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
-                               grad_output=grad_output.reshape(-1), need_input=need_input,
-                               need_weight=need_weight, need_bias=need_bias)
+    *_, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
+                             row_weight=row_factor, entropy_weight=entropy_factor,
+                             need_input=need_input, need_weight=need_weight,
+                             need_bias=need_bias)
     return _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
 
 
 @linear_cross_entropy_backward_op.register_fake
-def _(x, linear_weight, linear_bias, target, weight, grad_output, prob_target, reduction,
-      ignore_index, label_smoothing, lse_square_scale, softcap, check_targets, use_triton,
-      chunk_size, memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
+def _(x, linear_weight, linear_bias, target, weight, row_factor, entropy_factor, prob_target,
+      reduction, ignore_index, label_smoothing, lse_square_scale, softcap, check_targets,
+      use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes, accum_dtype,
+      need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     acc = torch.promote_types(accum_dtype, x.dtype)
@@ -189,45 +241,57 @@ def _(x, linear_weight, linear_bias, target, weight, grad_output, prob_target, r
             x.new_empty((V,), dtype=acc) if need_bias else x.new_empty(0))
 
 
-N_OP_ARGS = 19  # the forward op's arguments, for backward's tuple of gradients
+N_OP_ARGS = 24  # the forward op's arguments, for backward's tuple of gradients
 
 
 def _setup_context(ctx, inputs, output):
-    x, linear_weight, linear_bias, target, weight = inputs[:5]
-    ctx.options = inputs[5:]
+    x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight = inputs[:7]
+    ctx.options = inputs[7:]
     *_, need_input, need_weight, need_bias = inputs
-    reduction = inputs[6]
-    _, lse, d_x, d_w, d_b = output
+    reduction, entropy = inputs[8], inputs[16]
+    _, lse, H, idx, d_x, d_w, d_b = output
     ctx.precompute = _precomputed(reduction, need_weight, need_bias)
-    ctx.reduction = reduction
     ctx.dtypes = (x.dtype, linear_weight.dtype,
                   linear_bias.dtype if linear_bias is not None else None)
-    if ctx.precompute:
-        ctx.save_for_backward(d_x, d_w, d_b)
-    else:
-        ctx.save_for_backward(x, linear_weight, linear_bias, target, weight)
-    ctx.mark_non_differentiable(lse, d_x, d_w, d_b)
+    recompute = not ctx.precompute or entropy
+    ctx.save_for_backward(
+        *((d_x, d_w, d_b) if ctx.precompute else (None,) * 3),
+        *((x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight)
+          if recompute else (None,) * 7))
+    ctx.mark_non_differentiable(lse, idx, d_x, d_w, d_b)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
+def _scaled(grads, grad_loss, precomputed: bool, reduction: str, need):
+    """The precomputed (d_x, d_W, d_b) times grad_output (per row for d_x with "none"), in
+    place when the saved gradients are spent; None where not wanted or not precomputed."""
+    if grad_loss is None or not precomputed:
+        return [None, None, None]
+    in_place = core.saved_grad_is_spent(grad_loss)
+    per_row = grad_loss.reshape(-1, 1) if reduction == "none" else grad_loss
+    return [((g.mul_(f) if in_place else g * f) if wanted and g is not None else None)
+            for g, f, wanted in zip(grads, (per_row, grad_loss, grad_loss), need)]
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax, grad_dx, grad_dw, grad_db):
     need = ctx.needs_input_grad[:3]
-    if grad_loss is None or not any(need):
+    if not any(need) or (grad_loss is None and grad_entropy is None):
         return (None,) * N_OP_ARGS
-    if ctx.precompute:
-        grads = ctx.saved_tensors
-        in_place = core.saved_grad_is_spent(grad_loss)
-        per_row = grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss
-        factors = (per_row, grad_loss, grad_loss)
-        out = tuple(
-            ((g.mul_(f) if in_place else g * f).to(dtype) if wanted else None)
-            for g, f, dtype, wanted in zip(grads, factors, ctx.dtypes, need))
-    else:
-        x, linear_weight, linear_bias, target, weight = ctx.saved_tensors
-        d_x, d_w, d_b = linear_cross_entropy_backward_op(
-            x, linear_weight, linear_bias, target, weight, grad_loss, *ctx.options)
-        out = tuple(g.to(dtype) if wanted else None
-                    for g, dtype, wanted in zip((d_x, d_w, d_b), ctx.dtypes, need))
+    saved = ctx.saved_tensors
+    out = _scaled(saved[:3], grad_loss, ctx.precompute, ctx.options[1], need)
+    x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight = saved[3:]
+    r, e = _recompute_factors(ctx.precompute, grad_loss, grad_entropy, row_weight,
+                              entropy_weight)
+    if r is not None:
+        again = linear_cross_entropy_backward_op(
+            x, linear_weight, linear_bias, target, weight, r, e, *ctx.options)
+        out = [_add(g, h) if wanted else None for g, h, wanted in zip(out, again, need)]
+    out = tuple(g.to(dtype) if wanted and g is not None else None
+                for g, dtype, wanted in zip(out, ctx.dtypes, need))
     return out + (None,) * (N_OP_ARGS - 3)
 
 
@@ -242,11 +306,11 @@ def _run_sliced(plan: _Plan, group, class_offset: int, n_classes: int, x, linear
     """_run for a head whose rows are this rank's classes: the row function merges the
     ranks' statistics per chunk, and d_input, a sum over all classes, is summed over ranks."""
     rows_fn = distributed.sliced_rows(group, class_offset, n_classes, plan.problem.use_triton)
-    ce, lse, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
-                                  rows_fn=rows_fn, **kwargs)
+    ce, lse, H, idx, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
+                                          rows_fn=rows_fn, **kwargs)
     if d_x is not None:
         dist.all_reduce(d_x, group=group)
-    return ce, lse, d_x, d_w, d_b
+    return ce, lse, H, idx, d_x, d_w, d_b
 
 
 class VocabParallelLinearFunction(torch.autograd.Function):
@@ -255,52 +319,57 @@ class VocabParallelLinearFunction(torch.autograd.Function):
     above; every rank runs the same chunks (chunking follows the global class count)."""
 
     @staticmethod
-    def forward(ctx, x, linear_weight, linear_bias, target, weight, problem, group, tuning,
-                needs):
+    def forward(ctx, x, linear_weight, linear_bias, target, weight, row_weight,
+                entropy_weight, problem, group, tuning, needs):
         class_offset, n_classes, target, weight = distributed.prepare(
             problem, linear_weight.shape[0], target, weight, group)
         need_x, need_w, need_b = needs
         pre = _precomputed(problem.reduction, need_w, need_b)
+        any_grad = pre and any(needs)
         plan, weight = _make_plan(problem, x, n_classes, target, weight, *tuning,
-                                  any_grad=pre and any(needs))
-        ce, lse, d_x, d_w, d_b = _run_sliced(
+                                  any_grad=any_grad)
+        r, e, e_grad = _coefficients(plan, x, row_weight, entropy_weight)
+        ce, lse, H, idx, d_x, d_w, d_b = _run_sliced(
             plan, group, class_offset, n_classes, x, linear_weight, linear_bias, target, weight,
-            scale=plan.scale, need_input=need_x and pre, need_weight=need_w and pre,
-            need_bias=need_b and pre)
+            scale=plan.scale, row_weight=r if any_grad else None,
+            entropy_weight=e_grad if any_grad else None, need_input=need_x and pre,
+            need_weight=need_w and pre, need_bias=need_b and pre)
         ctx.pre = pre
         ctx.context = (plan, group, class_offset, n_classes)
         ctx.dtypes = (x.dtype, linear_weight.dtype,
                       linear_bias.dtype if linear_bias is not None else None)
-        if pre:
-            ctx.save_for_backward(d_x, d_w, d_b)
-        else:
-            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight)
-        loss, lse = _reduce(plan, ce, lse)
-        ctx.mark_non_differentiable(lse)
+        recompute = not pre or problem.entropy
+        ctx.save_for_backward(
+            *((d_x, d_w, d_b) if pre else (None,) * 3),
+            *((x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight)
+              if recompute else (None,) * 7))
+        loss, lse, H = _reduce(plan, ce, lse, H, r, e)
+        H, idx = _or_empty(H, lse), _or_empty(idx, lse, torch.int64)
+        ctx.mark_non_differentiable(lse, idx)
         ctx.set_materialize_grads(False)
-        return loss, lse
+        return loss, lse, H, idx
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax):
         need = ctx.needs_input_grad[:3]
-        if grad_loss is None or not any(need):
-            return (None,) * 9
-        if ctx.pre:
-            in_place = core.saved_grad_is_spent(grad_loss)
-            per_row = grad_loss.reshape(-1, 1) if ctx.context[0].problem.reduction == "none" \
-                else grad_loss
-            grads = zip(ctx.saved_tensors, (per_row, grad_loss, grad_loss))
-            out = [((g.mul_(f) if in_place else g * f) if g is not None else None)
-                   for g, f in grads]
-        else:
-            plan, group, class_offset, n_classes = ctx.context
-            _, _, *out = _run_sliced(plan, group, class_offset, n_classes, *ctx.saved_tensors,
-                                     grad_output=grad_loss.reshape(-1), need_input=need[0],
-                                     need_weight=need[1], need_bias=need[2])
+        if not any(need) or (grad_loss is None and grad_entropy is None):
+            return (None,) * 11
+        plan, group, class_offset, n_classes = ctx.context
+        saved = ctx.saved_tensors
+        out = _scaled(saved[:3], grad_loss, ctx.pre, plan.problem.reduction, need)
+        x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight = saved[3:]
+        # Every rank recomputes alike (the entropy must get a gradient on every rank or none).
+        r, e = _recompute_factors(ctx.pre, grad_loss, grad_entropy, row_weight, entropy_weight)
+        if r is not None:
+            *_, d_x, d_w, d_b = _run_sliced(
+                plan, group, class_offset, n_classes, x, linear_weight, linear_bias, target,
+                weight, row_weight=r, entropy_weight=e, need_input=need[0],
+                need_weight=need[1], need_bias=need[2])
+            out = [_add(g, h) for g, h in zip(out, (d_x, d_w, d_b))]
         out = [g.to(dtype) if g is not None and wanted else None
                for g, dtype, wanted in zip(out, ctx.dtypes, need)]
-        return (*out,) + (None,) * 6
+        return (*out,) + (None,) * 8
 
 
 def linear_cross_entropy(
@@ -322,6 +391,11 @@ def linear_cross_entropy(
     memory_budget_bytes: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
     process_group=None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    entropy_weight: float | torch.Tensor = 0.0,  # a number, or input's leading shape (...)
+    row_weight: torch.Tensor | None = None,  # input's leading shape (...)
+    return_argmax: bool = False,
 ):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without storing the
     (N, V) logits: rows go through the head `chunk_size` at a time, and each chunk's logits are
@@ -355,6 +429,12 @@ def linear_cross_entropy(
         linear_bias (V_r,) are this rank's rows of the head, in group-rank order; input and
         target are the same on every rank, and so is the loss; weight holds all classes'.
         Each rank gets its head slice's gradients and the full input gradient. Eager only.
+
+    temperature, return_entropy, entropy_weight, row_weight, return_argmax: as in
+        cross_entropy, per leading position (so a GRPO loss is one call on the hidden
+        states: row_weight = advantage * mask, entropy_weight = -c * mask, reduction="sum",
+        with every gradient computed in the forward pass). The returned entropy's own
+        gradient is recomputed chunk by chunk in backward.
 
     Gradients go to input, linear_weight and linear_bias, each only if it requires grad;
     nothing gradient-related runs when none does. For "mean" and "sum" they are computed in
@@ -432,29 +512,33 @@ def linear_cross_entropy(
                              "linear_bias only; detach the target and the class weight")
         if process_group is not None and prob_target:
             raise ValueError("process_group takes class-index targets")
+        temperature = _check_temperature(temperature)
+        row_weight, entropy_weight = _check_row_extras(row_weight, entropy_weight, lead,
+                                                       input.device)
         use_triton = _use_triton(backend, input)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, linear_weight, linear_bias)]
+    extras = (bool(return_lse), bool(return_entropy), bool(return_argmax))
+    rows = (row_weight.reshape(N) if row_weight is not None else None,
+            entropy_weight.reshape(N) if entropy_weight is not None and entropy_weight.dim()
+            else entropy_weight)
+    options = (prob_target, reduction, int(ignore_index), float(label_smoothing),
+               float(lse_square_scale), None if softcap is None else float(softcap),
+               bool(check_targets), use_triton, temperature, extras[1], extras[2])
     if process_group is not None:
-        problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
-                               float(lse_square_scale), None if softcap is None else float(softcap),
-                               bool(check_targets), use_triton)
-        loss, lse = VocabParallelLinearFunction.apply(
-            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, problem,
-            process_group, (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
-        if reduction == "none":
-            loss = loss.view(lead)
-        lse = lse.view(lead)
-        return (loss, lse) if return_lse else loss
-    loss, lse, *_ = linear_cross_entropy_op(
-        input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target, reduction,
-        int(ignore_index), float(label_smoothing), float(lse_square_scale),
-        None if softcap is None else float(softcap), bool(check_targets),
-        use_triton, chunk_size, memory_budget_bytes, accum_dtype, *needs)
+        out = VocabParallelLinearFunction.apply(
+            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows,
+            core.Problem(*options), process_group,
+            (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
+    else:
+        out = linear_cross_entropy_op(
+            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows, *options,
+            chunk_size, memory_budget_bytes, accum_dtype, *needs)[:4]
+    loss, lse, H, idx = out
     if reduction == "none":
         loss = loss.view(lead)
-    lse = lse.view(lead)
-    return (loss, lse) if return_lse else loss
+    return _results(loss, lse.view(lead), H.view(lead) if extras[1] else None,
+                    idx.view(lead) if extras[2] else None, *extras)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -477,6 +561,10 @@ class LinearCrossEntropyLoss(nn.Module):
         chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
         accum_dtype: torch.dtype = torch.float32,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        entropy_weight: float = 0.0,
+        return_argmax: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -491,6 +579,10 @@ class LinearCrossEntropyLoss(nn.Module):
         self.chunk_size = chunk_size
         self.memory_budget_bytes = memory_budget_bytes
         self.accum_dtype = accum_dtype
+        self.temperature = temperature
+        self.return_entropy = return_entropy
+        self.entropy_weight = entropy_weight
+        self.return_argmax = return_argmax
 
     def forward(
         self,
@@ -498,6 +590,8 @@ class LinearCrossEntropyLoss(nn.Module):
         linear_weight: torch.Tensor,  # (V, D)
         target: torch.Tensor,  # (...) class indices, or (..., V) probabilities
         linear_bias: torch.Tensor | None = None,  # (V,)
+        row_weight: torch.Tensor | None = None,  # (...)
+        entropy_weight: torch.Tensor | None = None,  # (...); None: the constructor's number
     ):
         return linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
@@ -506,13 +600,18 @@ class LinearCrossEntropyLoss(nn.Module):
             softcap=self.softcap, return_lse=self.return_lse, backend=self.backend,
             check_targets=self.check_targets, chunk_size=self.chunk_size,
             memory_budget_bytes=self.memory_budget_bytes, accum_dtype=self.accum_dtype,
+            temperature=self.temperature, return_entropy=self.return_entropy,
+            entropy_weight=self.entropy_weight if entropy_weight is None else entropy_weight,
+            row_weight=row_weight, return_argmax=self.return_argmax,
         )
 
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"backend={self.backend!r}"]
         if self.ignore_index not in (-100, None):
             extras.append(f"ignore_index={self.ignore_index}")
-        for name in ("label_smoothing", "lse_square_scale"):
+        if self.temperature != 1.0:
+            extras.append(f"temperature={self.temperature}")
+        for name in ("label_smoothing", "lse_square_scale", "entropy_weight"):
             if getattr(self, name):
                 extras.append(f"{name}={getattr(self, name)}")
         for name in ("softcap", "chunk_size", "memory_budget_bytes"):

@@ -27,6 +27,10 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         inplace_backward: bool = False,
         backend: str = "auto",
         check_targets: bool = True,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        entropy_weight: float = 0.0,
+        return_argmax: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.lse_square_scale = lse_square_scale
@@ -35,14 +39,29 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
         self.backend = backend
         self.check_targets = check_targets
+        self.temperature = temperature
+        self.return_entropy = return_entropy
+        self.entropy_weight = entropy_weight
+        self.return_argmax = return_argmax
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(
+        self,
+        input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk)
+        target: torch.Tensor,
+        row_weight: torch.Tensor | None = None,  # the unreduced loss's shape
+        entropy_weight: torch.Tensor | None = None,  # per row; None: the constructor's number
+    ):
+        """row_weight and a per-row entropy_weight change with every batch (an advantage, a
+        mask), so they are forward's arguments; see cross_entropy."""
         return cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             lse_square_scale=self.lse_square_scale, softcap=self.softcap,
             return_lse=self.return_lse, inplace_backward=self.inplace_backward,
             backend=self.backend, check_targets=self.check_targets,
+            temperature=self.temperature, return_entropy=self.return_entropy,
+            entropy_weight=self.entropy_weight if entropy_weight is None else entropy_weight,
+            row_weight=row_weight, return_argmax=self.return_argmax,
         )
 
     def extra_repr(self) -> str:
@@ -55,4 +74,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             extras.append(f"lse_square_scale={self.lse_square_scale}")
         if self.softcap is not None:
             extras.append(f"softcap={self.softcap}")
+        if self.temperature != 1.0:
+            extras.append(f"temperature={self.temperature}")
+        if self.entropy_weight:
+            extras.append(f"entropy_weight={self.entropy_weight}")
         return ", ".join(extras)

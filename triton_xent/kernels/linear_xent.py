@@ -80,85 +80,89 @@ def linear_xent_chunks(
                                 # ignored: loss 0, gradient 0); None: all N rows
     chunk_rows: int,
     scale: torch.Tensor | None,  # (2,) "mean" factors of the CE and z-loss gradients, or None
-    grad_output: torch.Tensor | None,  # (N,) per-row factor of the gradients, or None
+    row_weight: torch.Tensor | None,  # (N,) factor of each row's CE gradient, or None
+    entropy_weight: torch.Tensor | None,  # (N,) factor of each row's dH in the gradient
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
     accum_dtype: torch.dtype,  # of d_W and d_b
     rows_fn=None,  # the row function (core.row_fns' by default; distributed.sliced_rows')
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-           torch.Tensor | None]:
-    """(ce, lse, d_input, d_weight, d_bias) of cross_entropy(x @ W.T + b, target) per row.
+) -> tuple:
+    """(ce, lse, H, argmax, d_input, d_weight, d_bias) of cross_entropy(x @ W.T + b, target)
+    per row.
 
     ce (N,): the unreduced cross-entropy without the z-loss; lse (N,): the logsumexp of each
-    row (after softcap); both float32 (float64 for float64 x) and 0 on rows not computed.
-    d_input (N, D) in x's dtype, d_weight (V, D) and d_bias (V,) in accum_dtype, each None
-    unless asked for. When none is asked for, the row kernel computes no gradient at all.
+    row (after softcap and temperature); H (N,): the entropy if the row function is asked
+    for it (`problem.entropy`, or an entropy_weight), else None; all float32 (float64 for
+    float64 x) and 0 on rows not computed; argmax (N,) int64 if `problem.argmax`, -1 on rows
+    not computed. d_input (N, D) in x's dtype, d_weight (V, D) and d_bias (V,) in
+    accum_dtype, each None unless asked for. When none is asked for, the row kernel computes
+    no gradient at all.
     """
     N, D = x.shape
     V = linear_weight.shape[0]
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     computed = rows is None
-    ce = (x.new_empty if computed else x.new_zeros)(N, dtype=stat_dtype)
-    lse = (x.new_empty if computed else x.new_zeros)(N, dtype=stat_dtype)
-    d_input = (x.new_empty if computed else x.new_zeros)((N, D)) if need_input else None
+    new = x.new_empty if computed else x.new_zeros
+    entropy = problem.entropy or entropy_weight is not None
+    ce = new(N, dtype=stat_dtype)
+    lse = new(N, dtype=stat_dtype)
+    H = new(N, dtype=stat_dtype) if entropy else None
+    idx = None
+    if problem.argmax:
+        idx = (x.new_empty(N, dtype=torch.int64) if computed
+               else x.new_full((N,), -1, dtype=torch.int64))
+    d_input = new((N, D)) if need_input else None
     d_weight = x.new_zeros((V, D), dtype=accum_dtype) if need_weight else None
     d_bias = x.new_zeros((V,), dtype=accum_dtype) if need_bias else None
     compute_grad = need_input or need_weight or need_bias
     rows_fn = rows_fn or core.row_fns(problem.use_triton)[0]
+    row_kwargs = problem.row_kwargs()
+    row_kwargs["entropy"] = entropy
     w_t = linear_weight.t()  # (D, V) view: no copy
+
+    def chunk_of(t, idx_c, start, stop):
+        if t is None or not compute_grad:
+            return None
+        return t[start:stop] if idx_c is None else t.index_select(0, idx_c)
 
     n_compute = N if rows is None else rows.numel()
     for start in range(0, n_compute, chunk_rows):
         stop = min(start + chunk_rows, n_compute)
         if rows is None:  # contiguous rows: views, and results written straight into place
-            idx = None
+            sel = None
             x_c = x[start:stop]
             t_c = target[start:stop]
         else:  # only the rows that count: gathered (R x D, small beside the R x V logits)
-            idx = rows[start:stop]
-            x_c = x.index_select(0, idx)
-            t_c = target.index_select(0, idx)
+            sel = rows[start:stop]
+            x_c = x.index_select(0, sel)
+            t_c = target.index_select(0, sel)
 
         logits = (torch.addmm(linear_bias, x_c, w_t) if linear_bias is not None
                   else torch.mm(x_c, w_t))  # (R, V)
         logits3 = logits.unsqueeze(-1)  # (R, V, 1): the row kernel's (N, V, D) view
-        c_ce, c_lse = rows_fn(
+        results = rows_fn(
             logits3, t_c.unsqueeze(-1) if problem.prob_target else t_c, weight, scale,
             logits3 if compute_grad else None,  # the gradient overwrites the logits
-            **problem.row_kwargs())
-        if idx is None:
-            ce[start:stop] = c_ce
-            lse[start:stop] = c_lse
-        else:
-            ce.index_copy_(0, idx, c_ce.to(stat_dtype))
-            lse.index_copy_(0, idx, c_lse.to(stat_dtype))
+            chunk_of(row_weight, sel, start, stop), chunk_of(entropy_weight, sel, start, stop),
+            **row_kwargs)
+        for out, c_out in zip((ce, lse, H, idx), results):
+            if out is None:
+                continue
+            if sel is None:
+                out[start:stop] = c_out
+            else:
+                out.index_copy_(0, sel, c_out.to(out.dtype))
         if not compute_grad:
             continue
 
-        d_logits = logits  # (R, V): now dloss/dlogits, times `scale` for "mean"
-        # A per-row factor g (reduction "none") is applied on the (R, D) side, never to the
-        # (R, V) chunk: d_x = diag(g) (d_logits @ W), d_W += d_logits.T @ (diag(g) x_c),
-        # d_b += d_logits.T @ g. No extra pass over the chunk, no second rounding of d_logits.
-        g = None
-        if grad_output is not None:
-            g = (grad_output[start:stop] if idx is None
-                 else grad_output.index_select(0, idx))[:, None]  # (R, 1)
-        if need_input and idx is None and g is None:
+        d_logits = logits  # (R, V): now dloss/dlogits, times `scale` and the row factors
+        if need_input and sel is None:
             torch.mm(d_logits, linear_weight, out=d_input[start:stop])
         elif need_input:
-            d_x = torch.mm(d_logits, linear_weight)  # (R, D)
-            if g is not None:
-                d_x = (d_x * g).to(x.dtype)
-            if idx is None:
-                d_input[start:stop] = d_x
-            else:
-                d_input.index_copy_(0, idx, d_x)
+            d_input.index_copy_(0, sel, torch.mm(d_logits, linear_weight))
         if need_weight:
-            _add_product_(d_weight, d_logits.t(), x_c if g is None else (x_c * g).to(x.dtype))
+            _add_product_(d_weight, d_logits.t(), x_c)
         if need_bias:
-            if g is None:
-                d_bias.add_(d_logits.sum(0, dtype=accum_dtype))
-            else:
-                _add_product_(d_bias[:, None], d_logits.t(), g.to(x.dtype))
-    return ce, lse, d_input, d_weight, d_bias
+            d_bias.add_(d_logits.sum(0, dtype=accum_dtype))
+    return ce, lse, H, idx, d_input, d_weight, d_bias
