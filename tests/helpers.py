@@ -15,32 +15,75 @@ TOL = {
 
 
 def reference(x, target, weight=None, ignore_index=-100, reduction="mean",
-              label_smoothing=0.0, lse_square_scale=0.0, softcap=None, grad_output=None):
-    """(loss, input gradient) in float64 from F.cross_entropy, plus our z-loss and softcap.
+              label_smoothing=0.0, lse_square_scale=0.0, softcap=None, grad_output=None,
+              temperature=1.0, row_weight=None, entropy_weight=0.0, entropy_grad=None):
+    """(loss, input gradient) in float64 from F.cross_entropy, plus our z-loss, softcap,
+    temperature, row weights and entropy term (entropy_weight * H, H from
+    torch.special.entr); entropy_grad: an upstream gradient of the returned entropy (its
+    term sum(entropy_grad * H) joins the differentiated sum).
 
     The input is rounded to its own dtype first (it is what the kernel sees), then promoted.
     grad_output: the upstream gradient; 1 when None.
     """
     x64 = x.detach().to(torch.float64).requires_grad_(True)
     z = softcap * torch.tanh(x64 / softcap) if softcap is not None else x64
+    z = z / temperature
     prob = target.is_floating_point()
     t = target.to(torch.float64) if prob else target.long()
     w = weight.to(torch.float64) if weight is not None else None
-    loss = F.cross_entropy(z, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if lse_square_scale:
-        lse = torch.logsumexp(z, dim=1 if z.dim() > 1 else 0)
-        keep = torch.ones_like(lse) if prob else (target != ignore_index).to(torch.float64)
-        zl = lse_square_scale * lse * lse * keep
-        if reduction == "none":
-            loss = loss + zl
-        elif reduction == "sum":
-            loss = loss + zl.sum()
-        else:
-            loss = loss + zl.sum() / keep.sum()
+    cdim = 1 if z.dim() > 1 else 0
+    lse = torch.logsumexp(z, dim=cdim)
+    keep = torch.ones_like(lse) if prob else (target != ignore_index).to(torch.float64)
+    zero = torch.zeros_like(lse)  # terms not asked for are left out (edge rows hold inf)
+    zl = lse_square_scale * lse * lse * keep if lse_square_scale else zero
+    # H = -sum p log p, differentiated through log_softmax; where p = 0 (a -inf logit) the
+    # term is 0 with a zero gradient (entr's own gradient there is 0 * inf)
+    logp = torch.log_softmax(z, dim=cdim)
+    p = logp.exp()
+    H = -(p * torch.where(p > 0, logp, 0.0)).sum(cdim)
+    H = torch.where(keep > 0, H, 0.0)
+    ent = zero
+    if torch.is_tensor(entropy_weight) or entropy_weight:
+        ent = (entropy_weight.to(torch.float64) if torch.is_tensor(entropy_weight)
+               else entropy_weight) * H
+    if row_weight is None:
+        loss = F.cross_entropy(z, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    else:  # each row's CE and z-loss times its weight; "mean" keeps the usual denominators
+        r = row_weight.to(torch.float64)
+        ce = F.cross_entropy(z, t, weight=w, ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
+        loss = r * ce
+        zl = r * zl
+        if reduction == "sum":
+            loss = loss.sum()
+        elif reduction == "mean":
+            w_y = keep if prob or w is None else w[t.clamp(min=0)] * keep
+            loss = loss.sum() / w_y.sum()
+    if reduction == "none":
+        loss = loss + zl + ent
+    elif reduction == "sum":
+        loss = loss + zl.sum() + ent.sum()
+    else:
+        loss = loss + (zl.sum() + ent.sum()) / keep.sum()
     go = torch.ones_like(loss) if grad_output is None else grad_output.to(torch.float64)
-    (loss * go).sum().backward()
+    total = (loss * go).sum()
+    if entropy_grad is not None:
+        total = total + (entropy_grad.to(torch.float64) * H).sum()
+    total.backward()
     return loss.detach(), x64.grad
+
+
+def entropy_reference(x, target=None, ignore_index=-100, softcap=None, temperature=1.0):
+    """The per-row entropy of the tempered distribution in float64 (torch.special.entr), 0
+    on ignored rows."""
+    z = x.detach().to(torch.float64)
+    z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    cdim = 1 if z.dim() > 1 else 0
+    H = torch.special.entr(torch.softmax(z / temperature, dim=cdim)).sum(cdim)
+    if target is not None and not target.is_floating_point():
+        H = torch.where(target == ignore_index, 0.0, H)
+    return H
 
 
 def assert_close(actual, expected, dtype, what=""):
