@@ -30,6 +30,10 @@ CASES = {
     "smoothing_weight": dict(label_smoothing=0.2, weighted=True),
     "zloss_softcap_none": dict(lse_square_scale=1e-2, softcap=3.0, reduction="none"),
     "everything": dict(label_smoothing=0.1, lse_square_scale=1e-3, weighted=True),
+    # the RL extras (rl: row and entropy weights, the entropy with a gradient, the argmax)
+    "rl_mean_weighted": dict(rl=True, temperature=0.7, label_smoothing=0.1, weighted=True),
+    "rl_none_softcap": dict(rl=True, reduction="none", temperature=1.3, softcap=3.0,
+                            ignore_index=4, lse_square_scale=1e-2),
 }
 
 
@@ -43,12 +47,22 @@ def _problem(case):
     t[t == -100] = kwargs.get("ignore_index", -100)
     if kwargs.pop("weighted", False):
         kwargs["weight"] = torch.rand(V, generator=g) + 0.5
+    _rl(kwargs, N, g)
     return x, t, kwargs
+
+
+def _rl(kwargs, n, g):
+    if kwargs.pop("rl", False):
+        kwargs.update(row_weight=torch.randn(n, generator=g), return_entropy=True,
+                      entropy_weight=-0.2 * torch.rand(n, generator=g), return_argmax=True)
 
 
 LINEAR_CASES = {
     "linear_mean_chunked": dict(chunk_size=4, label_smoothing=0.1),
     "linear_none_recompute": dict(reduction="none", chunk_size=3, lse_square_scale=1e-2),
+    "linear_rl_sum": dict(rl=True, reduction="sum", chunk_size=4, temperature=0.8),
+    "linear_rl_none": dict(rl=True, reduction="none", chunk_size=3, temperature=1.2,
+                           label_smoothing=0.1),
 }
 
 
@@ -59,11 +73,27 @@ def _linear_problem(case):
     b = torch.randn(V, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
     t[1] = -100
-    return h, w, b, t, dict(LINEAR_CASES[case])
+    kwargs = dict(LINEAR_CASES[case])
+    _rl(kwargs, N, g)
+    return h, w, b, t, kwargs
 
 
 def _grad_output(loss):
     return torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else None
+
+
+def _backward(out):
+    """Backward of the loss (with a per-row grad_output for "none") and, when returned, of
+    the entropy with an upstream gradient of its own; (loss, entropy, argmax) detached."""
+    if not isinstance(out, triton_xent.CrossEntropyOutput):
+        out = triton_xent.CrossEntropyOutput(out, None, None, None)
+    go = _grad_output(out.loss)
+    total = (out.loss * go.to(out.loss.device)).sum() if go is not None else out.loss
+    if out.entropy is not None:
+        total = total + (out.entropy * torch.linspace(-1, 1, N, device=out.loss.device)).sum()
+    total.backward()
+    return tuple(v.detach().cpu() if v is not None else None
+                 for v in (out.loss, out.entropy, out.argmax))
 
 
 def _worker(rank, slices, rendezvous, out_dir, backend, transport):
@@ -81,20 +111,19 @@ def _worker(rank, slices, rendezvous, out_dir, backend, transport):
             t, kwargs = t.to(dev), {k: v.to(dev) if torch.is_tensor(v) else v
                                      for k, v in kwargs.items()}
             x_local = x[:, lo:hi].to(dev).requires_grad_(True)
-            loss = triton_xent.cross_entropy(x_local, t, process_group=dist.group.WORLD,
-                                             backend=backend, **kwargs)
-            loss.backward(_grad_output(loss))
-            results[case] = (loss.detach().cpu(), x_local.grad.cpu())
+            out = triton_xent.cross_entropy(x_local, t, process_group=dist.group.WORLD,
+                                            backend=backend, **kwargs)
+            results[case] = (_backward(out), x_local.grad.cpu())
         for case in LINEAR_CASES:
             h, w_full, b_full, t, kwargs = _linear_problem(case)
-            t = t.to(dev)
+            t, kwargs = t.to(dev), {k: v.to(dev) if torch.is_tensor(v) else v
+                                     for k, v in kwargs.items()}
             h = h.to(dev).requires_grad_(True)
             w = w_full[lo:hi].to(dev).requires_grad_(True)
             b = b_full[lo:hi].to(dev).requires_grad_(True)
-            loss = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend=backend,
-                                                    process_group=dist.group.WORLD, **kwargs)
-            loss.backward(_grad_output(loss))
-            results[case] = tuple(v.cpu() for v in (loss.detach(), h.grad, w.grad, b.grad))
+            out = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend=backend,
+                                                   process_group=dist.group.WORLD, **kwargs)
+            results[case] = (_backward(out),) + tuple(v.cpu() for v in (h.grad, w.grad, b.grad))
         try:  # a bad target must raise on every rank alike, leaving none in a collective
             triton_xent.cross_entropy(torch.randn(3, hi - lo, device=dev),
                                       torch.tensor([0, V, 1], device=dev),
@@ -132,6 +161,15 @@ def _worker(rank, slices, rendezvous, out_dir, backend, transport):
             f.write(traceback.format_exc())
         os._exit(1)
     os._exit(0)
+
+
+def _check_outputs(got, expected, what):
+    loss, entropy, argmax = got
+    assert_close(loss, expected[0], torch.float32, f"{what}: loss")
+    assert (entropy is None) == (expected[1] is None), what
+    if entropy is not None:
+        assert_close(entropy, expected[1], torch.float32, f"{what}: entropy")
+        assert torch.equal(argmax, expected[2]), f"{what}: argmax {argmax} != {expected[2]}"
 
 
 TRANSPORTS = [pytest.param("gloo", id="gloo"),
@@ -172,24 +210,22 @@ def test_vocab_parallel_matches_single_process(backend, layout, transport, tmp_p
         full = x.clone().requires_grad_(True)
         # The single-process result, on CPU (the plain-PyTorch backend, checked against
         # float64 elsewhere), whatever backend and transport the ranks used.
-        expected = triton_xent.cross_entropy(full, t, backend="torch", **kwargs)
-        expected.backward(_grad_output(expected))
+        expected = _backward(triton_xent.cross_entropy(full, t, backend="torch", **kwargs))
         for rank, res in enumerate(results):
-            loss, grad = res[case]
+            outs, grad = res[case]
             lo = sum(slices[:rank])
             hi = lo + slices[rank]
-            assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
+            _check_outputs(outs, expected, f"{case}, rank {rank}")
             assert_close(grad, full.grad[:, lo:hi], torch.float32, f"{case} grad, rank {rank}")
     for case in LINEAR_CASES:
         h, w, b, t, kwargs = _linear_problem(case)
         h, w, b = (p.clone().requires_grad_(True) for p in (h, w, b))
-        expected = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b, backend="torch",
-                                                    **kwargs)
-        expected.backward(_grad_output(expected))
-        for rank, (loss, d_h, d_w, d_b) in enumerate(r[case] for r in results):
+        expected = _backward(triton_xent.linear_cross_entropy(h, w, t, linear_bias=b,
+                                                              backend="torch", **kwargs))
+        for rank, (outs, d_h, d_w, d_b) in enumerate(r[case] for r in results):
             lo = sum(slices[:rank])
             hi = lo + slices[rank]
-            assert_close(loss, expected.detach(), torch.float32, f"{case} loss, rank {rank}")
+            _check_outputs(outs, expected, f"{case}, rank {rank}")
             assert_close(d_h, h.grad, torch.float32, f"{case} d_input, rank {rank}")
             assert_close(d_w, w.grad[lo:hi], torch.float32, f"{case} d_weight, rank {rank}")
             assert_close(d_b, b.grad[lo:hi], torch.float32, f"{case} d_bias, rank {rank}")
