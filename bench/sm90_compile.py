@@ -33,46 +33,54 @@ NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"
 SM90 = GPUTarget("cuda", 90, 32)
 POINTERS = dict(logits_ptr="*bf16", grad_ptr="*bf16", target_ptr="*i64", weight_ptr="*fp32",
                 scale_ptr="*fp32", ce_ptr="*fp32", lse_ptr="*fp32", record_ptr="*fp32",
-                flag_ptr="*i32", stats_ptr="*fp32", grad_out_ptr="*bf16")
+                sync_ptr="*i32", stats_ptr="*fp32", grad_out_ptr="*bf16")
 FLOATS = ("label_smoothing", "lse_square_scale", "softcap")
 
 
 def switches(**overrides) -> dict:
-    """The row kernel's constexprs: an LM row (class indices, mean, nothing else) by default."""
+    """A row kernel's option constexprs: an LM row (class indices, mean, nothing else)."""
     base = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
-                HAS_ZLOSS=False, HAS_SCALE=True, COMPUTE_GRAD=True, SPLIT=False, FINISH=False,
-                STATS=0, BLOCK_V=1024)
+                HAS_ZLOSS=False, HAS_SCALE=True, COMPUTE_GRAD=True)
     base.update(overrides)
-    base["TRACK_U"] = base["PROB_TARGET"] or base["HAS_SMOOTHING"]
     return base
+
+
+EVERY = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, HAS_ZLOSS=True)
 
 
 def variants() -> dict[str, tuple]:
     """name -> (kernel, constexprs, num_warps): every switch on and off at least once, both
-    launches of a split row, and the block sizes the tuning table gives an LM row."""
+    launches of a split row, and the blocks the tuning table gives an LM row."""
+    rows = dict(ROWS=4, BLOCK_V=256)
+    split = dict(BLOCK_V=config.ROW_SLICE_MAX_V, P_PAD=32)
+    split_warps = config.num_warps_for(config.ROW_SLICE_MAX_V)
     out = {
-        "plain": (xent._xent_kernel, switches(), 4),
-        "no_grad": (xent._xent_kernel, switches(COMPUTE_GRAD=False), 4),
-        "every_option": (xent._xent_kernel, switches(HAS_WEIGHT=True, HAS_SMOOTHING=True,
-                                                     HAS_SOFTCAP=True, HAS_ZLOSS=True), 4),
-        "prob_target": (xent._xent_kernel, switches(PROB_TARGET=True, HAS_WEIGHT=True,
-                                                    HAS_SCALE=False), 4),
-        "split": (xent._xent_kernel, switches(SPLIT=True, HAS_SMOOTHING=True, HAS_ZLOSS=True), 4),
-        "split_finish": (xent._xent_kernel, switches(SPLIT=True, FINISH=True, HAS_SOFTCAP=True), 4),
-        "split_no_grad_finish": (xent._xent_kernel, switches(SPLIT=True, FINISH=True,
-                                                             COMPUTE_GRAD=False), 4),
-        "slice_stats": (xent._xent_kernel, switches(STATS=1, SPLIT=True, COMPUTE_GRAD=False,
-                                                    HAS_SMOOTHING=True, HAS_WEIGHT=True), 4),
-        "slice_grad": (xent._xent_kernel, switches(STATS=2, HAS_SMOOTHING=True, HAS_ZLOSS=True),
-                       4),
+        "plain": (xent._rows_kernel, switches(**rows), 4),
+        "no_grad": (xent._rows_kernel, switches(COMPUTE_GRAD=False, **rows), 4),
+        "every_option": (xent._rows_kernel, switches(**EVERY, **rows), 4),
+        "prob_target": (xent._rows_kernel, switches(PROB_TARGET=True, HAS_WEIGHT=True,
+                                                    HAS_SCALE=False, **rows), 4),
+        "split": (xent._split_kernel, switches(HAS_SMOOTHING=True, HAS_ZLOSS=True, **split),
+                  split_warps),
+        "split_finish": (xent._finish_kernel, switches(HAS_SOFTCAP=True, **split), split_warps),
+        "split_no_grad_finish": (xent._finish_kernel, switches(COMPUTE_GRAD=False, **split),
+                                 split_warps),
+        "slice_stats": (xent._slice_stats_kernel, dict(HAS_WEIGHT=True, HAS_SMOOTHING=True,
+                                                       HAS_SOFTCAP=False, ROWS=1,
+                                                       BLOCK_V=4096), 8),
+        "slice_grad": (xent._slice_grad_kernel, dict(HAS_WEIGHT=False, HAS_SMOOTHING=True,
+                                                     HAS_SOFTCAP=False, HAS_ZLOSS=True,
+                                                     HAS_SCALE=True, ROWS=1, BLOCK_V=4096), 8),
         "scale_rows": (xent._scale_rows_kernel, dict(BLOCK_V=config.SCALE_BLOCK_V),
                        config.SCALE_NUM_WARPS),
     }
     for block in (1024, 4096, config.ROW_SLICE_MAX_V):
-        for split in (False, True):
-            out[f"tuned_block{block}_split{int(split)}"] = (
-                xent._xent_kernel, switches(BLOCK_V=block, SPLIT=split),
-                config.num_warps_for(block))
+        out[f"tuned_block{block}_split0"] = (xent._rows_kernel,
+                                             switches(ROWS=1, BLOCK_V=block),
+                                             config.num_warps_for(block))
+        out[f"tuned_block{block}_split1"] = (xent._split_kernel,
+                                             switches(BLOCK_V=block, P_PAD=32),
+                                             config.num_warps_for(block))
     return out
 
 

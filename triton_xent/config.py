@@ -31,6 +31,17 @@ INTERPRET_SLICE_SPIN_LIMIT = 0
 # 116 registers); speed not yet measured on a GPU.
 NUM_WARPS_BY_BLOCK = ((1024, 4), (4096, 8), (1 << 62, 16))
 
+# Whole rows (V <= ROW_SLICE_MAX_V) are tiles of ROWS x BLOCK_V, BLOCK_V the row's width to
+# the next power of 2 and ROWS as many rows as fill this many elements: V = 10 gets 256 rows
+# a program, V = 1000 four, V >= 4096 one. Not yet measured on a GPU.
+ROWS_TILE_ELEMENTS = 4096
+
+# Persistent schedule: False launches one program per tile or slice; True launches
+# PERSISTENT_PROGRAMS_PER_SM programs per SM that walk them in grid-stride order (see
+# kernels/xent.py). Not yet measured on a GPU: bench/bench_xent.py --sweep times both.
+PERSISTENT = False
+PERSISTENT_PROGRAMS_PER_SM = 2
+
 # Columns per program of the backward's grad_output scaling kernel. Not yet measured on a GPU.
 SCALE_BLOCK_V = 4096
 SCALE_NUM_WARPS = 8

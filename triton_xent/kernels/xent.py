@@ -1,5 +1,13 @@
-"""The row-wise cross-entropy kernel (loss, logsumexp and gradient in one launch) and its
-launcher, plus the small kernel that scales a saved gradient by grad_output in backward.
+"""The cross-entropy kernels (loss, logsumexp and gradient in one pass over the logits) and
+their launchers, plus the small kernel that scales a saved gradient by grad_output.
+
+One kernel per job, sharing the @triton.jit helpers at the top:
+    _rows_kernel         whole rows (V <= config.ROW_SLICE_MAX_V), a tile of ROWS rows each
+    _split_kernel        longer rows cut into P slices, one program a slice, first launch
+    _finish_kernel       the second launch: only the slices deferred by the first
+    _slice_stats_kernel  per-row statistics of a vocab-parallel rank's classes
+    _slice_grad_kernel   a rank's gradient from the merged statistics of the whole rows
+    _scale_rows_kernel   grad[row] *= grad_output[row] (backward)
 
 Rows. The logits are seen as a (N, V, D) tensor: N samples, V classes, D positions (D = 1
 for the usual (N, V) logits; (N, V, d1, ..., dk) inputs have D = d1 * ... * dk). Row r is
@@ -13,27 +21,55 @@ Math, per row with (softcapped) logits z, weights w (all 1 without `weight`), sm
     dloss/dz_c = p_c * (a + b * U) - b * u_c - a * [c == y]  (+ 2 zs lse p_c),   U = sum_c u_c
 and softcap z = s * tanh(x / s) multiplies the gradient by dz/dx = 1 - (z / s)^2.
 
-Online logsumexp. Statistics (m, s, S, U) of a set of columns: m the max, s = sum exp(z - m),
-S = sum u (m - z) (kept relative to the max, so huge equal logits cancel exactly), U = sum u.
-Two sets merge as
-    m = max(m1, m2),  s = s1 exp(m1 - m) + s2 exp(m2 - m),  S = S1 + U1 (m - m1) + S2 + U2 (m - m2)
+Statistics (m, s, S, U) of a set of columns: m the max, s = sum exp(z - m), S = sum u (m - z)
+(kept relative to the max, so huge equal logits cancel exactly), U = sum u. Sets merge as
+    m = max_k m_k,  s = sum_k s_k exp(m_k - m),  S = sum_k S_k + U_k (m - m_k),  U = sum_k U_k
 and then lse - z_y = log s + (m - z_y) and sum_c u_c (lse - z_c) = U log s + S.
 
-Split rows, read once. A row is cut into P slices of at most config.ROW_SLICE_MAX_V columns;
-program (row, j) holds slice j in registers, publishes its statistics (stores, a barrier,
-then a flag set with release semantics), merges all P records in slice order (the same
-order in every program, so every slice uses the same lse), and writes the gradient of its
-slice from registers: one read of the logits, one write of the gradient, for any V.
-No program waits without bound, and no program ever reads another slice's logits, so the
-gradient may overwrite the logits (inplace_backward, the linear op's chunks): a program
-whose siblings have not all published after `spin_limit` polls writes nothing, marks
-itself deferred, and exits; a second, cheap launch (FINISH) lets each deferred program
-re-read its own slice, which nobody else writes, and finish from the now complete records.
-The target logit that the loss needs is kept in slice 0's record, read before any gradient
-of that row can exist (a sibling writes only after it has seen slice 0's flag). So the
-kernel cannot deadlock when siblings are not co-resident, and Triton's interpreter, which
-runs programs one after another with config.INTERPRET_SLICE_SPIN_LIMIT polls (0 by
-default), runs the same code: there every program but a row's last is deferred.
+Whole rows (_rows_kernel). A program holds a (ROWS, BLOCK_V) tile, ROWS whole rows, in
+registers: one read of the logits, one write of the gradient. Short rows (V = 2 .. 1000) are
+many rows per program, so the lanes of a warp spread over rows instead of idling on padding.
+
+Split rows, read once (_split_kernel, _finish_kernel). A row of V > config.ROW_SLICE_MAX_V
+columns is cut into P slices of equal width (a multiple of 16, so slices start aligned).
+Program (row, j) holds slice j in registers and
+  1. stores its record (the statistics of its slice and z_y if the target is one of its
+     columns, else 0), a barrier, then adds 1 to the row's arrival counter (acq_rel);
+  2. if the counter's old value was P - 1 it is the row's last, and every record is visible;
+     else it polls the counter (acquire) at most `spin_limit` times until it reads P;
+  3. loads all P records at once, one (P_PAD, RECORD_WIDTH) tile, and merges them with
+     tl.max / tl.sum: the same merge in every program, so every slice uses the same lse;
+  4. writes the gradient of its slice from its registers (and slice 0 the loss and lse).
+The merge is one atomic and one vector load whatever P (plus the polls of a program that
+arrives early), so its dependent global round trips do not grow with P; the audit
+(bench/sm90_compile.py) counts them in the compiled code at several P.
+
+Deferral and the second launch. A program whose siblings have not all arrived after
+`spin_limit` polls writes nothing, sets its deferral flag and moves on. After the first
+launch ends every record exists; _finish_kernel's program (row, j) reads its flag, and only
+if it was deferred re-reads its own slice, loads the records and does steps 3-4. A program
+that was not deferred reads one int32 and nothing else. No program ever reads another
+slice's logits (the target logit travels in the records), and each writes only its own
+slice, so the gradient may overwrite the logits (inplace_backward, the linear op's chunks).
+
+Deadlock freedom, and persistent or not. Every program publishes before it waits and waits
+a bounded number of polls, so each finishes whatever the scheduler does: siblings need not
+be co-resident for the kernel to be correct, only for it to be fast. config.PERSISTENT picks
+the schedule: False launches one program per slice (sized so that several programs fit on
+an SM: the siblings of a row, launched next to each other, are then mostly resident
+together); True launches config.PERSISTENT_PROGRAMS_PER_SM programs per SM that walk the
+slices in grid-stride order (item = row * P + j), so the siblings of a row are taken by
+neighbouring programs in the same round. Both run the same kernels (a grid-stride loop that
+runs once when the grid covers every item); which is faster is for bench_xent.py --sweep to
+say on a GPU. Triton's interpreter runs programs one after another, with
+config.INTERPRET_SLICE_SPIN_LIMIT polls (0 by default): there every program of a row but
+its last is deferred, so tests run both paths on CPU.
+
+Records. float32, RECORD_WIDTH fields a slice (32 bytes, aligned for vector loads), at
+record_ptr + (row * P + j) * RECORD_WIDTH, fields by name: REC_M, REC_SUM_EXP, REC_S, REC_U,
+REC_ZY; the rest are free for more per-slice statistics (add a name, fill it in
+_pack_record, merge it in _merge_records). The sync buffer is int32, zeroed: the arrival
+counters of the rows at [0, rows), then the deferral flags at rows + row * P + j.
 """
 
 from __future__ import annotations
@@ -47,6 +83,17 @@ import triton.language as tl
 from .. import config
 
 NEG_INF = tl.constexpr(float("-inf"))
+
+# The split-row record (see the module docstring).
+RECORD_WIDTH = tl.constexpr(8)
+REC_M = tl.constexpr(0)  # max of the slice's z
+REC_SUM_EXP = tl.constexpr(1)  # sum exp(z - m)
+REC_S = tl.constexpr(2)  # sum u (m - z)
+REC_U = tl.constexpr(3)  # sum u
+REC_ZY = tl.constexpr(4)  # the target's z if it is one of the slice's columns, else 0
+
+
+# --- shared helpers -------------------------------------------------------------------------
 
 
 @triton.jit
@@ -62,17 +109,54 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_block(
-    row_ptr, target_row_ptr, weight_ptr,  # pointers
-    cols, mask,  # (BLOCK_V,) column indices and their validity
-    stride_col, stride_target_col, label_smoothing, class_offset, n_classes, softcap,
+def _row_offsets(rows, n_inner, stride_n, stride_d):
+    """(R,) int64 offsets of rows r = n * D + d of a (N, ., D) tensor."""
+    return (rows // n_inner) * stride_n + (rows % n_inner) * stride_d
+
+
+@triton.jit
+def _row_targets(
+    target_ptr, weight_ptr, t_rows, row_mask,  # (R,) target offsets and row validity
+    ignore_index, class_offset, n_classes, label_smoothing,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """Per row: the target's column here y, whether the row counts (row_ok), whether it gets
+    NaN (an unchecked bad target: never a wild read), and the coefficients a, b."""
+    if PROB_TARGET:
+        y = tl.full(t_rows.shape, -1, tl.int64)
+        row_ok = row_mask
+        row_nan = tl.zeros(t_rows.shape, tl.int1)
+        a = tl.zeros(t_rows.shape, tl.float32)
+        b = a + 1.0
+    else:
+        y_global = tl.load(target_ptr + t_rows, mask=row_mask, other=ignore_index)
+        y_global = y_global.to(tl.int64)
+        ignored = y_global == ignore_index
+        in_range = (y_global >= 0) & (y_global < n_classes)
+        row_ok = in_range & (~ignored) & row_mask
+        row_nan = (~in_range) & (~ignored) & row_mask
+        w_y = tl.full(t_rows.shape, 1.0, tl.float32)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + tl.where(row_ok, y_global, 0), mask=row_ok, other=0.0)
+        a = (1.0 - label_smoothing) * w_y
+        b = tl.zeros(t_rows.shape, tl.float32) + label_smoothing / n_classes
+        y = y_global - class_offset
+    return y, row_ok, row_nan, a, b
+
+
+@triton.jit
+def _load_tile(
+    x_ptr, x_rows, t_ptr, t_rows, weight_ptr,  # (R,) row offsets of logits and targets
+    cols, mask,  # (B,) column indices, (R, B) validity
+    stride_x_c, stride_t_c, label_smoothing, class_offset, n_classes, softcap,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """Loads one block of a row: z (softcapped, -inf off the row), tanh(x/s), and u.
+    """An (R, B) tile: z (softcapped, -inf off the rows), t = tanh(x / softcap), and u.
     Column c is class class_offset + c of n_classes (a vocab-parallel rank's slice)."""
     cols64 = cols.to(tl.int64)
-    x = tl.load(row_ptr + cols64 * stride_col, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_rows[:, None] + cols64[None, :] * stride_x_c, mask=mask, other=0.0)
+    x = x.to(tl.float32)
     t = x
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
@@ -80,10 +164,10 @@ def _load_block(
     z = tl.where(mask, x, NEG_INF)
     u = mask.to(tl.float32)
     if HAS_WEIGHT:
-        u = tl.load(weight_ptr + class_offset + cols64, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(weight_ptr + class_offset + cols64[None, :], mask=mask, other=0.0)
     if PROB_TARGET:
-        q = tl.load(target_row_ptr + cols64 * stride_target_col, mask=mask, other=0.0)
-        q = q.to(tl.float32)
+        q = tl.load(t_ptr + t_rows[:, None] + cols64[None, :] * stride_t_c, mask=mask,
+                    other=0.0).to(tl.float32)
         if HAS_SMOOTHING:
             q = (1.0 - label_smoothing) * q + label_smoothing / n_classes
         u = u * tl.where(mask, q, 0.0)
@@ -91,10 +175,24 @@ def _load_block(
 
 
 @triton.jit
-def _merge_stats(m1, s1, S1, U1, m2, s2, S2, U2, TRACK_U: tl.constexpr):
-    """Statistics of the union of two column sets (see the module docstring)."""
+def _tile_stats(z, u, TRACK_U: tl.constexpr):
+    """(R,) statistics (m, s, S, U) of the rows of an (R, B) tile of z and weights u."""
+    m = tl.max(z, axis=1)
+    m_ref = tl.where(m == NEG_INF, 0.0, m)  # an all -inf row keeps s = 0, not nan
+    s = tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+    S = tl.zeros(m.shape, tl.float32)
+    U = tl.zeros(m.shape, tl.float32)
+    if TRACK_U:
+        # z == m also covers an all -inf row, whose terms are 0 relative to its own max.
+        S = tl.sum(u * tl.where((u == 0.0) | (z == m[:, None]), 0.0, m[:, None] - z), axis=1)
+        U = tl.sum(u, axis=1)
+    return m, s, S, U
+
+
+@triton.jit
+def _merge_pair(m1, s1, S1, U1, m2, s2, S2, U2, TRACK_U: tl.constexpr):
+    """Statistics of the union of two column sets (the slice-statistics kernel's loop)."""
     m = tl.maximum(m1, m2)
-    # A set that is all -inf so far keeps s = 0 instead of exp(-inf - -inf) = nan.
     m_ref = tl.where(m == NEG_INF, 0.0, m)
     s = s1 * tl.exp(m1 - m_ref) + s2 * tl.exp(m2 - m_ref)
     S = S1
@@ -108,46 +206,205 @@ def _merge_stats(m1, s1, S1, U1, m2, s2, S2, U2, TRACK_U: tl.constexpr):
 
 
 @triton.jit
-def _block_stats(z, u, TRACK_U: tl.constexpr):
-    """Statistics (m, s, S, U) of one block of softcapped logits z and smoothing weights u."""
-    m = tl.max(z, axis=0)
+def _target_logit(z, cols, mask, y, row_ok):
+    """(R,) z[r, y[r]] where the row counts and that column is in the tile, else 0."""
+    hit = mask & (cols[None, :] == y[:, None]) & row_ok[:, None]
+    return tl.sum(tl.where(hit, z, 0.0), axis=1)
+
+
+@triton.jit
+def _write_loss(ce_ptr, lse_ptr, rows, row_mask, m, s, S, U, z_y, a, b, row_ok, row_nan,
+                TRACK_U: tl.constexpr):
+    """ce = a (log s + m - z_y) + b (U log s + S) and lse = m + log s of (R,) rows."""
+    log_s = tl.log(s)
+    ce = a * (log_s + (m - z_y))
+    if TRACK_U:
+        ce += b * (U * log_s + S)
+    ce = tl.where(row_ok, ce, 0.0)
+    ce = tl.where(row_nan, float("nan"), ce)
+    tl.store(ce_ptr + rows, ce, mask=row_mask)
+    tl.store(lse_ptr + rows, m + log_s, mask=row_mask)
+
+
+@triton.jit
+def _write_grad(
+    grad_ptr, g_rows, cols, mask, stride_g_c,  # where: (R,) row offsets, (B,), (R, B)
+    z, t, u, y, m, s, U, a, b, row_ok, row_nan,  # what: (R, B) tiles and (R,) row values
+    scale_ptr, lse_square_scale, softcap,
+    HAS_SCALE: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TRACK_U: tl.constexpr,
+):
+    """dloss/dx = (p (a + b U) - b u - a [c == y]) * ce_scale + 2 zs lse p * z_scale, times the
+    softcap slope; the scales are the reduction's 1/denominators ("mean"), else 1."""
+    scale_ce = 1.0
+    scale_z = 1.0
+    if HAS_SCALE:
+        scale_ce = tl.load(scale_ptr)
+        scale_z = tl.load(scale_ptr + 1)
+    coef = (a + b * U) * scale_ce
+    if HAS_ZLOSS:
+        coef += 2.0 * lse_square_scale * (m + tl.log(s)) * scale_z
+    p = tl.exp(z - m[:, None]) * (1.0 / s)[:, None]
+    g = p * coef[:, None] - tl.where(cols[None, :] == y[:, None], (a * scale_ce)[:, None], 0.0)
+    if TRACK_U:
+        g = g - (b * scale_ce)[:, None] * u
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    g = tl.where(row_ok[:, None], g, 0.0)
+    g = tl.where(row_nan[:, None], float("nan"), g)
+    tl.store(grad_ptr + g_rows[:, None] + cols.to(tl.int64)[None, :] * stride_g_c,
+             g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pack_record(m, s, S, U, z_y):
+    """(1, RECORD_WIDTH) record of one slice from its (1,) statistics; unused fields 0."""
+    k = tl.arange(0, RECORD_WIDTH)[None, :]
+    rec = tl.where(k == REC_M, m[:, None], 0.0)
+    rec = tl.where(k == REC_SUM_EXP, s[:, None], rec)
+    rec = tl.where(k == REC_S, S[:, None], rec)
+    rec = tl.where(k == REC_U, U[:, None], rec)
+    return tl.where(k == REC_ZY, z_y[:, None], rec)
+
+
+@triton.jit
+def _field(rec, name):
+    """(P_PAD,) column `name` of a (P_PAD, RECORD_WIDTH) tile of records."""
+    k = tl.arange(0, RECORD_WIDTH)[None, :]
+    return tl.sum(tl.where(k == name, rec, 0.0), axis=1)
+
+
+@triton.jit
+def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, P_PAD: tl.constexpr):
+    """(1,) merged (m, s, S, U, z_y) of a row's P records: one (P_PAD, RECORD_WIDTH) load (L2,
+    .cg: the records were written by other SMs), then reductions over the slices."""
+    p = tl.arange(0, P_PAD)
+    present = p < n_slices
+    offs = (row * n_slices + p).to(tl.int64)[:, None] * RECORD_WIDTH \
+        + tl.arange(0, RECORD_WIDTH)[None, :]
+    rec = tl.load(record_ptr + offs, mask=present[:, None], other=0.0, cache_modifier=".cg")
+    rm = tl.where(present, _field(rec, REC_M), NEG_INF)
+    rs = _field(rec, REC_SUM_EXP)
+    m = tl.max(rm, axis=0)
     m_ref = tl.where(m == NEG_INF, 0.0, m)
-    s = tl.sum(tl.exp(z - m_ref), axis=0)
+    s = tl.sum(rs * tl.exp(rm - m_ref), axis=0)
     S = tl.zeros((), tl.float32)
     U = tl.zeros((), tl.float32)
     if TRACK_U:
-        # z == m also covers an all -inf block, whose terms are 0 relative to its own max.
-        S = tl.sum(u * tl.where((u == 0.0) | (z == m), 0.0, m - z), axis=0)
-        U = tl.sum(u, axis=0)
-    return m, s, S, U
+        rS = _field(rec, REC_S)
+        rU = _field(rec, REC_U)
+        # Guards keep 0 * inf (a slice without weight, or an all -inf slice) out of S.
+        S = tl.sum(rS + rU * tl.where((rm == m) | (rU == 0.0), 0.0, m - rm), axis=0)
+        U = tl.sum(rU, axis=0)
+    z_y = tl.sum(_field(rec, REC_ZY), axis=0)
+    one = tl.zeros((1,), tl.float32)
+    return m + one, s + one, S + one, U + one, z_y + one
+
+
+# --- kernels ----------------------------------------------------------------------------------
 
 
 @triton.jit
-def _store_grad(
-    grad_row_ptr, cols, mask, stride_grad_col,  # where
-    z, t, u, y, m, inv_s, coef, a_scaled, b_scaled, row_ok, row_nan,  # what
-    softcap, HAS_SOFTCAP: tl.constexpr, TRACK_U: tl.constexpr,
-):
-    """Writes dloss/dx for one block: p * coef - b u - a [c == y], times the softcap slope."""
-    p = tl.exp(z - m) * inv_s
-    g = p * coef - tl.where(cols == y, a_scaled, 0.0)
-    if TRACK_U:
-        g = g - b_scaled * u
-    if HAS_SOFTCAP:
-        g = g * (1.0 - t * t)
-    g = tl.where(row_ok, g, 0.0)
-    g = tl.where(row_nan, float("nan"), g)
-    tl.store(grad_row_ptr + cols.to(tl.int64) * stride_grad_col,
-             g.to(grad_row_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _xent_kernel(
+def _rows_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
-    record_ptr, flag_ptr, stats_ptr,
-    # sizes: this tensor's n_cols columns are classes class_offset.. of n_classes
-    n_cols, n_inner, n_slices, slice_width, class_offset, n_classes,
+    # sizes
+    n_rows, n_cols, n_inner,
+    # strides (sample, class, position) of logits, gradient and targets
+    stride_x_n, stride_x_c, stride_x_d,
+    stride_g_n, stride_g_c, stride_g_d,
+    stride_t_n, stride_t_c, stride_t_d,
+    # options
+    ignore_index, label_smoothing, lse_square_scale, softcap,
+    # compile-time switches
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Loss, lse and gradient of whole rows, ROWS rows of at most BLOCK_V columns a tile,
+    tiles taken in grid-stride order (one a program unless the launch is persistent)."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    cols = tl.arange(0, BLOCK_V)
+    for tile in range(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, ROWS),
+                      tl.num_programs(0)):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x_rows = _row_offsets(rows, n_inner, stride_x_n, stride_x_d)
+        t_rows = _row_offsets(rows, n_inner, stride_t_n, stride_t_d)
+        y, row_ok, row_nan, a, b = _row_targets(
+            target_ptr, weight_ptr, t_rows, row_mask, ignore_index, 0, n_cols,
+            label_smoothing, PROB_TARGET, HAS_WEIGHT)
+        z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, t_rows, weight_ptr, cols, mask,
+                             stride_x_c, stride_t_c, label_smoothing, 0, n_cols, softcap,
+                             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        m, s, S, U = _tile_stats(z, u, TRACK_U)
+        z_y = _target_logit(z, cols, mask, y, row_ok)
+        _write_loss(ce_ptr, lse_ptr, rows, row_mask, m, s, S, U, z_y, a, b, row_ok, row_nan,
+                    TRACK_U)
+        if COMPUTE_GRAD:
+            g_rows = _row_offsets(rows, n_inner, stride_g_n, stride_g_d)
+            _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U, a, b,
+                        row_ok, row_nan, scale_ptr, lse_square_scale, softcap, HAS_SCALE,
+                        HAS_ZLOSS, HAS_SOFTCAP, TRACK_U)
+
+
+@triton.jit
+def _split_slice(
+    item, logits_ptr, target_ptr, weight_ptr,
+    n_cols, n_inner, n_slices, slice_width,
+    stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c, stride_t_d,
+    ignore_index, label_smoothing, softcap,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The (1, BLOCK_V) tile of slice j = item % P of row item // P, its row's targets and the
+    pointers' row offsets: what both launches of a split row start from."""
+    row = item // n_slices
+    j = item % n_slices
+    rows = row + tl.zeros((1,), tl.int64)
+    row_mask = rows >= 0
+    cols = j * slice_width + tl.arange(0, BLOCK_V)
+    mask = row_mask[:, None] & (tl.arange(0, BLOCK_V) < slice_width)[None, :] \
+        & (cols < n_cols)[None, :]
+    x_rows = _row_offsets(rows, n_inner, stride_x_n, stride_x_d)
+    t_rows = _row_offsets(rows, n_inner, stride_t_n, stride_t_d)
+    y, row_ok, row_nan, a, b = _row_targets(
+        target_ptr, weight_ptr, t_rows, row_mask, ignore_index, 0, n_cols, label_smoothing,
+        PROB_TARGET, HAS_WEIGHT)
+    z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, t_rows, weight_ptr, cols, mask,
+                         stride_x_c, stride_t_c, label_smoothing, 0, n_cols, softcap,
+                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    return row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u
+
+
+@triton.jit
+def _finish_slice(
+    row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,  # from _split_slice
+    grad_ptr, scale_ptr, ce_ptr, lse_ptr, record_ptr, n_inner, n_slices,
+    stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, TRACK_U: tl.constexpr, P_PAD: tl.constexpr,
+):
+    """Steps 3-4 of the module docstring, once every record of the row is visible."""
+    m, s, S, U, z_y = _merge_records(record_ptr, row, n_slices, TRACK_U, P_PAD)
+    if j == 0:
+        _write_loss(ce_ptr, lse_ptr, rows, rows >= 0, m, s, S, U, z_y, a, b, row_ok, row_nan,
+                    TRACK_U)
+    if COMPUTE_GRAD:
+        g_rows = _row_offsets(rows, n_inner, stride_g_n, stride_g_d)
+        _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U, a, b,
+                    row_ok, row_nan, scale_ptr, lse_square_scale, softcap, HAS_SCALE,
+                    HAS_ZLOSS, HAS_SOFTCAP, TRACK_U)
+
+
+@triton.jit
+def _split_kernel(
+    # pointers
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
+    record_ptr, sync_ptr,
+    # sizes: rows of n_cols columns, cut into n_slices slices of slice_width
+    n_rows, n_cols, n_inner, n_slices, slice_width,
     # strides (sample, class, position) of logits, gradient and targets
     stride_x_n, stride_x_c, stride_x_d,
     stride_g_n, stride_g_c, stride_g_d,
@@ -157,140 +414,153 @@ def _xent_kernel(
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    TRACK_U: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SPLIT: tl.constexpr,
-    FINISH: tl.constexpr, STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
 ):
-    # STATS: 0 the loss of whole rows; 1 write each row's (m, s, S, U, z_y) instead of the
-    # loss (vocab-parallel ranks, whose rows are slices of the classes); 2 take the row's
-    # merged (m, s, S, U) from stats_ptr and write the gradient only.
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_slices
-    j = pid % n_slices  # this program's slice of the row
-    n = row // n_inner
-    d = row % n_inner
-    row_ptr = logits_ptr + n * stride_x_n + d * stride_x_d
-    target_row_ptr = target_ptr + n * stride_t_n + d * stride_t_d
+    """First launch of split rows: publish, merge (bounded wait), write or defer."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    for item in range(tl.program_id(0).to(tl.int64), n_rows * n_slices, tl.num_programs(0)):
+        row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
+            item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices, slice_width,
+            stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c, stride_t_d,
+            ignore_index, label_smoothing, softcap,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
+        # 1. Publish: the record, a barrier (all the program's stores come first), then the
+        # arrival, whose release makes the record visible to whoever acquires the counter.
+        m, s, S, U = _tile_stats(z, u, TRACK_U)
+        rec = _pack_record(m, s, S, U, _target_logit(z, cols, mask, y, row_ok))
+        tl.store(record_ptr + item * RECORD_WIDTH + tl.arange(0, RECORD_WIDTH)[None, :], rec,
+                 cache_modifier=".cg")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(sync_ptr + row, 1, sem="acq_rel") + 1
+        # Without a gradient only slice 0, the loss's writer, needs the others' records.
+        if (j == 0) | COMPUTE_GRAD:
+            # 2. A bounded wait for the siblings that have not arrived yet.
+            polls = 0
+            while (arrived < n_slices) & (polls < spin_limit):
+                arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
+                polls += 1
+            if arrived < n_slices:  # a sibling is late: finish in the second launch
+                tl.store(sync_ptr + n_rows + item, 1)
+            else:  # 3-4. Merge and write.
+                _finish_slice(row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,
+                              grad_ptr, scale_ptr, ce_ptr, lse_ptr, record_ptr, n_inner,
+                              n_slices, stride_g_n, stride_g_c, stride_g_d, lse_square_scale,
+                              softcap, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD,
+                              TRACK_U, P_PAD)
 
-    # Target and the row's coefficients a, b (see the module docstring).
-    if PROB_TARGET:
-        y = -1
-        row_ok = True
-        row_nan = False
-        a = 0.0
-        b = 1.0
-        z_y = 0.0
-    else:
-        y_global = tl.load(target_row_ptr).to(tl.int64)
-        ignored = y_global == ignore_index
-        in_range = (y_global >= 0) & (y_global < n_classes)
-        row_ok = in_range & (y_global != ignore_index)
-        row_nan = (~in_range) & (~ignored)  # an unchecked bad target: NaN, never a wild read
-        w_y = 1.0
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + tl.where(row_ok, y_global, 0)).to(tl.float32)
-        a = (1.0 - label_smoothing) * w_y
-        b = label_smoothing / n_classes
-        y = y_global - class_offset  # the target's column here, if it is one of ours
-        has_y = row_ok & (y >= 0) & (y < n_cols)
-        if FINISH:
-            z_y = tl.load(record_ptr + pid * 5 + 4)  # the logit may hold a gradient by now
-        else:
-            z_y = tl.load(row_ptr + tl.where(has_y, y, 0) * stride_x_c).to(tl.float32)
-            if HAS_SOFTCAP:
-                z_y = softcap * _tanh(z_y / softcap)
-            z_y = tl.where(has_y, z_y, 0.0)
 
-    # This program's slice, held in registers until its gradient is written.
-    cols = j * slice_width + tl.arange(0, BLOCK_V)
-    mask = (tl.arange(0, BLOCK_V) < slice_width) & (cols < n_cols)
-    z, t, u = _load_block(row_ptr, target_row_ptr, weight_ptr, cols, mask, stride_x_c,
-                          stride_t_c, label_smoothing, class_offset, n_classes, softcap,
-                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-    if STATS == 2:
-        m = tl.load(stats_ptr + row * 4)
-        s = tl.load(stats_ptr + row * 4 + 1)
-        S = tl.load(stats_ptr + row * 4 + 2)
-        U = tl.load(stats_ptr + row * 4 + 3)
-    else:
-        m, s, S, U = _block_stats(z, u, TRACK_U)
-    # 1 when this program writes its results now; 0 when it has nothing to do (FINISH launch
-    # of a program that was not deferred, or a slice other than 0 without a gradient).
-    active = tl.full((), 1, tl.int32)
+@triton.jit
+def _finish_kernel(
+    # pointers
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
+    record_ptr, sync_ptr,
+    # sizes
+    n_rows, n_cols, n_inner, n_slices, slice_width,
+    # strides (sample, class, position) of logits, gradient and targets
+    stride_x_n, stride_x_c, stride_x_d,
+    stride_g_n, stride_g_c, stride_g_d,
+    stride_t_n, stride_t_c, stride_t_d,
+    # options
+    ignore_index, label_smoothing, lse_square_scale, softcap,
+    # compile-time switches
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
+):
+    """Second launch of split rows: each slice reads its deferral flag, and only a deferred
+    one reads anything more (its own slice and the row's records, all present now)."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    for item in range(tl.program_id(0).to(tl.int64), n_rows * n_slices, tl.num_programs(0)):
+        if tl.load(sync_ptr + n_rows + item) != 0:
+            row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
+                item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices,
+                slice_width, stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c,
+                stride_t_d, ignore_index, label_smoothing, softcap,
+                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
+            _finish_slice(row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,
+                          grad_ptr, scale_ptr, ce_ptr, lse_ptr, record_ptr, n_inner, n_slices,
+                          stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap,
+                          HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD, TRACK_U, P_PAD)
 
-    if SPLIT:
-        record = record_ptr + pid * 5  # (m, s, S, U, z_y) of this slice
-        if FINISH:
-            active = (tl.load(flag_ptr + pid) == 2).to(tl.int32)
-        else:
-            tl.store(record, m)
-            tl.store(record + 1, s)
-            tl.store(record + 2, S)
-            tl.store(record + 3, U)
-            tl.store(record + 4, z_y)
-            tl.debug_barrier()  # the whole program's stores come before the releasing flag
-            tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
-            if not COMPUTE_GRAD:  # without a gradient only slice 0, the loss's writer, merges
-                active = (j == 0).to(tl.int32)
-        # Merge the P records in slice order (bounded polls in the first launch; in FINISH
-        # every record is there, the first launch having ended).
-        m_all = tl.full((), NEG_INF, tl.float32)
-        s_all = tl.zeros((), tl.float32)
-        S_all = tl.zeros((), tl.float32)
-        U_all = tl.zeros((), tl.float32)
-        missing = tl.zeros((), tl.int32)
-        if active != 0:
-            for k in range(0, n_slices):
-                theirs = record_ptr + (row * n_slices + k) * 5
-                ready = tl.atomic_add(flag_ptr + row * n_slices + k, 0, sem="acquire")
-                polls = 0
-                while (ready == 0) & (polls < spin_limit):
-                    ready = tl.atomic_add(flag_ptr + row * n_slices + k, 0, sem="acquire")
-                    polls += 1
-                if ready != 0:
-                    km = tl.load(theirs, volatile=True)
-                    ks = tl.load(theirs + 1, volatile=True)
-                    kS = tl.load(theirs + 2, volatile=True)
-                    kU = tl.load(theirs + 3, volatile=True)
-                    m_all, s_all, S_all, U_all = _merge_stats(m_all, s_all, S_all, U_all,
-                                                              km, ks, kS, kU, TRACK_U)
-                else:
-                    missing += 1
-        if missing != 0:  # a sibling is late: write nothing now, finish in the FINISH launch
-            tl.atomic_xchg(flag_ptr + pid, 2)
-            active = tl.zeros((), tl.int32)
-        m, s, S, U = m_all, s_all, S_all, U_all
 
-    if active != 0:
-        log_s = tl.log(s)
-        if j == 0:
-            if STATS == 0:
-                ce = a * (log_s + (m - z_y))
-                if TRACK_U:
-                    ce += b * (U * log_s + S)
-                ce = tl.where(row_ok, ce, 0.0)
-                ce = tl.where(row_nan, float("nan"), ce)
-                tl.store(ce_ptr + row, ce)
-                tl.store(lse_ptr + row, m + log_s)
-            if STATS == 1:
-                tl.store(stats_ptr + row * 5, m)
-                tl.store(stats_ptr + row * 5 + 1, s)
-                tl.store(stats_ptr + row * 5 + 2, S)
-                tl.store(stats_ptr + row * 5 + 3, U)
-                tl.store(stats_ptr + row * 5 + 4, z_y)
-        # The gradient of this slice, already scaled by the reduction (1/denominator, "mean").
-        if COMPUTE_GRAD:
-            scale_ce = 1.0
-            scale_z = 1.0
-            if HAS_SCALE:
-                scale_ce = tl.load(scale_ptr)
-                scale_z = tl.load(scale_ptr + 1)
-            coef = (a + b * U) * scale_ce
-            if HAS_ZLOSS:
-                coef += 2.0 * lse_square_scale * (m + log_s) * scale_z
-            grad_row_ptr = grad_ptr + n * stride_g_n + d * stride_g_d
-            _store_grad(grad_row_ptr, cols, mask, stride_g_c, z, t, u, y, m, 1.0 / s, coef,
-                        a * scale_ce, b * scale_ce, row_ok, row_nan, softcap, HAS_SOFTCAP,
-                        TRACK_U)
+@triton.jit
+def _slice_stats_kernel(
+    # pointers
+    logits_ptr, target_ptr, weight_ptr, stats_ptr,
+    # sizes: this tensor's n_cols columns are classes class_offset.. of n_classes
+    n_rows, n_cols, n_inner, class_offset, n_classes,
+    # strides (sample, class, position) of the logits; the targets' row stride
+    stride_x_n, stride_x_c, stride_x_d, stride_t_row,
+    # options
+    ignore_index, label_smoothing, softcap,
+    # compile-time switches
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """(m, s, S, U, z_y) of ROWS rows of a vocab-parallel rank's classes: the rows' blocks
+    of BLOCK_V columns in turn, merged as they come (no gradient, so nothing is held)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    x_rows = _row_offsets(rows, n_inner, stride_x_n, stride_x_d)
+    y, row_ok, row_nan, a, b = _row_targets(
+        target_ptr, weight_ptr, rows * stride_t_row, row_mask, ignore_index, class_offset,
+        n_classes, label_smoothing, False, HAS_WEIGHT)
+    m = tl.full((ROWS,), NEG_INF, tl.float32)
+    s = tl.zeros((ROWS,), tl.float32)
+    S = tl.zeros((ROWS,), tl.float32)
+    U = tl.zeros((ROWS,), tl.float32)
+    z_y = tl.zeros((ROWS,), tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, rows, weight_ptr, cols, mask,
+                             stride_x_c, 0, label_smoothing, class_offset, n_classes, softcap,
+                             False, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        bm, bs, bS, bU = _tile_stats(z, u, HAS_SMOOTHING)
+        m, s, S, U = _merge_pair(m, s, S, U, bm, bs, bS, bU, HAS_SMOOTHING)
+        z_y += _target_logit(z, cols, mask, y, row_ok)
+    out = stats_ptr + rows * 5
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + 1, s, mask=row_mask)
+    tl.store(out + 2, S, mask=row_mask)
+    tl.store(out + 3, U, mask=row_mask)
+    tl.store(out + 4, z_y, mask=row_mask)
+
+
+@triton.jit
+def _slice_grad_kernel(
+    # pointers
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, stats_ptr, scale_ptr,
+    # sizes: this tensor's n_cols columns are classes class_offset.. of n_classes
+    n_rows, n_cols, n_inner, class_offset, n_classes,
+    # strides (sample, class, position) of logits and gradient; the targets' row stride
+    stride_x_n, stride_x_c, stride_x_d, stride_g_n, stride_g_c, stride_g_d, stride_t_row,
+    # options
+    ignore_index, label_smoothing, lse_square_scale, softcap,
+    # compile-time switches
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The gradient of a (ROWS, BLOCK_V) tile of a rank's classes from the rows' merged
+    (m, s, S, U): program (i, k) takes rows i * ROWS.. and columns k * BLOCK_V.."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    y, row_ok, row_nan, a, b = _row_targets(
+        target_ptr, weight_ptr, rows * stride_t_row, row_mask, ignore_index, class_offset,
+        n_classes, label_smoothing, False, HAS_WEIGHT)
+    z, t, u = _load_tile(logits_ptr, _row_offsets(rows, n_inner, stride_x_n, stride_x_d),
+                         target_ptr, rows, weight_ptr, cols, mask, stride_x_c, 0,
+                         label_smoothing, class_offset, n_classes, softcap, False, HAS_WEIGHT,
+                         HAS_SMOOTHING, HAS_SOFTCAP)
+    m = tl.load(stats_ptr + rows * 4, mask=row_mask, other=0.0)
+    s = tl.load(stats_ptr + rows * 4 + 1, mask=row_mask, other=1.0)
+    U = tl.load(stats_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+    _write_grad(grad_ptr, _row_offsets(rows, n_inner, stride_g_n, stride_g_d), cols, mask,
+                stride_g_c, z, t, u, y, m, s, U, a, b, row_ok, row_nan, scale_ptr,
+                lse_square_scale, softcap, HAS_SCALE, HAS_ZLOSS, HAS_SOFTCAP, HAS_SMOOTHING)
 
 
 @triton.jit
@@ -313,69 +583,49 @@ def _scale_rows_kernel(
             tl.store(row_ptr + offs, (g * go).to(row_ptr.dtype.element_ty), mask=mask)
 
 
-# --- launchers -----------------------------------------------------------------------------
+# --- launch plans -----------------------------------------------------------------------------
 
 
-def _launch(
-    logits: torch.Tensor,  # (N, V, D)
-    target: torch.Tensor,  # (N*D,) class indices, or (N, V, D) probabilities
-    weight: torch.Tensor | None,  # (n_classes,) float32, contiguous
-    scale: torch.Tensor | None,  # (2,) float32
-    grad: torch.Tensor | None,  # (N, V, D) or None
-    outputs: tuple,  # (ce, lse, stats): the mode's output tensors, None where unused
-    *,
-    stats_mode: int,  # the kernel's STATS switch
-    class_offset: int,
-    n_classes: int,
-    prob_target: bool,
-    ignore_index: int,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-) -> None:
-    N, V, D = logits.shape
-    rows = N * D
-    if rows == 0:
-        return
-    device = logits.device
-    n_slices = triton.cdiv(V, config.ROW_SLICE_MAX_V)
-    slice_width = triton.cdiv(triton.cdiv(V, n_slices), 16) * 16  # aligned slice starts
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def row_tile(n_cols: int, n_rows: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_V, num_warps) of a whole-rows tile: rows of n_cols <= ROW_SLICE_MAX_V
+    columns, as many as fill config.ROWS_TILE_ELEMENTS (but no more than there are rows)."""
+    block_v = triton.next_power_of_2(max(n_cols, 1))
+    rows = max(1, config.ROWS_TILE_ELEMENTS // block_v)
+    rows = min(rows, triton.next_power_of_2(max(n_rows, 1)))
+    return rows, block_v, config.num_warps_for(rows * block_v)
+
+
+def split_plan(n_cols: int) -> tuple[int, int, int, int]:
+    """(P, slice_width, BLOCK_V, num_warps) of rows of n_cols > ROW_SLICE_MAX_V columns: P
+    slices of equal width, a multiple of 16 so that every slice starts aligned."""
+    n_slices = triton.cdiv(n_cols, config.ROW_SLICE_MAX_V)
+    slice_width = triton.cdiv(triton.cdiv(n_cols, n_slices), 16) * 16
+    n_slices = triton.cdiv(n_cols, slice_width)  # rounding up the width may spare a slice
     block_v = triton.next_power_of_2(slice_width)
-    split = n_slices > 1 and stats_mode != 2  # with the statistics given, slices are alone
-    records = flags = None
-    if split:
-        records = torch.empty(rows * n_slices * 5, device=device, dtype=torch.float32)
-        flags = torch.zeros(rows * n_slices, device=device, dtype=torch.int32)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
-    # Class indices are a flat (N*D,) vector with one stride: row n*D + d sits at that offset.
-    t_strides = target.stride() if prob_target else (D * target.stride(0), 0, target.stride(0))
-    ce, lse, stats = outputs
-    args = (
-        logits, g, target, weight, scale, ce, lse, records, flags, stats,
-        V, D, n_slices, slice_width, class_offset, n_classes,
-        *logits.stride(), *g.stride(), *t_strides,
-        ignore_index, float(label_smoothing), float(lse_square_scale),
-        float(softcap) if softcap is not None else 1.0,
-        config.INTERPRET_SLICE_SPIN_LIMIT if interpreting else config.SLICE_SPIN_LIMIT,
-    )
-    switches = dict(
-        PROB_TARGET=prob_target,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap is not None,
-        TRACK_U=prob_target or label_smoothing > 0.0,  # the smoothing sums S, U are needed
-        HAS_ZLOSS=lse_square_scale != 0.0,
-        HAS_SCALE=scale is not None,
-        COMPUTE_GRAD=grad is not None,
-        SPLIT=split,
-        STATS=stats_mode,
-        BLOCK_V=block_v,
-        num_warps=config.num_warps_for(block_v),
-    )
-    _xent_kernel[(rows * n_slices,)](*args, FINISH=False, **switches)
-    if split:  # programs whose siblings were late finish here (most exit at once)
-        _xent_kernel[(rows * n_slices,)](*args, FINISH=True, **switches)
+    return n_slices, slice_width, block_v, config.num_warps_for(block_v)
+
+
+def _grid(n_items: int, device: torch.device) -> tuple[int]:
+    """One program an item, or, persistent, config.PERSISTENT_PROGRAMS_PER_SM per SM (the
+    interpreter counts as one SM) walking the items in grid-stride order."""
+    if not config.PERSISTENT:
+        return (n_items,)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 1
+    return (max(1, min(n_items, sms * config.PERSISTENT_PROGRAMS_PER_SM)),)
+
+
+def _target_strides(target, prob_target, D):
+    """Strides (sample, class, position) of the targets: class indices are a flat (N*D,)
+    vector with one stride, so row n*D + d sits at that offset."""
+    return target.stride() if prob_target else (D * target.stride(0), 0, target.stride(0))
+
+
+# --- launchers --------------------------------------------------------------------------------
 
 
 def xent_rows(
@@ -391,17 +641,44 @@ def xent_rows(
     lse_square_scale: float,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the row kernel. Returns (ce, lse), both (N*D,) float32; fills `grad` if given.
+    """Launches the row kernels. Returns (ce, lse), both (N*D,) float32; fills `grad` if given.
 
     `ce` is the unreduced cross-entropy of each row (0 for ignored rows, NaN for an unchecked
     out-of-range target), without the z-loss, which the caller adds from `lse`.
     """
     N, V, D = logits.shape
-    ce = torch.empty(N * D, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(N * D, device=logits.device, dtype=torch.float32)
-    _launch(logits, target, weight, scale, grad, (ce, lse, None), stats_mode=0, class_offset=0,
-            n_classes=V, prob_target=prob_target, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+    n_rows = N * D
+    device = logits.device
+    ce = torch.empty(n_rows, device=device, dtype=torch.float32)
+    lse = torch.empty(n_rows, device=device, dtype=torch.float32)
+    if n_rows == 0:
+        return ce, lse
+    g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
+    pointers = (logits, g, target, weight, scale, ce, lse)
+    strides = (*logits.stride(), *g.stride(), *_target_strides(target, prob_target, D))
+    options = (ignore_index, float(label_smoothing), float(lse_square_scale),
+               float(softcap) if softcap is not None else 1.0)
+    switches = dict(PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+                    HAS_SMOOTHING=label_smoothing > 0.0, HAS_SOFTCAP=softcap is not None,
+                    HAS_ZLOSS=lse_square_scale != 0.0, HAS_SCALE=scale is not None,
+                    COMPUTE_GRAD=grad is not None)
+    if V <= config.ROW_SLICE_MAX_V:
+        rows, block_v, warps = row_tile(V, n_rows)
+        _rows_kernel[_grid(triton.cdiv(n_rows, rows), device)](
+            *pointers, n_rows, V, D, *strides, *options, **switches, ROWS=rows,
+            BLOCK_V=block_v, num_warps=warps)
+        return ce, lse
+    n_slices, slice_width, block_v, warps = split_plan(V)
+    records = torch.empty(n_rows * n_slices * RECORD_WIDTH.value, device=device,
+                          dtype=torch.float32)
+    sync = torch.zeros(n_rows * (1 + n_slices), device=device, dtype=torch.int32)
+    spin = config.INTERPRET_SLICE_SPIN_LIMIT if _interpreting() else config.SLICE_SPIN_LIMIT
+    grid = _grid(n_rows * n_slices, device)
+    sizes = (n_rows, V, D, n_slices, slice_width)
+    common = dict(**switches, BLOCK_V=block_v, P_PAD=triton.next_power_of_2(n_slices),
+                  num_warps=warps)
+    _split_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, spin, **common)
+    _finish_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, **common)
     return ce, lse
 
 
@@ -419,11 +696,17 @@ def xent_slice_stats(
     """(N*D, 5) float32 statistics of each row's slice: max m, sum exp(z - m), S = sum u (m - z),
     U = sum u, and the target's (softcapped) logit where it lies in the slice, else 0."""
     N, V, D = logits.shape
-    stats = torch.empty((N * D, 5), device=logits.device, dtype=torch.float32)
-    _launch(logits, target, weight, None, None, (None, None, stats), stats_mode=1,
-            class_offset=class_offset, n_classes=n_classes, prob_target=False,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=0.0,
-            softcap=softcap)
+    n_rows = N * D
+    stats = torch.empty((n_rows, 5), device=logits.device, dtype=torch.float32)
+    if n_rows == 0:
+        return stats
+    rows, block_v, warps = row_tile(min(V, config.ROW_SLICE_MAX_V), n_rows)
+    _slice_stats_kernel[(triton.cdiv(n_rows, rows),)](
+        logits, target, weight, stats, n_rows, V, D, class_offset, n_classes,
+        *logits.stride(), target.stride(0), ignore_index, float(label_smoothing),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap is not None, ROWS=rows, BLOCK_V=block_v, num_warps=warps)
     return stats
 
 
@@ -443,10 +726,19 @@ def xent_slice_grad(
     softcap: float | None,
 ) -> None:
     """Writes the gradient of a slice of classes from the statistics of the whole rows."""
-    _launch(logits, target, weight, scale, grad, (None, None, stats.contiguous()),
-            stats_mode=2, class_offset=class_offset, n_classes=n_classes, prob_target=False,
-            ignore_index=ignore_index, label_smoothing=label_smoothing,
-            lse_square_scale=lse_square_scale, softcap=softcap)
+    N, V, D = logits.shape
+    n_rows = N * D
+    if n_rows == 0 or V == 0:
+        return
+    rows, block_v, warps = row_tile(min(V, config.ROW_SLICE_MAX_V), n_rows)
+    _slice_grad_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(V, block_v))](
+        logits, grad, target, weight, stats.contiguous(), scale, n_rows, V, D, class_offset,
+        n_classes, *logits.stride(), *grad.stride(), target.stride(0), ignore_index,
+        float(label_smoothing), float(lse_square_scale),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=lse_square_scale != 0.0,
+        HAS_SCALE=scale is not None, ROWS=rows, BLOCK_V=block_v, num_warps=warps)
 
 
 def scale_rows_(
