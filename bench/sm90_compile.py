@@ -33,19 +33,23 @@ NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"
 SM90 = GPUTarget("cuda", 90, 32)
 POINTERS = dict(logits_ptr="*bf16", grad_ptr="*bf16", target_ptr="*i64", weight_ptr="*fp32",
                 scale_ptr="*fp32", ce_ptr="*fp32", lse_ptr="*fp32", record_ptr="*fp32",
-                sync_ptr="*i32", stats_ptr="*fp32", grad_out_ptr="*bf16")
-FLOATS = ("label_smoothing", "lse_square_scale", "softcap")
+                sync_ptr="*i32", stats_ptr="*fp32", grad_out_ptr="*bf16", entropy_ptr="*fp32",
+                argmax_ptr="*i64", row_weight_ptr="*fp32", entropy_weight_ptr="*fp32")
+FLOATS = ("label_smoothing", "lse_square_scale", "softcap", "inv_temperature")
 
 
 def switches(**overrides) -> dict:
     """A row kernel's option constexprs: an LM row (class indices, mean, nothing else)."""
     base = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
-                HAS_ZLOSS=False, HAS_SCALE=True, COMPUTE_GRAD=True)
+                HAS_ZLOSS=False, HAS_SCALE=True, COMPUTE_GRAD=True, ENTROPY=False,
+                ARGMAX=False, HAS_ROW_WEIGHT=False, HAS_ENTROPY_WEIGHT=False)
     base.update(overrides)
     return base
 
 
 EVERY = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, HAS_ZLOSS=True)
+# The RL extras (issue 13): the entropy and its gradient, row weights, the argmax.
+RL = dict(ENTROPY=True, ARGMAX=True, HAS_ROW_WEIGHT=True, HAS_ENTROPY_WEIGHT=True)
 
 
 def variants() -> dict[str, tuple]:
@@ -65,12 +69,28 @@ def variants() -> dict[str, tuple]:
         "split_finish": (xent._finish_kernel, switches(HAS_SOFTCAP=True, **split), split_warps),
         "split_no_grad_finish": (xent._finish_kernel, switches(COMPUTE_GRAD=False, **split),
                                  split_warps),
+        "rl_rows": (xent._rows_kernel, switches(**RL, **rows), 4),
+        "rl_split": (xent._split_kernel, switches(**RL, **split), split_warps),
+        "rl_split_finish": (xent._finish_kernel, switches(**RL, HAS_SOFTCAP=True, **split),
+                            split_warps),
         "slice_stats": (xent._slice_stats_kernel, dict(HAS_WEIGHT=True, HAS_SMOOTHING=True,
-                                                       HAS_SOFTCAP=False, ROWS=1,
-                                                       BLOCK_V=4096), 8),
+                                                       HAS_SOFTCAP=False, ENTROPY=False,
+                                                       ARGMAX=False, ROWS=1, BLOCK_V=4096), 8),
+        "rl_slice_stats": (xent._slice_stats_kernel, dict(HAS_WEIGHT=False,
+                                                          HAS_SMOOTHING=False,
+                                                          HAS_SOFTCAP=False, ENTROPY=True,
+                                                          ARGMAX=True, ROWS=1, BLOCK_V=4096),
+                           8),
         "slice_grad": (xent._slice_grad_kernel, dict(HAS_WEIGHT=False, HAS_SMOOTHING=True,
                                                      HAS_SOFTCAP=False, HAS_ZLOSS=True,
-                                                     HAS_SCALE=True, ROWS=1, BLOCK_V=4096), 8),
+                                                     HAS_SCALE=True, HAS_ROW_WEIGHT=False,
+                                                     HAS_ENTROPY_WEIGHT=False, ROWS=1,
+                                                     BLOCK_V=4096), 8),
+        "rl_slice_grad": (xent._slice_grad_kernel, dict(HAS_WEIGHT=False, HAS_SMOOTHING=False,
+                                                        HAS_SOFTCAP=False, HAS_ZLOSS=False,
+                                                        HAS_SCALE=True, HAS_ROW_WEIGHT=True,
+                                                        HAS_ENTROPY_WEIGHT=True, ROWS=1,
+                                                        BLOCK_V=4096), 8),
         "scale_rows": (xent._scale_rows_kernel, dict(BLOCK_V=config.SCALE_BLOCK_V),
                        config.SCALE_NUM_WARPS),
     }

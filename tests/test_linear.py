@@ -268,9 +268,9 @@ def test_nothing_requires_grad_runs_forward_only(backend, device, monkeypatch):
 
     def spy(use_triton):
         rows_fn, scale_fn = real(use_triton)
-        return (lambda logits, t, wt, scale, grad, **kw:
+        return (lambda logits, t, wt, scale, grad, *rows, **kw:
                 grads_asked.append(grad is not None) or rows_fn(logits, t, wt, scale, grad,
-                                                                **kw)), scale_fn
+                                                                *rows, **kw)), scale_fn
 
     monkeypatch.setattr(core, "row_fns", spy)
     x, w, b, t = _problem(device=device)

@@ -91,6 +91,10 @@ REC_SUM_EXP = tl.constexpr(1)  # sum exp(z - m)
 REC_S = tl.constexpr(2)  # sum u (m - z)
 REC_U = tl.constexpr(3)  # sum u
 REC_ZY = tl.constexpr(4)  # the target's z if it is one of the slice's columns, else 0
+REC_Q = tl.constexpr(5)  # sum exp(z - m) (z - m): the entropy's statistic
+REC_ARGMAX = tl.constexpr(6)  # the row's column of the slice's first max, as a float
+# Column indices travel as float32 in the records, exact below this many classes.
+ARGMAX_MAX_COLS = tl.constexpr(2**24)
 
 
 # --- shared helpers -------------------------------------------------------------------------
@@ -148,11 +152,11 @@ def _row_targets(
 def _load_tile(
     x_ptr, x_rows, t_ptr, t_rows, weight_ptr,  # (R,) row offsets of logits and targets
     cols, mask,  # (B,) column indices, (R, B) validity
-    stride_x_c, stride_t_c, label_smoothing, class_offset, n_classes, softcap,
+    stride_x_c, stride_t_c, label_smoothing, class_offset, n_classes, softcap, inv_temperature,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """An (R, B) tile: z (softcapped, -inf off the rows), t = tanh(x / softcap), and u.
+    """An (R, B) tile: z = softcap(x) / T (-inf off the rows), t = tanh(x / softcap), and u.
     Column c is class class_offset + c of n_classes (a vocab-parallel rank's slice)."""
     cols64 = cols.to(tl.int64)
     x = tl.load(x_ptr + x_rows[:, None] + cols64[None, :] * stride_x_c, mask=mask, other=0.0)
@@ -161,7 +165,7 @@ def _load_tile(
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
         x = softcap * t
-    z = tl.where(mask, x, NEG_INF)
+    z = tl.where(mask, x * inv_temperature, NEG_INF)
     u = mask.to(tl.float32)
     if HAS_WEIGHT:
         u = tl.load(weight_ptr + class_offset + cols64[None, :], mask=mask, other=0.0)
@@ -175,34 +179,66 @@ def _load_tile(
 
 
 @triton.jit
-def _tile_stats(z, u, TRACK_U: tl.constexpr):
-    """(R,) statistics (m, s, S, U) of the rows of an (R, B) tile of z and weights u."""
+def _tile_stats(z, u, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr):
+    """(R,) statistics (m, s, S, U, Q) of the rows of an (R, B) tile of z and weights u."""
     m = tl.max(z, axis=1)
     m_ref = tl.where(m == NEG_INF, 0.0, m)  # an all -inf row keeps s = 0, not nan
-    s = tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+    e = tl.exp(z - m_ref[:, None])
+    s = tl.sum(e, axis=1)
     S = tl.zeros(m.shape, tl.float32)
     U = tl.zeros(m.shape, tl.float32)
+    Q = tl.zeros(m.shape, tl.float32)
     if TRACK_U:
         # z == m also covers an all -inf row, whose terms are 0 relative to its own max.
         S = tl.sum(u * tl.where((u == 0.0) | (z == m[:, None]), 0.0, m[:, None] - z), axis=1)
         U = tl.sum(u, axis=1)
-    return m, s, S, U
+    if ENTROPY:
+        # e = 0 (a -inf logit, or one that underflows) adds 0, not 0 * -inf.
+        Q = tl.sum(tl.where(e == 0.0, 0.0, e * (z - m_ref[:, None])), axis=1)
+    return m, s, S, U, Q
 
 
 @triton.jit
-def _merge_pair(m1, s1, S1, U1, m2, s2, S2, U2, TRACK_U: tl.constexpr):
+def _tile_argmax(z, first_col):
+    """(R,) column of each row's first maximum in a tile whose columns start at first_col
+    (tl.argmax breaks ties to the left)."""
+    return tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + first_col
+
+
+@triton.jit
+def _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask,
+                 HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr):
+    """(R,) row weights r and entropy-gradient weights e (0 where not given: then unused)."""
+    r = tl.zeros(rows.shape, tl.float32)
+    e = tl.zeros(rows.shape, tl.float32)
+    if HAS_ROW_WEIGHT:
+        r = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_ENTROPY_WEIGHT:
+        e = tl.load(entropy_weight_ptr + rows, mask=row_mask, other=0.0)
+    return r, e
+
+
+@triton.jit
+def _merge_pair(m1, s1, S1, U1, Q1, m2, s2, S2, U2, Q2, TRACK_U: tl.constexpr,
+                ENTROPY: tl.constexpr):
     """Statistics of the union of two column sets (the slice-statistics kernel's loop)."""
     m = tl.maximum(m1, m2)
     m_ref = tl.where(m == NEG_INF, 0.0, m)
-    s = s1 * tl.exp(m1 - m_ref) + s2 * tl.exp(m2 - m_ref)
+    e1 = tl.exp(m1 - m_ref)
+    e2 = tl.exp(m2 - m_ref)
+    s = s1 * e1 + s2 * e2
     S = S1
     U = U1
+    Q = Q1
     if TRACK_U:
         # Guards keep 0 * inf (no weight yet, or an -inf max) out of the sums.
         S = (S1 + U1 * tl.where((m == m1) | (U1 == 0.0), 0.0, m - m1)
              + S2 + U2 * tl.where((m == m2) | (U2 == 0.0), 0.0, m - m2))
         U = U1 + U2
-    return m, s, S, U
+    if ENTROPY:  # Q = sum_k exp(m_k - m) (Q_k + s_k (m_k - m)), guarded as S is
+        Q = (e1 * (Q1 + s1 * tl.where((m == m1) | (s1 == 0.0), 0.0, m1 - m))
+             + e2 * (Q2 + s2 * tl.where((m == m2) | (s2 == 0.0), 0.0, m2 - m)))
+    return m, s, S, U, Q
 
 
 @triton.jit
@@ -213,9 +249,18 @@ def _target_logit(z, cols, mask, y, row_ok):
 
 
 @triton.jit
-def _write_loss(ce_ptr, lse_ptr, rows, row_mask, m, s, S, U, z_y, a, b, row_ok, row_nan,
-                TRACK_U: tl.constexpr):
-    """ce = a (log s + m - z_y) + b (U log s + S) and lse = m + log s of (R,) rows."""
+def _entropy(s, Q):
+    """H = log s - Q / s: two terms >= 0 (s >= 1 holds the max's exp(0) = 1, and Q <= 0), so
+    H never goes negative, not even by rounding."""
+    return tl.log(s) - Q / s
+
+
+@triton.jit
+def _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, row_mask,
+                m, s, S, U, z_y, Q, idx, a, b, row_ok, row_nan,
+                TRACK_U: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    """ce = a (log s + m - z_y) + b (U log s + S), lse = m + log s, and if asked for the
+    entropy H (0 on ignored rows) and the argmax (-1 there) of (R,) rows."""
     log_s = tl.log(s)
     ce = a * (log_s + (m - z_y))
     if TRACK_U:
@@ -224,32 +269,52 @@ def _write_loss(ce_ptr, lse_ptr, rows, row_mask, m, s, S, U, z_y, a, b, row_ok, 
     ce = tl.where(row_nan, float("nan"), ce)
     tl.store(ce_ptr + rows, ce, mask=row_mask)
     tl.store(lse_ptr + rows, m + log_s, mask=row_mask)
+    if ENTROPY:
+        H = tl.where(row_ok, _entropy(s, Q), 0.0)
+        tl.store(entropy_ptr + rows, tl.where(row_nan, float("nan"), H), mask=row_mask)
+    if ARGMAX:
+        tl.store(argmax_ptr + rows, tl.where(row_ok, idx, -1), mask=row_mask)
 
 
 @triton.jit
 def _write_grad(
     grad_ptr, g_rows, cols, mask, stride_g_c,  # where: (R,) row offsets, (B,), (R, B)
-    z, t, u, y, m, s, U, a, b, row_ok, row_nan,  # what: (R, B) tiles and (R,) row values
-    scale_ptr, lse_square_scale, softcap,
+    z, t, u, y, m, s, U, H, a, b, r, e, row_ok, row_nan,  # (R, B) tiles, (R,) row values
+    scale_ptr, lse_square_scale, softcap, inv_temperature,
     HAS_SCALE: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    TRACK_U: tl.constexpr,
+    TRACK_U: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
 ):
-    """dloss/dx = (p (a + b U) - b u - a [c == y]) * ce_scale + 2 zs lse p * z_scale, times the
-    softcap slope; the scales are the reduction's 1/denominators ("mean"), else 1."""
+    """dloss/dz = r ((p (a + b U) - b u - a [c == y]) * ce_scale + 2 zs lse p * z_scale)
+    + e p (log s + m - z - H), times dz/dx = softcap slope / T; the scales are the
+    reduction's 1/denominators ("mean"), else 1; r the row weight, e the entropy's (already
+    scaled by the caller)."""
     scale_ce = 1.0
     scale_z = 1.0
     if HAS_SCALE:
         scale_ce = tl.load(scale_ptr)
         scale_z = tl.load(scale_ptr + 1)
+    log_s = tl.log(s)
     coef = (a + b * U) * scale_ce
     if HAS_ZLOSS:
-        coef += 2.0 * lse_square_scale * (m + tl.log(s)) * scale_z
+        coef += 2.0 * lse_square_scale * (m + log_s) * scale_z
+    a_scaled = a * scale_ce
+    b_scaled = b * scale_ce
+    if HAS_ROW_WEIGHT:
+        coef = coef * r
+        a_scaled = a_scaled * r
+        b_scaled = b_scaled * r
     p = tl.exp(z - m[:, None]) * (1.0 / s)[:, None]
-    g = p * coef[:, None] - tl.where(cols[None, :] == y[:, None], (a * scale_ce)[:, None], 0.0)
+    g = p * coef[:, None] - tl.where(cols[None, :] == y[:, None], a_scaled[:, None], 0.0)
     if TRACK_U:
-        g = g - (b * scale_ce)[:, None] * u
+        g = g - b_scaled[:, None] * u
+    if HAS_ENTROPY_WEIGHT:
+        # dH/dz_c = p_c (lse - z_c - H), with lse - z_c = log s + (m - z_c) (exact for huge
+        # equal logits); a -inf logit has p = 0 and adds 0, not 0 * inf.
+        dH = tl.where(z == NEG_INF, 0.0, p * ((log_s - H)[:, None] + (m[:, None] - z)))
+        g = g + e[:, None] * dH
     if HAS_SOFTCAP:
         g = g * (1.0 - t * t)
+    g = g * inv_temperature
     g = tl.where(row_ok[:, None], g, 0.0)
     g = tl.where(row_nan[:, None], float("nan"), g)
     tl.store(grad_ptr + g_rows[:, None] + cols.to(tl.int64)[None, :] * stride_g_c,
@@ -257,13 +322,15 @@ def _write_grad(
 
 
 @triton.jit
-def _pack_record(m, s, S, U, z_y):
+def _pack_record(m, s, S, U, z_y, Q, idx):
     """(1, RECORD_WIDTH) record of one slice from its (1,) statistics; unused fields 0."""
     k = tl.arange(0, RECORD_WIDTH)[None, :]
     rec = tl.where(k == REC_M, m[:, None], 0.0)
     rec = tl.where(k == REC_SUM_EXP, s[:, None], rec)
     rec = tl.where(k == REC_S, S[:, None], rec)
     rec = tl.where(k == REC_U, U[:, None], rec)
+    rec = tl.where(k == REC_Q, Q[:, None], rec)
+    rec = tl.where(k == REC_ARGMAX, idx.to(tl.float32)[:, None], rec)
     return tl.where(k == REC_ZY, z_y[:, None], rec)
 
 
@@ -275,9 +342,11 @@ def _field(rec, name):
 
 
 @triton.jit
-def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, P_PAD: tl.constexpr):
-    """(1,) merged (m, s, S, U, z_y) of a row's P records: one (P_PAD, RECORD_WIDTH) load (L2,
-    .cg: the records were written by other SMs), then reductions over the slices."""
+def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr,
+                   ARGMAX: tl.constexpr, P_PAD: tl.constexpr):
+    """(1,) merged (m, s, S, U, z_y, Q, argmax) of a row's P records: one (P_PAD,
+    RECORD_WIDTH) load (L2, .cg: the records were written by other SMs), then reductions
+    over the slices. The argmax is the least column among the slices whose max is m."""
     p = tl.arange(0, P_PAD)
     present = p < n_slices
     offs = (row * n_slices + p).to(tl.int64)[:, None] * RECORD_WIDTH \
@@ -296,9 +365,18 @@ def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, P_PAD: tl.c
         # Guards keep 0 * inf (a slice without weight, or an all -inf slice) out of S.
         S = tl.sum(rS + rU * tl.where((rm == m) | (rU == 0.0), 0.0, m - rm), axis=0)
         U = tl.sum(rU, axis=0)
+    Q = tl.zeros((), tl.float32)
+    if ENTROPY:  # Q = sum_k exp(m_k - m) (Q_k + s_k (m_k - m)), guarded as S is
+        rQ = _field(rec, REC_Q)
+        shift = tl.where((rm == m) | (rs == 0.0), 0.0, rm - m)
+        Q = tl.sum(tl.exp(rm - m_ref) * (rQ + rs * shift), axis=0)
+    idx = tl.zeros((), tl.int64)
+    if ARGMAX:
+        first = tl.where(present & (rm == m), _field(rec, REC_ARGMAX), ARGMAX_MAX_COLS * 1.0)
+        idx = tl.min(first, axis=0).to(tl.int64)
     z_y = tl.sum(_field(rec, REC_ZY), axis=0)
     one = tl.zeros((1,), tl.float32)
-    return m + one, s + one, S + one, U + one, z_y + one
+    return m + one, s + one, S + one, U + one, z_y + one, Q + one, idx + one.to(tl.int64)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -308,6 +386,7 @@ def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, P_PAD: tl.c
 def _rows_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
+    entropy_ptr, argmax_ptr, row_weight_ptr, entropy_weight_ptr,
     # sizes
     n_rows, n_cols, n_inner,
     # strides (sample, class, position) of logits, gradient and targets
@@ -315,11 +394,13 @@ def _rows_kernel(
     stride_g_n, stride_g_c, stride_g_d,
     stride_t_n, stride_t_c, stride_t_d,
     # options
-    ignore_index, label_smoothing, lse_square_scale, softcap,
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature,
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Loss, lse and gradient of whole rows, ROWS rows of at most BLOCK_V columns a tile,
     tiles taken in grid-stride order (one a program unless the launch is persistent)."""
@@ -337,16 +418,23 @@ def _rows_kernel(
             label_smoothing, PROB_TARGET, HAS_WEIGHT)
         z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, t_rows, weight_ptr, cols, mask,
                              stride_x_c, stride_t_c, label_smoothing, 0, n_cols, softcap,
-                             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        m, s, S, U = _tile_stats(z, u, TRACK_U)
+                             inv_temperature, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                             HAS_SOFTCAP)
+        m, s, S, U, Q = _tile_stats(z, u, TRACK_U, ENTROPY)
         z_y = _target_logit(z, cols, mask, y, row_ok)
-        _write_loss(ce_ptr, lse_ptr, rows, row_mask, m, s, S, U, z_y, a, b, row_ok, row_nan,
-                    TRACK_U)
+        idx = tl.zeros((ROWS,), tl.int64)
+        if ARGMAX:
+            idx = _tile_argmax(z, 0)
+        _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, row_mask, m, s, S, U, z_y,
+                    Q, idx, a, b, row_ok, row_nan, TRACK_U, ENTROPY, ARGMAX)
         if COMPUTE_GRAD:
+            r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask,
+                                HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
             g_rows = _row_offsets(rows, n_inner, stride_g_n, stride_g_d)
-            _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U, a, b,
-                        row_ok, row_nan, scale_ptr, lse_square_scale, softcap, HAS_SCALE,
-                        HAS_ZLOSS, HAS_SOFTCAP, TRACK_U)
+            _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U,
+                        _entropy(s, Q), a, b, r, e, row_ok, row_nan, scale_ptr,
+                        lse_square_scale, softcap, inv_temperature, HAS_SCALE, HAS_ZLOSS,
+                        HAS_SOFTCAP, TRACK_U, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
 
 
 @triton.jit
@@ -354,7 +442,7 @@ def _split_slice(
     item, logits_ptr, target_ptr, weight_ptr,
     n_cols, n_inner, n_slices, slice_width,
     stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c, stride_t_d,
-    ignore_index, label_smoothing, softcap,
+    ignore_index, label_smoothing, softcap, inv_temperature,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -374,35 +462,42 @@ def _split_slice(
         PROB_TARGET, HAS_WEIGHT)
     z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, t_rows, weight_ptr, cols, mask,
                          stride_x_c, stride_t_c, label_smoothing, 0, n_cols, softcap,
-                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                         inv_temperature, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
     return row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u
 
 
 @triton.jit
 def _finish_slice(
     row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,  # from _split_slice
-    grad_ptr, scale_ptr, ce_ptr, lse_ptr, record_ptr, n_inner, n_slices,
-    stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap,
+    grad_ptr, scale_ptr, ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, row_weight_ptr,
+    entropy_weight_ptr, record_ptr, n_inner, n_slices,
+    stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap, inv_temperature,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, TRACK_U: tl.constexpr, P_PAD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr,
+    ARGMAX: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    P_PAD: tl.constexpr,
 ):
     """Steps 3-4 of the module docstring, once every record of the row is visible."""
-    m, s, S, U, z_y = _merge_records(record_ptr, row, n_slices, TRACK_U, P_PAD)
+    m, s, S, U, z_y, Q, idx = _merge_records(record_ptr, row, n_slices, TRACK_U, ENTROPY,
+                                             ARGMAX, P_PAD)
     if j == 0:
-        _write_loss(ce_ptr, lse_ptr, rows, rows >= 0, m, s, S, U, z_y, a, b, row_ok, row_nan,
-                    TRACK_U)
+        _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, rows >= 0, m, s, S, U,
+                    z_y, Q, idx, a, b, row_ok, row_nan, TRACK_U, ENTROPY, ARGMAX)
     if COMPUTE_GRAD:
+        r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, rows >= 0,
+                            HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
         g_rows = _row_offsets(rows, n_inner, stride_g_n, stride_g_d)
-        _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U, a, b,
-                    row_ok, row_nan, scale_ptr, lse_square_scale, softcap, HAS_SCALE,
-                    HAS_ZLOSS, HAS_SOFTCAP, TRACK_U)
+        _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U,
+                    _entropy(s, Q), a, b, r, e, row_ok, row_nan, scale_ptr, lse_square_scale,
+                    softcap, inv_temperature, HAS_SCALE, HAS_ZLOSS, HAS_SOFTCAP, TRACK_U,
+                    HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
 
 
 @triton.jit
 def _split_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
-    record_ptr, sync_ptr,
+    entropy_ptr, argmax_ptr, row_weight_ptr, entropy_weight_ptr, record_ptr, sync_ptr,
     # sizes: rows of n_cols columns, cut into n_slices slices of slice_width
     n_rows, n_cols, n_inner, n_slices, slice_width,
     # strides (sample, class, position) of logits, gradient and targets
@@ -410,11 +505,13 @@ def _split_kernel(
     stride_g_n, stride_g_c, stride_g_d,
     stride_t_n, stride_t_c, stride_t_d,
     # options
-    ignore_index, label_smoothing, lse_square_scale, softcap, spin_limit,
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature, spin_limit,
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
 ):
     """First launch of split rows: publish, merge (bounded wait), write or defer."""
     TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
@@ -422,12 +519,15 @@ def _split_kernel(
         row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
             item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices, slice_width,
             stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c, stride_t_d,
-            ignore_index, label_smoothing, softcap,
+            ignore_index, label_smoothing, softcap, inv_temperature,
             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
         # 1. Publish: the record, a barrier (all the program's stores come first), then the
         # arrival, whose release makes the record visible to whoever acquires the counter.
-        m, s, S, U = _tile_stats(z, u, TRACK_U)
-        rec = _pack_record(m, s, S, U, _target_logit(z, cols, mask, y, row_ok))
+        m, s, S, U, Q = _tile_stats(z, u, TRACK_U, ENTROPY)
+        idx = tl.zeros((1,), tl.int64)
+        if ARGMAX:
+            idx = _tile_argmax(z, j * slice_width)
+        rec = _pack_record(m, s, S, U, _target_logit(z, cols, mask, y, row_ok), Q, idx)
         tl.store(record_ptr + item * RECORD_WIDTH + tl.arange(0, RECORD_WIDTH)[None, :], rec,
                  cache_modifier=".cg")
         tl.debug_barrier()
@@ -443,17 +543,19 @@ def _split_kernel(
                 tl.store(sync_ptr + n_rows + item, 1)
             else:  # 3-4. Merge and write.
                 _finish_slice(row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,
-                              grad_ptr, scale_ptr, ce_ptr, lse_ptr, record_ptr, n_inner,
+                              grad_ptr, scale_ptr, ce_ptr, lse_ptr, entropy_ptr, argmax_ptr,
+                              row_weight_ptr, entropy_weight_ptr, record_ptr, n_inner,
                               n_slices, stride_g_n, stride_g_c, stride_g_d, lse_square_scale,
-                              softcap, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD,
-                              TRACK_U, P_PAD)
+                              softcap, inv_temperature, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE,
+                              COMPUTE_GRAD, TRACK_U, ENTROPY, ARGMAX, HAS_ROW_WEIGHT,
+                              HAS_ENTROPY_WEIGHT, P_PAD)
 
 
 @triton.jit
 def _finish_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
-    record_ptr, sync_ptr,
+    entropy_ptr, argmax_ptr, row_weight_ptr, entropy_weight_ptr, record_ptr, sync_ptr,
     # sizes
     n_rows, n_cols, n_inner, n_slices, slice_width,
     # strides (sample, class, position) of logits, gradient and targets
@@ -461,11 +563,13 @@ def _finish_kernel(
     stride_g_n, stride_g_c, stride_g_d,
     stride_t_n, stride_t_c, stride_t_d,
     # options
-    ignore_index, label_smoothing, lse_square_scale, softcap,
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature,
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
 ):
     """Second launch of split rows: each slice reads its deferral flag, and only a deferred
     one reads anything more (its own slice and the row's records, all present now)."""
@@ -475,30 +579,33 @@ def _finish_kernel(
             row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
                 item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices,
                 slice_width, stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c,
-                stride_t_d, ignore_index, label_smoothing, softcap,
+                stride_t_d, ignore_index, label_smoothing, softcap, inv_temperature,
                 PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
             _finish_slice(row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,
-                          grad_ptr, scale_ptr, ce_ptr, lse_ptr, record_ptr, n_inner, n_slices,
+                          grad_ptr, scale_ptr, ce_ptr, lse_ptr, entropy_ptr, argmax_ptr,
+                          row_weight_ptr, entropy_weight_ptr, record_ptr, n_inner, n_slices,
                           stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap,
-                          HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD, TRACK_U, P_PAD)
+                          inv_temperature, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD,
+                          TRACK_U, ENTROPY, ARGMAX, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT, P_PAD)
 
 
 @triton.jit
 def _slice_stats_kernel(
     # pointers
-    logits_ptr, target_ptr, weight_ptr, stats_ptr,
+    logits_ptr, target_ptr, weight_ptr, stats_ptr, argmax_ptr,
     # sizes: this tensor's n_cols columns are classes class_offset.. of n_classes
     n_rows, n_cols, n_inner, class_offset, n_classes,
     # strides (sample, class, position) of the logits; the targets' row stride
     stride_x_n, stride_x_c, stride_x_d, stride_t_row,
     # options
-    ignore_index, label_smoothing, softcap,
+    ignore_index, label_smoothing, softcap, inv_temperature,
     # compile-time switches
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """(m, s, S, U, z_y) of ROWS rows of a vocab-parallel rank's classes: the rows' blocks
-    of BLOCK_V columns in turn, merged as they come (no gradient, so nothing is held)."""
+    """(m, s, S, U, z_y, Q) of ROWS rows of a vocab-parallel rank's classes, and the global
+    class of each row's first max: the rows' blocks of BLOCK_V columns in turn, merged as
+    they come (no gradient, so nothing is held)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     x_rows = _row_offsets(rows, n_inner, stride_x_n, stride_x_d)
@@ -509,41 +616,49 @@ def _slice_stats_kernel(
     s = tl.zeros((ROWS,), tl.float32)
     S = tl.zeros((ROWS,), tl.float32)
     U = tl.zeros((ROWS,), tl.float32)
+    Q = tl.zeros((ROWS,), tl.float32)
     z_y = tl.zeros((ROWS,), tl.float32)
+    idx = tl.zeros((ROWS,), tl.int64)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, rows, weight_ptr, cols, mask,
                              stride_x_c, 0, label_smoothing, class_offset, n_classes, softcap,
-                             False, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        bm, bs, bS, bU = _tile_stats(z, u, HAS_SMOOTHING)
-        m, s, S, U = _merge_pair(m, s, S, U, bm, bs, bS, bU, HAS_SMOOTHING)
+                             inv_temperature, False, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        bm, bs, bS, bU, bQ = _tile_stats(z, u, HAS_SMOOTHING, ENTROPY)
+        if ARGMAX:  # a later block takes over only with a strictly larger max
+            idx = tl.where((bm > m) | (start == 0), _tile_argmax(z, start), idx)
+        m, s, S, U, Q = _merge_pair(m, s, S, U, Q, bm, bs, bS, bU, bQ, HAS_SMOOTHING, ENTROPY)
         z_y += _target_logit(z, cols, mask, y, row_ok)
-    out = stats_ptr + rows * 5
+    out = stats_ptr + rows * 6
     tl.store(out, m, mask=row_mask)
     tl.store(out + 1, s, mask=row_mask)
     tl.store(out + 2, S, mask=row_mask)
     tl.store(out + 3, U, mask=row_mask)
     tl.store(out + 4, z_y, mask=row_mask)
+    tl.store(out + 5, Q, mask=row_mask)
+    if ARGMAX:
+        tl.store(argmax_ptr + rows, idx + class_offset, mask=row_mask)
 
 
 @triton.jit
 def _slice_grad_kernel(
     # pointers
-    logits_ptr, grad_ptr, target_ptr, weight_ptr, stats_ptr, scale_ptr,
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, stats_ptr, scale_ptr, row_weight_ptr,
+    entropy_weight_ptr,
     # sizes: this tensor's n_cols columns are classes class_offset.. of n_classes
     n_rows, n_cols, n_inner, class_offset, n_classes,
     # strides (sample, class, position) of logits and gradient; the targets' row stride
     stride_x_n, stride_x_c, stride_x_d, stride_g_n, stride_g_c, stride_g_d, stride_t_row,
     # options
-    ignore_index, label_smoothing, lse_square_scale, softcap,
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature,
     # compile-time switches
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
+    HAS_ENTROPY_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """The gradient of a (ROWS, BLOCK_V) tile of a rank's classes from the rows' merged
-    (m, s, S, U): program (i, k) takes rows i * ROWS.. and columns k * BLOCK_V.."""
+    (m, s, S, U, H): program (i, k) takes rows i * ROWS.. and columns k * BLOCK_V.."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
@@ -553,14 +668,18 @@ def _slice_grad_kernel(
         n_classes, label_smoothing, False, HAS_WEIGHT)
     z, t, u = _load_tile(logits_ptr, _row_offsets(rows, n_inner, stride_x_n, stride_x_d),
                          target_ptr, rows, weight_ptr, cols, mask, stride_x_c, 0,
-                         label_smoothing, class_offset, n_classes, softcap, False, HAS_WEIGHT,
-                         HAS_SMOOTHING, HAS_SOFTCAP)
-    m = tl.load(stats_ptr + rows * 4, mask=row_mask, other=0.0)
-    s = tl.load(stats_ptr + rows * 4 + 1, mask=row_mask, other=1.0)
-    U = tl.load(stats_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+                         label_smoothing, class_offset, n_classes, softcap, inv_temperature,
+                         False, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    m = tl.load(stats_ptr + rows * 5, mask=row_mask, other=0.0)
+    s = tl.load(stats_ptr + rows * 5 + 1, mask=row_mask, other=1.0)
+    U = tl.load(stats_ptr + rows * 5 + 3, mask=row_mask, other=0.0)
+    H = tl.load(stats_ptr + rows * 5 + 4, mask=row_mask, other=0.0)
+    r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask, HAS_ROW_WEIGHT,
+                        HAS_ENTROPY_WEIGHT)
     _write_grad(grad_ptr, _row_offsets(rows, n_inner, stride_g_n, stride_g_d), cols, mask,
-                stride_g_c, z, t, u, y, m, s, U, a, b, row_ok, row_nan, scale_ptr,
-                lse_square_scale, softcap, HAS_SCALE, HAS_ZLOSS, HAS_SOFTCAP, HAS_SMOOTHING)
+                stride_g_c, z, t, u, y, m, s, U, H, a, b, r, e, row_ok, row_nan, scale_ptr,
+                lse_square_scale, softcap, inv_temperature, HAS_SCALE, HAS_ZLOSS, HAS_SOFTCAP,
+                HAS_SMOOTHING, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
 
 
 @triton.jit
@@ -634,40 +753,57 @@ def xent_rows(
     weight: torch.Tensor | None,  # (V,) float32, contiguous
     scale: torch.Tensor | None,  # (2,) float32: gradient factors of the CE and z-loss terms
     grad: torch.Tensor | None,  # (N, V, D) gradient output (may alias logits), or None
+    row_weight: torch.Tensor | None = None,  # (N*D,) float32 contiguous: factor of the CE grad
+    entropy_weight: torch.Tensor | None = None,  # (N*D,) float32 contiguous: factor of dH
     *,
     prob_target: bool,
     ignore_index: int,
     label_smoothing: float,
     lse_square_scale: float,
     softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the row kernels. Returns (ce, lse), both (N*D,) float32; fills `grad` if given.
+    temperature: float = 1.0,
+    entropy: bool = False,
+    argmax: bool = False,
+) -> tuple:
+    """Launches the row kernels. Returns (ce, lse, H, argmax), each (N*D,): float32, and
+    int64 for the argmax; H and argmax None unless asked for. Fills `grad` if given.
 
     `ce` is the unreduced cross-entropy of each row (0 for ignored rows, NaN for an unchecked
-    out-of-range target), without the z-loss, which the caller adds from `lse`.
+    out-of-range target), without the z-loss, which the caller adds from `lse`; so are the
+    row weights and the entropy term (they enter the gradient only).
     """
     N, V, D = logits.shape
     n_rows = N * D
     device = logits.device
     ce = torch.empty(n_rows, device=device, dtype=torch.float32)
     lse = torch.empty(n_rows, device=device, dtype=torch.float32)
+    entropy = entropy or (entropy_weight is not None and grad is not None)  # dH needs H
+    H = torch.empty(n_rows, device=device, dtype=torch.float32) if entropy else None
+    idx = torch.empty(n_rows, device=device, dtype=torch.int64) if argmax else None
     if n_rows == 0:
-        return ce, lse
+        return ce, lse, H, idx
     g = grad if grad is not None else logits  # never written when COMPUTE_GRAD is off
-    pointers = (logits, g, target, weight, scale, ce, lse)
+    with_grad = grad is not None
+    pointers = (logits, g, target, weight, scale, ce, lse, H, idx,
+                row_weight if with_grad else None, entropy_weight if with_grad else None)
     strides = (*logits.stride(), *g.stride(), *_target_strides(target, prob_target, D))
     options = (ignore_index, float(label_smoothing), float(lse_square_scale),
-               float(softcap) if softcap is not None else 1.0)
+               float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature))
     switches = dict(PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
                     HAS_SMOOTHING=label_smoothing > 0.0, HAS_SOFTCAP=softcap is not None,
                     HAS_ZLOSS=lse_square_scale != 0.0, HAS_SCALE=scale is not None,
-                    COMPUTE_GRAD=grad is not None)
+                    COMPUTE_GRAD=with_grad, ENTROPY=entropy, ARGMAX=argmax,
+                    HAS_ROW_WEIGHT=with_grad and row_weight is not None,
+                    HAS_ENTROPY_WEIGHT=with_grad and entropy_weight is not None)
     if V <= config.ROW_SLICE_MAX_V:
         rows, block_v, warps = row_tile(V, n_rows)
         _rows_kernel[_grid(triton.cdiv(n_rows, rows), device)](
             *pointers, n_rows, V, D, *strides, *options, **switches, ROWS=rows,
             BLOCK_V=block_v, num_warps=warps)
-        return ce, lse
+        return ce, lse, H, idx
+    if argmax and V >= ARGMAX_MAX_COLS.value:
+        raise ValueError(f"return_argmax takes at most {ARGMAX_MAX_COLS.value - 1} classes on "
+                         f"the kernel path, got {V}")
     n_slices, slice_width, block_v, warps = split_plan(V)
     records = torch.empty(n_rows * n_slices * RECORD_WIDTH.value, device=device,
                           dtype=torch.float32)
@@ -679,7 +815,7 @@ def xent_rows(
                   num_warps=warps)
     _split_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, spin, **common)
     _finish_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, **common)
-    return ce, lse
+    return ce, lse, H, idx
 
 
 def xent_slice_stats(
@@ -692,31 +828,40 @@ def xent_slice_stats(
     ignore_index: int,
     label_smoothing: float,
     softcap: float | None,
-) -> torch.Tensor:
-    """(N*D, 5) float32 statistics of each row's slice: max m, sum exp(z - m), S = sum u (m - z),
-    U = sum u, and the target's (softcapped) logit where it lies in the slice, else 0."""
+    temperature: float = 1.0,
+    entropy: bool = False,
+    argmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N*D, 6) float32 statistics of each row's slice: max m, sum exp(z - m), S = sum u (m - z),
+    U = sum u, the target's (tempered) logit where it lies in the slice, else 0, and
+    Q = sum exp(z - m) (z - m) (0 unless `entropy`); and, if `argmax`, the (N*D,) int64 global
+    class of the slice's first max, else None."""
     N, V, D = logits.shape
     n_rows = N * D
-    stats = torch.empty((n_rows, 5), device=logits.device, dtype=torch.float32)
+    stats = torch.empty((n_rows, 6), device=logits.device, dtype=torch.float32)
+    idx = torch.empty(n_rows, device=logits.device, dtype=torch.int64) if argmax else None
     if n_rows == 0:
-        return stats
+        return stats, idx
     rows, block_v, warps = row_tile(min(V, config.ROW_SLICE_MAX_V), n_rows)
     _slice_stats_kernel[(triton.cdiv(n_rows, rows),)](
-        logits, target, weight, stats, n_rows, V, D, class_offset, n_classes,
+        logits, target, weight, stats, idx, n_rows, V, D, class_offset, n_classes,
         *logits.stride(), target.stride(0), ignore_index, float(label_smoothing),
-        float(softcap) if softcap is not None else 1.0,
+        float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap is not None, ROWS=rows, BLOCK_V=block_v, num_warps=warps)
-    return stats
+        HAS_SOFTCAP=softcap is not None, ENTROPY=entropy, ARGMAX=argmax, ROWS=rows,
+        BLOCK_V=block_v, num_warps=warps)
+    return stats, idx
 
 
 def xent_slice_grad(
     logits: torch.Tensor,  # (N, V_r, D): classes class_offset .. class_offset + V_r - 1
     target: torch.Tensor,  # (N*D,) global class indices
     weight: torch.Tensor | None,  # (n_classes,) float32, contiguous
-    stats: torch.Tensor,  # (N*D, 4) float32 (m, s, S, U) of the whole rows
+    stats: torch.Tensor,  # (N*D, 5) float32 (m, s, S, U, H) of the whole rows
     scale: torch.Tensor | None,  # (2,) float32 "mean" factors, or None
     grad: torch.Tensor,  # (N, V_r, D) written
+    row_weight: torch.Tensor | None,  # (N*D,) float32 contiguous, or None
+    entropy_weight: torch.Tensor | None,  # (N*D,) float32 contiguous, or None
     *,
     class_offset: int,
     n_classes: int,
@@ -724,6 +869,7 @@ def xent_slice_grad(
     label_smoothing: float,
     lse_square_scale: float,
     softcap: float | None,
+    temperature: float = 1.0,
 ) -> None:
     """Writes the gradient of a slice of classes from the statistics of the whole rows."""
     N, V, D = logits.shape
@@ -732,13 +878,15 @@ def xent_slice_grad(
         return
     rows, block_v, warps = row_tile(min(V, config.ROW_SLICE_MAX_V), n_rows)
     _slice_grad_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(V, block_v))](
-        logits, grad, target, weight, stats.contiguous(), scale, n_rows, V, D, class_offset,
-        n_classes, *logits.stride(), *grad.stride(), target.stride(0), ignore_index,
-        float(label_smoothing), float(lse_square_scale),
-        float(softcap) if softcap is not None else 1.0,
+        logits, grad, target, weight, stats.contiguous(), scale, row_weight, entropy_weight,
+        n_rows, V, D, class_offset, n_classes, *logits.stride(), *grad.stride(),
+        target.stride(0), ignore_index, float(label_smoothing), float(lse_square_scale),
+        float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=lse_square_scale != 0.0,
-        HAS_SCALE=scale is not None, ROWS=rows, BLOCK_V=block_v, num_warps=warps)
+        HAS_SCALE=scale is not None, HAS_ROW_WEIGHT=row_weight is not None,
+        HAS_ENTROPY_WEIGHT=entropy_weight is not None, ROWS=rows, BLOCK_V=block_v,
+        num_warps=warps)
 
 
 def scale_rows_(
