@@ -1,21 +1,25 @@
 """Vocab-parallel cross-entropy over torch.distributed: each rank holds a contiguous slice of
 the classes, and the loss comes from small per-row statistics, never from gathered logits.
 
-Per row, each rank computes the statistics of its slice (kernel STATS=1, or the plain-PyTorch
-twin): m_r = max z, s_r = sum exp(z - m_r), S_r = sum u (m_r - z), U_r = sum u, and z_y if the
-target is one of its classes (else 0). They merge exactly as slices of one row do inside the
-kernel (kernels/xent.py):
-    m = max_r m_r,  s = sum_r s_r exp(m_r - m),  S = sum_r S_r + U_r (m - m_r),  U = sum_r U_r
+Per row, each rank computes the statistics of its slice (the slice-statistics kernel, or
+the plain-PyTorch twin): m_r = max z, s_r = sum exp(z - m_r), S_r = sum u (m_r - z),
+U_r = sum u, Q_r = sum exp(z - m_r) (z - m_r) (the entropy's), and z_y if the target is one
+of its classes (else 0), all of the tempered logits. They merge exactly as slices of one row
+do inside the kernel (kernels/xent.py):
+    m = max_r m_r,  s = sum_r s_r exp(m_r - m),  S = sum_r S_r + U_r (m - m_r),  U = sum_r U_r,
+    Q = sum_r exp(m_r - m) (Q_r + s_r (m_r - m))
 and then lse = m + log s, loss = a (log s + m - z_y) + b (U log s + S) with b = eps / V for
-the global V. Each rank then writes the gradient of its own slice from (m, s, S, U).
+the global V, and H = log s - Q / s. Each rank then writes the gradient of its own slice
+from (m, s, S, U, H). The argmax is the least global index among the ranks whose own max is m.
 
 Collectives per call, on a group of R ranks and N rows: one all_gather of six int64 per rank
 (the slice size, hence each rank's first class, and what every rank checks alike before
 anything else: its row count, its targets' range, a fingerprint of them, and whether its
-own argument checks failed), one all_reduce MAX of N floats (m), one all_reduce SUM of 4N
-floats (s, S, U, z_y rescaled to m): 20 N bytes per rank in float32 (40 N in float64),
-whatever V. linear_cross_entropy with the head
-split by rows makes the same two all-reduces per chunk of rows (20 bytes a row in all),
+own argument checks failed), one all_reduce MAX of N floats (m), one all_reduce SUM of 5N
+floats (s, S, U, Q, z_y rescaled to m): 24 N bytes per rank in float32 (48 N in float64),
+whatever V; return_argmax adds an all_reduce MIN of N int64. The returned entropy's
+gradient is recomputed in backward, with these collectives again. linear_cross_entropy with
+the head split by rows makes the same two all-reduces per chunk of rows (24 bytes a row),
 then one all_reduce SUM of the (N, D) input gradient; with reduction "none" and a trainable
 head its backward recomputes the chunks: two more all-reduces per chunk and that of the
 input gradient again.

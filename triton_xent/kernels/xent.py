@@ -13,18 +13,28 @@ Rows. The logits are seen as a (N, V, D) tensor: N samples, V classes, D positio
 for the usual (N, V) logits; (N, V, d1, ..., dk) inputs have D = d1 * ... * dk). Row r is
 sample r // D at position r % D; any strides, so a row-strided (N, V) view is read in place.
 
-Math, per row with (softcapped) logits z, weights w (all 1 without `weight`), smoothing eps:
+Math, per row with logits z = softcap(x) / T (softcap(x) = s tanh(x / s), or x; T the
+temperature), weights w (all 1 without `weight`), smoothing eps:
     lse   = log sum_c exp(z_c)                      p_c = exp(z_c - lse)
     loss  = a * (lse - z_y) + b * sum_c u_c * (lse - z_c)        (+ zs * lse^2, added outside)
       class index y:       a = (1 - eps) * w_y,  b = eps / V,  u_c = w_c
       class probabilities: a = 0,                b = 1,        u_c = w_c * ((1 - eps) t_c + eps / V)
     dloss/dz_c = p_c * (a + b * U) - b * u_c - a * [c == y]  (+ 2 zs lse p_c),   U = sum_c u_c
-and softcap z = s * tanh(x / s) multiplies the gradient by dz/dx = 1 - (z / s)^2.
+    H     = lse - sum_c p_c z_c = -sum_c p_c log p_c          (the entropy)
+    dH/dz_c = p_c (lse - z_c - H) = -p_c (log p_c + H)         (0 where z_c = -inf: p_c = 0)
+A row weight r multiplies the CE gradient (with its z-loss), an entropy weight e adds e dH/dz
+(the caller adds r ce and e H to the loss), and dz/dx = (1 - (softcap(x) / s)^2) / T
+multiplies the whole gradient. The argmax is the first column of the largest z.
 
-Statistics (m, s, S, U) of a set of columns: m the max, s = sum exp(z - m), S = sum u (m - z)
-(kept relative to the max, so huge equal logits cancel exactly), U = sum u. Sets merge as
-    m = max_k m_k,  s = sum_k s_k exp(m_k - m),  S = sum_k S_k + U_k (m - m_k),  U = sum_k U_k
-and then lse - z_y = log s + (m - z_y) and sum_c u_c (lse - z_c) = U log s + S.
+Statistics (m, s, S, U, Q) of a set of columns: m the max, s = sum exp(z - m), S = sum u (m - z)
+(kept relative to the max, so huge equal logits cancel exactly), U = sum u, and for the
+entropy Q = sum exp(z - m) (z - m) (also relative to the max; a -inf z adds 0, not 0 * inf).
+Sets merge as
+    m = max_k m_k,  s = sum_k s_k exp(m_k - m),  S = sum_k S_k + U_k (m - m_k),  U = sum_k U_k,
+    Q = sum_k exp(m_k - m) (Q_k + s_k (m_k - m)),  argmax = least argmax_k among k with m_k = m
+and then lse - z_y = log s + (m - z_y), sum_c u_c (lse - z_c) = U log s + S and
+H = log s - Q / s: two terms >= 0 (s >= 1, Q <= 0), so the entropy is never negative, not
+even by rounding, and needs no clamp.
 
 Whole rows (_rows_kernel). A program holds a (ROWS, BLOCK_V) tile, ROWS whole rows, in
 registers: one read of the logits, one write of the gradient. Short rows (V = 2 .. 1000) are
@@ -67,8 +77,9 @@ its last is deferred, so tests run both paths on CPU.
 
 Records. float32, RECORD_WIDTH fields a slice (32 bytes, aligned for vector loads), at
 record_ptr + (row * P + j) * RECORD_WIDTH, fields by name: REC_M, REC_SUM_EXP, REC_S, REC_U,
-REC_ZY; the rest are free for more per-slice statistics (add a name, fill it in
-_pack_record, merge it in _merge_records). The sync buffer is int32, zeroed: the arrival
+REC_ZY, REC_Q, REC_ARGMAX (a column index as a float, exact below ARGMAX_MAX_COLS); the
+last is free for more per-slice statistics (add a name, fill it in _pack_record, merge it in
+_merge_records). The sync buffer is int32, zeroed: the arrival
 counters of the rows at [0, rows), then the deferral flags at rows + row * P + j.
 """
 
