@@ -243,8 +243,8 @@ def cross_entropy(
     lse_square_scale: z-loss; adds lse_square_scale * lse**2 for every row that is not
         ignored ("mean" divides this term by the number of such rows, whatever the weights).
     softcap: logits become softcap * tanh(logits / softcap) before anything else.
-    return_lse: also return the per-row logsumexp (after softcap), float32, shaped like the
-        unreduced loss. It carries no gradient.
+    return_lse: also return the per-row logsumexp of z (after softcap and temperature),
+        float32, shaped like the unreduced loss. It carries no gradient.
     inplace_backward: the input gradient is written into input's storage, so a large logits
         tensor costs no second buffer. The input is spent: after the call it holds the
         gradient (scaled by grad_output at backward), and anything else that reads it in
