@@ -410,8 +410,8 @@ def linear_cross_entropy(
     Options as triton_xent.cross_entropy: weight, reduction, ignore_index, label_smoothing,
     lse_square_scale (z-loss), softcap, return_lse (the per-row logsumexp of z, after
     softcap and temperature, float32, shaped like the unreduced loss; 0 at ignored
-    positions, which are never computed), backend ("auto", "triton", "torch": "torch" is the same chunked algorithm with
-    the plain-PyTorch row function) and check_targets. With check_targets=True (and always on
+    positions, which are never computed), backend ("auto", "triton", "torch": "torch" is
+    the same chunked algorithm with the plain-PyTorch row function) and check_targets. With check_targets=True (and always on
     the "torch" backend) an out-of-range class index raises IndexError and ignored rows are
     dropped before the GEMMs, for one host synchronisation; with False nothing syncs, ignored
     rows are computed (and zeroed) like the others, and an out-of-range target gives NaN.
