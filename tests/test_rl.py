@@ -90,7 +90,9 @@ def test_entropy_weight_as_a_number_with_spatial_dims(backend, device, reduction
     t[1, 2] = -100
     rw = torch.rand(3, 4, generator=g).to(device)
     xg = x.clone().requires_grad_(True)
-    loss = triton_xent.cross_entropy(xg, t, reduction=reduction, entropy_weight=-0.3,
+    # a 0-dim tensor is a number too
+    ew = -0.3 if reduction != "sum" else torch.tensor(-0.3, device=device)
+    loss = triton_xent.cross_entropy(xg, t, reduction=reduction, entropy_weight=ew,
                                      row_weight=rw, temperature=1.3, label_smoothing=0.1,
                                      backend=backend)
     go = torch.rand(3, 4, generator=g).to(device) if reduction == "none" else None

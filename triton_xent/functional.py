@@ -153,7 +153,7 @@ class CrossEntropyOutput(NamedTuple):
     entropy: (rows) float32, H of the tempered distribution, 0 on ignored rows
         (return_entropy); not reduced, and differentiable.
     argmax: (rows) int64, the first index of the largest tempered logit, -1 on ignored rows
-        (return_argmax); not reduced, no gradient.
+        (return_argmax; unspecified on a row holding a NaN); not reduced, no gradient.
     """
 
     loss: torch.Tensor
@@ -200,7 +200,9 @@ def _check_row_extras(row_weight, entropy_weight, rows: torch.Size, device: torc
     if row_weight is not None:
         _check_row_tensor("row_weight", row_weight, rows, device)
     if isinstance(entropy_weight, torch.Tensor):
-        _check_row_tensor("entropy_weight", entropy_weight, rows, device)
+        # a 0-dim float tensor is a number (kept on the device: no host sync)
+        _check_row_tensor("entropy_weight", entropy_weight,
+                          torch.Size([]) if entropy_weight.dim() == 0 else rows, device)
         return row_weight, entropy_weight
     if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, numbers.Real):
         raise TypeError(f"entropy_weight must be a number or a per-row float tensor, got "

@@ -113,10 +113,9 @@ def _chunk(
         # An out-of-range target reaches here only with checks off: NaN, like the kernel.
         ce = torch.where(bad, float("nan"), ce)
 
-    p = logp.exp()
     H = idx = None
     if entropy:
-        H = _entropy(p, logp)
+        H = _entropy(logp.exp(), logp)
         if bad is not None:
             H = torch.where(bad, float("nan"), torch.where(active, H, 0.0))
     if argmax:
@@ -126,20 +125,24 @@ def _chunk(
 
     grad = None
     if compute_grad:
+        dH = None
+        if entropy_weight is not None:  # dH/dz = -p (log p + H), 0 where p = 0
+            p = logp.exp()
+            H_rows = H if H is not None else _entropy(p, logp)
+            dH = -torch.where(logp == float("-inf"), 0.0, p * (logp + H_rows[:, None]))
+            dH *= entropy_weight.to(acc)[:, None]
         s_ce, s_z = (scale[0], scale[1]) if scale is not None else (1.0, 1.0)
         r = row_weight.to(acc) if row_weight is not None else 1.0
         coef = (a + b * U) * s_ce
         if lse_square_scale != 0.0:
             coef = coef + 2.0 * lse_square_scale * lse * s_z
-        grad = p * (coef * r)[:, None]
+        grad = logp.exp_().mul_((coef * r)[:, None])  # logp is spent: p, in place
         if prob_target or label_smoothing > 0:
             grad -= (b * s_ce) * u * (r[:, None] if row_weight is not None else 1.0)
         if not prob_target:
             grad.scatter_add_(1, y[:, None], -(a * s_ce * r)[:, None])
-        if entropy_weight is not None:
-            H_rows = H if H is not None else _entropy(p, logp)
-            dH = -torch.where(logp == float("-inf"), 0.0, p * (logp + H_rows[:, None]))
-            grad += entropy_weight.to(acc)[:, None] * dH
+        if dH is not None:
+            grad += dH
         if not prob_target:
             grad = torch.where(active[:, None], grad, 0.0)
             grad = torch.where(bad[:, None], float("nan"), grad)
