@@ -1,13 +1,42 @@
-"""Compile the row kernels for the H100 (sm_90) without a GPU and report their register use.
+"""Static audit of the row kernels' compiled code for the H100/H200 (sm_90), without a GPU.
 
-Triton's interpreter runs the kernels' Python, not Triton's compiler, so it misses what only
-the compiler rejects (a non-constexpr global, a Python `or` on a tensor, a type that changes
-in a loop). This script sends each kernel variant through the real pipeline to a cubin for
-sm_90 with Triton's bundled ptxas and reads the registers and local-memory stack (where
-spilled registers live) of each with cuobjdump. It needs no GPU, only the triton package.
+Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
+the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
+warps the launcher would launch with. It then specialises them as Triton's JIT does at run
+time (an int equal to 1 becomes the constexpr 1; ints divisible by 16 and 16-byte aligned
+pointers get the `tt.divisibility` 16 attribute; None becomes a constexpr), compiles each
+launch through the real pipeline to PTX and a cubin for sm_90 with Triton's bundled ptxas,
+and reads off:
 
-    python bench/sm90_compile.py            # a table of every variant
-    python bench/sm90_compile.py --json     # one JSON object per line (tests/test_compile_sm90.py)
+  registers, stack_bytes   per thread (cuobjdump); stack is where spilled registers live
+  shared_bytes, programs_per_sm
+                           resident programs an SM holds, the least of its limits: 65536
+                           registers (allocated per warp in units of 256), 64 warps
+                           (2048 threads), 32 blocks, 228 KB shared memory (1 KB of it
+                           reserved per block); `occupancy_limit` names the binding one
+  loads, stores            global loads and stores of the PTX by bytes per instruction (16 =
+                           ld.global.v4.b32) and `vector_coverage`: the bytes that 16-byte
+                           instructions move, over all threads, divided by the bytes of the
+                           program's logits tile (1.0: every logit read with vector loads)
+  threads_per_row, columns_per_thread, lane_use
+                           the layout of the logits tile (from the TTGIR): how many threads
+                           share a row, how many adjacent columns each holds, and the share
+                           of the loaded lanes that hold a real logit (V / padded width,
+                           times replication)
+  second_launch_loads      (finish kernel) the fewest global loads on any path of the PTX's
+                           control-flow graph from the entry through the deferral flag's
+                           load to the exit: what a program that was not deferred reads (1:
+                           its flag only)
+  merge_round_trips        (split kernel) the atomics outside the poll loop plus the basic
+                           blocks holding record loads (ld.global.cg): the dependent trips to
+                           L2 of a program whose siblings have all arrived; with
+                           record_loads_in_loops (record loads inside a loop nested in the
+                           grid-stride loop, which would make it grow with P) and the cases
+                           merge_P4 .. merge_P64 to show how it grows with P
+
+    python bench/sm90_compile.py            # a table of every case
+    python bench/sm90_compile.py --json     # one JSON object per launch (tests/test_compile_sm90.py)
+    python bench/sm90_compile.py --only lm_V128256_bf16 small_V10_bf16
 
 TRITON_INTERPRET must be unset: under the interpreter @triton.jit gives no compilable kernel.
 """
@@ -15,15 +44,20 @@ TRITON_INTERPRET must be unset: under the interpreter @triton.jit gives no compi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 from triton_xent import config
@@ -31,87 +65,335 @@ from triton_xent.kernels import xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SM90 = GPUTarget("cuda", 90, 32)
-POINTERS = dict(logits_ptr="*bf16", grad_ptr="*bf16", target_ptr="*i64", weight_ptr="*fp32",
-                scale_ptr="*fp32", ce_ptr="*fp32", lse_ptr="*fp32", record_ptr="*fp32",
-                sync_ptr="*i32", stats_ptr="*fp32", grad_out_ptr="*bf16", entropy_ptr="*fp32",
-                argmax_ptr="*i64", row_weight_ptr="*fp32", entropy_weight_ptr="*fp32")
-FLOATS = ("label_smoothing", "lse_square_scale", "softcap", "inv_temperature")
+KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
+           "_slice_grad_kernel", "_scale_rows_kernel")
+
+# sm_90 per-SM limits (CUDA occupancy calculator, compute capability 9.0).
+SM90_REGISTERS = 65536
+SM90_REGISTER_UNIT = 256  # registers are allocated per warp in units of this many
+SM90_WARPS = 64
+SM90_BLOCKS = 32
+SM90_SHARED_BYTES = 228 * 1024
+SM90_SHARED_RESERVED = 1024  # per block
+
+ROWS = 16  # rows of each case: a multiple of 16, as a training batch is; few, to stay small
 
 
-def switches(**overrides) -> dict:
-    """A row kernel's option constexprs: an LM row (class indices, mean, nothing else)."""
-    base = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
-                HAS_ZLOSS=False, HAS_SCALE=True, COMPUTE_GRAD=True, ENTROPY=False,
-                ARGMAX=False, HAS_ROW_WEIGHT=False, HAS_ENTROPY_WEIGHT=False)
-    base.update(overrides)
-    return base
+# --- cases: launcher calls at LM shapes ----------------------------------------------------
 
 
-EVERY = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, HAS_ZLOSS=True)
-# The RL extras (issue 13): the entropy and its gradient, row weights, the argmax.
-RL = dict(ENTROPY=True, ARGMAX=True, HAS_ROW_WEIGHT=True, HAS_ENTROPY_WEIGHT=True)
+def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=False,
+               smoothing=0.0, softcap=None, zloss=0.0, n_rows=ROWS,
+               rl=False) -> Callable[[], None]:
+    """xent_rows on (n_rows, V) logits as core.forward calls it (class indices, mean); rl:
+    with the RL extras (temperature, entropy and argmax, row and entropy weights)."""
+    def call():
+        x = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1)
+        t = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1) if prob \
+            else torch.zeros(n_rows, dtype=torch.int64)
+        w = torch.ones(V) if weight else None
+        rows = (torch.ones(n_rows), torch.ones(n_rows)) if rl else (None, None)
+        xent.xent_rows(x, t, w, torch.ones(2) if not prob else None,
+                       torch.empty_like(x) if grad else None, *rows, prob_target=prob,
+                       ignore_index=-100, label_smoothing=smoothing, lse_square_scale=zloss,
+                       softcap=softcap, temperature=0.8 if rl else 1.0, entropy=rl, argmax=rl)
+    return call
 
 
-def variants() -> dict[str, tuple]:
-    """name -> (kernel, constexprs, num_warps): every switch on and off at least once, both
-    launches of a split row, and the blocks the tuning table gives an LM row."""
-    rows = dict(ROWS=4, BLOCK_V=256)
-    split = dict(BLOCK_V=config.ROW_SLICE_MAX_V, P_PAD=32)
-    split_warps = config.num_warps_for(config.ROW_SLICE_MAX_V)
-    out = {
-        "plain": (xent._rows_kernel, switches(**rows), 4),
-        "no_grad": (xent._rows_kernel, switches(COMPUTE_GRAD=False, **rows), 4),
-        "every_option": (xent._rows_kernel, switches(**EVERY, **rows), 4),
-        "prob_target": (xent._rows_kernel, switches(PROB_TARGET=True, HAS_WEIGHT=True,
-                                                    HAS_SCALE=False, **rows), 4),
-        "split": (xent._split_kernel, switches(HAS_SMOOTHING=True, HAS_ZLOSS=True, **split),
-                  split_warps),
-        "split_finish": (xent._finish_kernel, switches(HAS_SOFTCAP=True, **split), split_warps),
-        "split_no_grad_finish": (xent._finish_kernel, switches(COMPUTE_GRAD=False, **split),
-                                 split_warps),
-        "rl_rows": (xent._rows_kernel, switches(**RL, **rows), 4),
-        "rl_split": (xent._split_kernel, switches(**RL, **split), split_warps),
-        "rl_split_finish": (xent._finish_kernel, switches(**RL, HAS_SOFTCAP=True, **split),
-                            split_warps),
-        "slice_stats": (xent._slice_stats_kernel, dict(HAS_WEIGHT=True, HAS_SMOOTHING=True,
-                                                       HAS_SOFTCAP=False, ENTROPY=False,
-                                                       ARGMAX=False, ROWS=1, BLOCK_V=4096), 8),
-        "rl_slice_stats": (xent._slice_stats_kernel, dict(HAS_WEIGHT=False,
-                                                          HAS_SMOOTHING=False,
-                                                          HAS_SOFTCAP=False, ENTROPY=True,
-                                                          ARGMAX=True, ROWS=1, BLOCK_V=4096),
-                           8),
-        "slice_grad": (xent._slice_grad_kernel, dict(HAS_WEIGHT=False, HAS_SMOOTHING=True,
-                                                     HAS_SOFTCAP=False, HAS_ZLOSS=True,
-                                                     HAS_SCALE=True, HAS_ROW_WEIGHT=False,
-                                                     HAS_ENTROPY_WEIGHT=False, ROWS=1,
-                                                     BLOCK_V=4096), 8),
-        "rl_slice_grad": (xent._slice_grad_kernel, dict(HAS_WEIGHT=False, HAS_SMOOTHING=False,
-                                                        HAS_SOFTCAP=False, HAS_ZLOSS=False,
-                                                        HAS_SCALE=True, HAS_ROW_WEIGHT=True,
-                                                        HAS_ENTROPY_WEIGHT=True, ROWS=1,
-                                                        BLOCK_V=4096), 8),
-        "scale_rows": (xent._scale_rows_kernel, dict(BLOCK_V=config.SCALE_BLOCK_V),
-                       config.SCALE_NUM_WARPS),
-    }
-    for block in (1024, 4096, config.ROW_SLICE_MAX_V):
-        out[f"tuned_block{block}_split0"] = (xent._rows_kernel,
-                                             switches(ROWS=1, BLOCK_V=block),
-                                             config.num_warps_for(block))
-        out[f"tuned_block{block}_split1"] = (xent._split_kernel,
-                                             switches(BLOCK_V=block, P_PAD=32),
-                                             config.num_warps_for(block))
+def _slice_calls(V_rank: int, n_classes: int, rl=False) -> Callable[[], None]:
+    """A vocab-parallel rank's statistics, then its gradient (distributed.py); rl: with the
+    RL extras."""
+    def call():
+        x = torch.zeros(ROWS, V_rank, dtype=torch.bfloat16).unsqueeze(-1)
+        t = torch.zeros(ROWS, dtype=torch.int64)
+        rows = (torch.ones(ROWS), torch.ones(ROWS)) if rl else (None, None)
+        xent.xent_slice_stats(x, t, None, class_offset=V_rank, n_classes=n_classes,
+                              ignore_index=-100, label_smoothing=0.1, softcap=None,
+                              temperature=0.8 if rl else 1.0, entropy=rl, argmax=rl)
+        xent.xent_slice_grad(x, t, None, torch.zeros(ROWS, 5), torch.ones(2),
+                             torch.empty_like(x), *rows, class_offset=V_rank,
+                             n_classes=n_classes, ignore_index=-100, label_smoothing=0.1,
+                             lse_square_scale=1e-4, softcap=None,
+                             temperature=0.8 if rl else 1.0)
+    return call
+
+
+def _scale_call(V: int) -> Callable[[], None]:
+    def call():
+        xent.scale_rows_(torch.zeros(ROWS, V, 1, dtype=torch.bfloat16), torch.ones(ROWS))
+    return call
+
+
+def cases() -> dict[str, Callable[[], None]]:
+    """name -> a call of the launchers; each launch it makes is compiled and audited."""
+    width = config.ROW_SLICE_MAX_V
+    out = {f"lm_V{V}_bf16": _rows_call(V) for V in (32000, 128256, 151936, 256000)}
+    out.update({
+        "lm_V128256_fp32": _rows_call(128256, torch.float32),
+        "lm_V128256_bf16_forward": _rows_call(128256, grad=False),
+        "lm_V128256_every_option": _rows_call(128256, weight=True, smoothing=0.1, softcap=30.0,
+                                              zloss=1e-4),
+        "lm_V128256_prob_target": _rows_call(128256, prob=True, weight=True, smoothing=0.1),
+        "whole_V4096_bf16": _rows_call(4096),
+        "whole_V4096_every_option": _rows_call(4096, weight=True, smoothing=0.1, softcap=30.0,
+                                               zloss=1e-4),
+        "whole_V4096_forward": _rows_call(4096, grad=False),
+        "vocab_parallel_V32064": _slice_calls(32064, 128256),
+        # the RL extras (issue 13)
+        "lm_V128256_rl": _rows_call(128256, rl=True),
+        "whole_V4096_rl": _rows_call(4096, rl=True),
+        "vocab_parallel_V32064_rl": _slice_calls(32064, 128256, rl=True),
+        "scale_rows_V128256": _scale_call(128256),
+    })
+    # Short rows at a classifier's batch (enough rows for full tiles).
+    for V in (2, 10, 100, 1000):
+        out[f"small_V{V}_bf16"] = _rows_call(V, n_rows=4096)
+    # The merge at growing P (V = P slices of the configured width).
+    for P in (4, 16, 64):
+        out[f"merge_P{P}"] = _rows_call(P * width)
     return out
 
 
-def compile_sm90(kernel, constexprs: dict, num_warps: int) -> dict:
-    """Compiles one variant to a cubin for sm_90; returns its registers and stack bytes."""
+# --- recording and specialising launches ---------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` is recorded."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, grid, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording():
+    """Replaces the kernels of kernels/xent.py by recorders; yields the list of launches."""
+    launches: list = []
+    saved = {name: getattr(xent, name) for name in KERNELS}
+    for name, kernel in saved.items():
+        setattr(xent, name, _Recorder(kernel, launches))
+    try:
+        yield launches
+    finally:
+        for name, kernel in saved.items():
+            setattr(xent, name, kernel)
+
+
+def specialise(kernel, args: tuple, kwargs: dict):
+    """(signature, constexprs, attrs, options) as the JIT would compile this launch with."""
     names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: "constexpr" if n in constexprs else
-                 POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in names}
-    values = {(names.index(k),): v for k, v in constexprs.items()}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=values), target=SM90,
-                              options=dict(num_warps=num_warps))
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(names, kernel.params)):
+        value = bound[name]
+        if param.is_constexpr:
+            signature[name], constexprs[(i,)] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = spec
+        elif isinstance(spec, str):
+            attrs[(i,)] = BaseBackend.parse_attr(spec)
+    return signature, constexprs, attrs, options, bound
+
+
+# --- reading the compiled code --------------------------------------------------------------
+
+_MEM = re.compile(r"\b(ld|st)((?:\.volatile)?)\.global((?:\.[\w:]+)*)")
+_ATOM = re.compile(r"\batom\.global")
+_BLOCK = re.compile(r"^(?:(\$L__BB\d+_\d+):|// %bb\.\d+:)")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+_DEPTH = re.compile(r"Depth=(\d+)")
+
+
+def _access_bytes(suffixes: str) -> int:
+    parts = suffixes.split(".")
+    vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+    bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bfus]\d+", p)), 32)
+    return vec * bits // 8
+
+
+def _is_record_load(ins: str) -> bool:
+    m = _MEM.search(ins)
+    return bool(m) and m.group(1) == "ld" and "cg" in m.group(3).split(".")
+
+
+def _is_load(ins: str) -> bool:
+    m = _MEM.search(ins)
+    return bool(m) and m.group(1) == "ld"
+
+
+def pointer_sources(ptx: str) -> list[tuple[str, set]]:
+    """Each global memory instruction with the kernel parameters its address derives from
+    (by following registers from each `ld.param` through the arithmetic to the address)."""
+    body = [ins for b in control_flow(ptx) for ins in b["ins"]]
+    taint: dict[str, set] = {}
+    changed = True
+    while changed:  # registers of loop-carried values are written more than once
+        changed = False
+        for ins in body:
+            op = re.sub(r"^@!?%\w+\s+", "", ins)
+            if op.startswith("ld.param"):
+                param = int(re.search(r"_param_(\d+)\]", op).group(1))
+                dest, new = re.findall(r"%\w+", op)[0], {param}
+            elif _MEM.search(op) or _ATOM.search(op) or op.startswith(("st.", "bra", "ret")):
+                continue  # a load's result is data, not derived from its address
+            else:
+                regs = re.findall(r"%\w+", op)
+                if not regs:
+                    continue
+                dest = regs[0]
+                new = set().union(*(taint.get(r, set()) for r in regs[1:]))
+            if not new <= taint.get(dest, set()):
+                taint[dest] = taint.get(dest, set()) | new
+                changed = True
+    out = []
+    for ins in body:
+        if _MEM.search(ins) or _ATOM.search(ins):
+            address = re.search(r"\[\s*(%\w+)", ins)
+            out.append((ins, taint.get(address.group(1), set()) if address else set()))
+    return out
+
+
+def memory_ops(ptx: str, logits_param: int, grad_param: int) -> dict:
+    """Global loads and stores by bytes per instruction: those of the logits (addresses from
+    parameter logits_param) and of the gradient (grad_param) apart, record loads (.cg) and
+    atomics (an atomic add of 0 with acquire compiles to ld.global.gpu.acquire: a load)."""
+    out = dict(loads={}, stores={}, logits_loads={}, grad_stores={}, record_loads=0,
+               atomics=0)
+    for ins, params in pointer_sources(ptx):
+        if _ATOM.search(ins):
+            out["atomics"] += 1
+        elif _is_record_load(ins):
+            out["record_loads"] += 1
+        else:
+            m = _MEM.search(ins)
+            kind = "loads" if m.group(1) == "ld" else "stores"
+            if kind == "loads" and logits_param in params:
+                kind = "logits_loads"
+            elif kind == "stores" and grad_param in params:
+                kind = "grad_stores"
+            size = _access_bytes(m.group(3))
+            out[kind][size] = out[kind].get(size, 0) + 1
+    return out
+
+
+def control_flow(ptx: str) -> list[dict]:
+    """The kernel's basic blocks in text order: {ins, succ, depth}, depth being the loop
+    depth LLVM writes beside each block (0 outside loops)."""
+    blocks = [dict(label=None, ins=[], depth=0)]
+    for raw in ptx[ptx.index(".entry"):].splitlines():
+        line = raw.strip()
+        start = _BLOCK.match(line)
+        if start:
+            blocks.append(dict(label=start.group(1), ins=[], depth=0))
+        if "Depth=" in line and (start or line.startswith("//")):
+            blocks[-1]["depth"] = max(blocks[-1]["depth"], int(_DEPTH.search(line).group(1)))
+        if start or not line or line.startswith(("//", ".loc")):
+            continue
+        ins = line.split("//")[0].strip()
+        blocks[-1]["ins"].append(ins)
+        if _BRANCH.search(ins) or ins.startswith("ret"):
+            blocks.append(dict(label=None, ins=[], depth=blocks[-1]["depth"]))
+    index = {b["label"]: i for i, b in enumerate(blocks) if b["label"]}
+    for i, block in enumerate(blocks):
+        last = block["ins"][-1] if block["ins"] else ""
+        branch = _BRANCH.search(last)
+        block["succ"] = [index[branch.group(1)]] if branch else []
+        falls = not last.startswith("ret") and (not branch or last.startswith("@"))
+        if falls and i + 1 < len(blocks):
+            block["succ"].append(i + 1)
+    return blocks
+
+
+def _loads(block: dict) -> int:
+    return sum(map(_is_load, block["ins"]))
+
+
+def _fewest_loads(blocks, start: int, cost_at_start: int, avoid: int | None = None) -> dict:
+    """Fewest global loads from `start` to each block, never entering `avoid`."""
+    best = {start: cost_at_start}
+    changed = True
+    while changed:  # a relaxation loop: a few hundred blocks at most
+        changed = False
+        for i in list(best):
+            for j in blocks[i]["succ"]:
+                if j == avoid:
+                    continue
+                c = best[i] + _loads(blocks[j])
+                if c < best.get(j, 1 << 30):
+                    best[j], changed = c, True
+    return best
+
+
+def second_launch_loads(ptx: str) -> int:
+    """Fewest global loads on a path from the entry through the deferral flag's load (the
+    kernel's one volatile load) to the exit, the flag's block passed once (one item)."""
+    blocks = control_flow(ptx)
+    flag = next(i for i, b in enumerate(blocks)
+                if any((m := _MEM.search(x)) and m.group(2) for x in b["ins"]))
+    to_flag = _fewest_loads(blocks, 0, _loads(blocks[0]))[flag]
+    after = _fewest_loads(blocks, flag, 0, avoid=flag)
+    exits = [i for i, b in enumerate(blocks) if b["ins"] and b["ins"][-1].startswith("ret")]
+    return to_flag + min(after[i] for i in exits if i in after)
+
+
+def merge_trips(ptx: str) -> dict:
+    """The split kernel's merge: atomics and blocks of record loads at the grid-stride loop's
+    depth (the loop over a program's slices), and record loads in deeper loops."""
+    blocks = control_flow(ptx)
+    outer = min(b["depth"] for b in blocks if _loads(b))
+    trips = in_loops = 0
+    for b in blocks:
+        records = sum(map(_is_record_load, b["ins"]))
+        if b["depth"] > outer:
+            in_loops += records
+        else:
+            trips += sum(1 for x in b["ins"] if _ATOM.search(x)) + (records > 0)
+    return dict(merge_round_trips=trips, record_loads_in_loops=in_loops)
+
+
+def tile_layout(ttgir: str, rows: int, block_v: int, n_cols: int) -> dict:
+    """threads_per_row, columns_per_thread and lane_use of the logits tile's load."""
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*?)\}>", ttgir, re.M))
+    shape = f"{rows}x{block_v}x"
+    for line in ttgir.splitlines():
+        m = re.search(r"tt\.load .*: tensor<" + shape + r"!tt\.ptr<(?:bf16|f32|f16)>, (#\w+)>",
+                      line)
+        if m and m.group(1) in layouts:
+            fields = {k: [int(v) for v in vals.split(",")] for k, vals in
+                      re.findall(r"(\w+) = \[([\d, ]+)\]", layouts[m.group(1)])}
+            per, lanes, warps = (fields["sizePerThread"], fields["threadsPerWarp"],
+                                 fields["warpsPerCTA"])
+            cover_rows = per[0] * lanes[0] * warps[0]
+            cover_cols = per[1] * lanes[1] * warps[1]
+            use = (min(n_cols, block_v) / max(block_v, cover_cols)) * (rows / max(rows, cover_rows))
+            return dict(threads_per_row=lanes[1] * warps[1], columns_per_thread=per[1],
+                        lane_use=round(use, 3))
+    return {}
+
+
+def occupancy(registers: int, num_warps: int, shared: int) -> tuple[int, str]:
+    per_warp = -(-registers * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    limits = {
+        "registers": SM90_REGISTERS // per_warp // num_warps,
+        "warps": SM90_WARPS // num_warps,
+        "blocks": SM90_BLOCKS,
+        "shared": SM90_SHARED_BYTES // (shared + SM90_SHARED_RESERVED),
+    }
+    name = min(limits, key=limits.get)
+    return limits[name], name
+
+
+def audit(kernel, grid, args, kwargs) -> dict:
+    signature, constexprs, attrs, options, bound = specialise(kernel, args, kwargs)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                              target=SM90, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -119,27 +401,65 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int) -> dict:
                                 f.name], capture_output=True, text=True, check=True).stdout
     line = next(x for x in usage.splitlines() if "REG:" in x)
     field = lambda key: int(line.split(key + ":")[1].split()[0])  # noqa: E731
-    return dict(registers=field("REG"), stack_bytes=field("STACK"), num_warps=num_warps)
+    warps = options.get("num_warps", 4)
+    regs, shared = field("REG"), compiled.metadata.shared
+    programs, limit = occupancy(regs, warps, shared)
+    ptx = compiled.asm["ptx"]
+    runtime = [n for n in signature if signature[n] != "constexpr"]  # the PTX's parameters
+    position = lambda name: runtime.index(name) if name in runtime else -1  # noqa: E731
+    mem = memory_ops(ptx, position("logits_ptr"), position("grad_ptr"))
+    out = dict(kernel=kernel.fn.__name__, grid=list(grid), num_warps=warps, registers=regs,
+               stack_bytes=field("STACK"), shared_bytes=shared, programs_per_sm=programs,
+               occupancy_limit=limit, **mem)
+    constants = {k: v for k, v in bound.items() if k.isupper()}
+    out["constexprs"] = {k: v for k, v in constants.items() if isinstance(v, (bool, int))}
+    block_v = constants.get("BLOCK_V")
+    if block_v and "logits_ptr" in bound:
+        x = bound["logits_ptr"]
+        tile_rows = constants.get("ROWS", 1)
+        tile_bytes = tile_rows * block_v * x.element_size()
+        moved = sum(size * n for size, n in mem["logits_loads"].items()) * 32 * warps
+        out["logits_coverage"] = round(moved / tile_bytes, 3)
+        out.update(tile_layout(compiled.asm["ttgir"], tile_rows, block_v, x.shape[1]))
+    if kernel.fn.__name__ == "_finish_kernel":
+        out["second_launch_loads"] = second_launch_loads(ptx)
+    if kernel.fn.__name__ == "_split_kernel":
+        out.update(merge_trips(ptx))
+    return out
+
+
+def run_case(name: str, call: Callable[[], None]) -> list[dict]:
+    with recording() as launches:
+        call()
+    return [dict(case=name, **audit(*launch)) for launch in launches]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--only", nargs="*", help="variant names to compile (default: all)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per launch")
+    parser.add_argument("--only", nargs="*", help="case names to compile (default: all)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter gives no compilable kernels",
               file=sys.stderr)
         return 2
-    for name, (kernel, constexprs, warps) in variants().items():
+    for name, call in cases().items():
         if args.only and name not in args.only:
             continue
-        result = dict(variant=name, **compile_sm90(kernel, constexprs, warps))
-        if args.json:
-            print(json.dumps(result), flush=True)
-        else:
-            print(f"{name:28s} warps={warps:2d} registers={result['registers']:3d} "
-                  f"stack={result['stack_bytes']}B", flush=True)
+        for r in run_case(name, call):
+            if args.json:
+                print(json.dumps(r), flush=True)
+                continue
+            extra = "".join(f" {k}={r[k]}" for k in (
+                "logits_coverage", "threads_per_row", "columns_per_thread", "lane_use",
+                "second_launch_loads", "merge_round_trips", "record_loads_in_loops")
+                if k in r)
+            print(f"{name:25s} {r['kernel']:19s} warps={r['num_warps']:2d} "
+                  f"regs={r['registers']:3d} stack={r['stack_bytes']}B "
+                  f"smem={r['shared_bytes']}B per_sm={r['programs_per_sm']}"
+                  f"({r['occupancy_limit']}) logits_loads={r['logits_loads']} "
+                  f"grad_stores={r['grad_stores']} other={r['loads']}/{r['stores']}{extra}",
+                  flush=True)
     return 0
 
 

@@ -10,14 +10,18 @@ command when that happens.
 
 # A row is cut into slices of at most this many columns, one program each, held in
 # registers: one read of the logits and one write of the gradient for any V (see
-# kernels/xent.py). Rows of at most this many classes are one program, with no exchange.
-# Register use from an offline sm_90 compile (triton 3.9, no GPU: bench/sm90_compile.py):
-# 8192 columns at 16 warps take 108 registers a thread and spill nothing, 16384 spill at any
-# warp count. Speed not yet measured on a GPU.
-ROW_SLICE_MAX_V = 8192
+# kernels/xent.py). Rows of at most this many classes are whole-row tiles, with no exchange.
+# From the offline sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU): 4096 columns at
+# SPLIT_NUM_WARPS = 16 take 48 registers a thread, no spills, 2 programs an SM (8192 at 16
+# warps: 102 registers, 1 an SM; 2048 at 4 warps: 80, 6 an SM, but P^2 record reads grow:
+# each of a row's P programs reads all P records). Speed not yet measured on a GPU:
+# `python bench/bench_xent.py --sweep` times the candidates.
+ROW_SLICE_MAX_V = 4096
+SPLIT_NUM_WARPS = 16
 
-# How many times a program polls a sibling slice's flag before it stops waiting, defers its
-# slice to the kernel's second (FINISH) launch and exits. Not yet measured on a GPU.
+# How many times a program polls its row's arrival counter before it stops waiting, defers
+# its slice to the second (finish) launch and moves on. Not yet measured on a GPU:
+# `python bench/bench_xent.py --sweep` times the candidates.
 SLICE_SPIN_LIMIT = 1 << 14
 
 # The same under Triton's interpreter (TRITON_INTERPRET=1), which runs a grid's programs one
@@ -26,19 +30,19 @@ SLICE_SPIN_LIMIT = 1 << 14
 # loop itself through the interpreter. Not a speed setting.
 INTERPRET_SLICE_SPIN_LIMIT = 0
 
-# Warps per program, by the number of columns a program holds at once (first match wins):
-# 8 to 16 columns a thread. Spill-free in the offline sm_90 compile above (4096 at 8 warps:
-# 116 registers); speed not yet measured on a GPU.
-NUM_WARPS_BY_BLOCK = ((1024, 4), (4096, 8), (1 << 62, 16))
-
-# Whole rows (V <= ROW_SLICE_MAX_V) are tiles of ROWS x BLOCK_V, BLOCK_V the row's width to
-# the next power of 2 and ROWS as many rows as fill this many elements: V = 10 gets 256 rows
-# a program, V = 1000 four, V >= 4096 one. Not yet measured on a GPU.
-ROWS_TILE_ELEMENTS = 4096
+# Warps per whole-row program, by the elements of its tile (ROWS x BLOCK_V; first match
+# wins). Whole rows are tiles of ROWS x BLOCK_V, BLOCK_V the row's width to the next power of
+# 2 and ROWS as many rows as fill ROWS_TILE_ELEMENTS: V = 10 gets 128 rows a program, V = 1000
+# two, V >= 2048 one. From the offline sm_90 audit (bf16, no GPU): a 2048-element tile at 4
+# warps takes 76 to 110 registers for V = 2 .. 1000 (4 to 6 programs an SM), no spills.
+# Speed not yet measured on a GPU: `python bench/bench_xent.py --sweep` times the candidates.
+NUM_WARPS_BY_BLOCK = ((2048, 4), (4096, 8), (1 << 62, 16))
+ROWS_TILE_ELEMENTS = 2048
 
 # Persistent schedule: False launches one program per tile or slice; True launches
-# PERSISTENT_PROGRAMS_PER_SM programs per SM that walk them in grid-stride order (see
-# kernels/xent.py). Not yet measured on a GPU: bench/bench_xent.py --sweep times both.
+# PERSISTENT_PROGRAMS_PER_SM programs per SM (the interpreter counts as one SM) that walk them
+# in grid-stride order (see kernels/xent.py). Not yet measured on a GPU:
+# `python bench/bench_xent.py --sweep` times both.
 PERSISTENT = False
 PERSISTENT_PROGRAMS_PER_SM = 2
 
@@ -65,7 +69,7 @@ TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
 def num_warps_for(block_v: int) -> int:
-    """Warps for a program that holds `block_v` columns at once."""
+    """Warps for a whole-row program whose tile holds `block_v` elements."""
     for limit, warps in NUM_WARPS_BY_BLOCK:
         if block_v <= limit:
             return warps

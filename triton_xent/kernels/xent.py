@@ -411,18 +411,22 @@ def _rows_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
     HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Loss, lse and gradient of whole rows, ROWS rows of at most BLOCK_V columns a tile,
-    tiles taken in grid-stride order (one a program unless the launch is persistent)."""
+    tiles taken in grid-stride order (one a program unless the launch is persistent).
+    ROW_ALIGN divides V and every row's first element offset in logits and gradient
+    (row_align()), so short rows (V = 1000: 2000 bytes) still get vector loads and stores."""
     TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     cols = tl.arange(0, BLOCK_V)
+    n_cols_aligned = n_cols // ROW_ALIGN * ROW_ALIGN  # = n_cols, now provably aligned
     for tile in range(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, ROWS),
                       tl.num_programs(0)):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_mask = rows < n_rows
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols_aligned)
         x_rows = _row_offsets(rows, n_inner, stride_x_n, stride_x_d)
+        x_rows = tl.multiple_of(x_rows, ROW_ALIGN)
         t_rows = _row_offsets(rows, n_inner, stride_t_n, stride_t_d)
         y, row_ok, row_nan, a, b = _row_targets(
             target_ptr, weight_ptr, t_rows, row_mask, ignore_index, 0, n_cols,
@@ -441,7 +445,8 @@ def _rows_kernel(
         if COMPUTE_GRAD:
             r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask,
                                 HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
-            g_rows = _row_offsets(rows, n_inner, stride_g_n, stride_g_d)
+            g_rows = tl.multiple_of(_row_offsets(rows, n_inner, stride_g_n, stride_g_d),
+                                    ROW_ALIGN)
             _write_grad(grad_ptr, g_rows, cols, mask, stride_g_c, z, t, u, y, m, s, U,
                         _entropy(s, Q), a, b, r, e, row_ok, row_nan, scale_ptr,
                         lse_square_scale, softcap, inv_temperature, HAS_SCALE, HAS_ZLOSS,
@@ -586,7 +591,7 @@ def _finish_kernel(
     one reads anything more (its own slice and the row's records, all present now)."""
     TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     for item in range(tl.program_id(0).to(tl.int64), n_rows * n_slices, tl.num_programs(0)):
-        if tl.load(sync_ptr + n_rows + item) != 0:
+        if tl.load(sync_ptr + n_rows + item, volatile=True) != 0:  # the audit's marker
             row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
                 item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices,
                 slice_width, stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c,
@@ -729,6 +734,20 @@ def row_tile(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     return rows, block_v, config.num_warps_for(rows * block_v)
 
 
+def row_align(n_cols: int, *tensors: torch.Tensor) -> int:
+    """The largest power of 2, up to 16 bytes' worth of elements, that divides n_cols and the
+    offset of every row's first element in each (N, V, D) tensor (its strides other than the
+    class stride). Triton's JIT proves 16 by itself only when a number divides by 16."""
+    align = 16 // tensors[0].element_size()
+    while n_cols % align:
+        align //= 2
+    for x in tensors:
+        for stride, size in ((x.stride(0), x.shape[0]), (x.stride(2), x.shape[2])):
+            while size > 1 and stride % align:
+                align //= 2
+    return align
+
+
 def split_plan(n_cols: int) -> tuple[int, int, int, int]:
     """(P, slice_width, BLOCK_V, num_warps) of rows of n_cols > ROW_SLICE_MAX_V columns: P
     slices of equal width, a multiple of 16 so that every slice starts aligned."""
@@ -736,7 +755,7 @@ def split_plan(n_cols: int) -> tuple[int, int, int, int]:
     slice_width = triton.cdiv(triton.cdiv(n_cols, n_slices), 16) * 16
     n_slices = triton.cdiv(n_cols, slice_width)  # rounding up the width may spare a slice
     block_v = triton.next_power_of_2(slice_width)
-    return n_slices, slice_width, block_v, config.num_warps_for(block_v)
+    return n_slices, slice_width, block_v, config.SPLIT_NUM_WARPS
 
 
 def _grid(n_items: int, device: torch.device) -> tuple[int]:
@@ -810,7 +829,7 @@ def xent_rows(
         rows, block_v, warps = row_tile(V, n_rows)
         _rows_kernel[_grid(triton.cdiv(n_rows, rows), device)](
             *pointers, n_rows, V, D, *strides, *options, **switches, ROWS=rows,
-            BLOCK_V=block_v, num_warps=warps)
+            BLOCK_V=block_v, ROW_ALIGN=row_align(V, logits, g), num_warps=warps)
         return ce, lse, H, idx
     if argmax and V >= ARGMAX_MAX_COLS.value:
         raise ValueError(f"return_argmax takes at most {ARGMAX_MAX_COLS.value - 1} classes on "
