@@ -83,10 +83,12 @@ ROWS = 16  # rows of each case: a multiple of 16, as a training batch is; few, t
 
 
 def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=False,
-               smoothing=0.0, softcap=None, zloss=0.0, n_rows=ROWS,
-               rl=False) -> Callable[[], None]:
+               smoothing=0.0, softcap=None, zloss=0.0, n_rows=ROWS, rl=False,
+               argmax=None) -> Callable[[], None]:
     """xent_rows on (n_rows, V) logits as core.forward calls it (class indices, mean); rl:
-    with the RL extras (temperature, entropy and argmax, row and entropy weights)."""
+    with the RL extras (temperature, entropy, row and entropy weights, and the argmax
+    unless argmax=False)."""
+    argmax = rl if argmax is None else argmax
     def call():
         x = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1)
         t = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1) if prob \
@@ -96,7 +98,8 @@ def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=Fa
         xent.xent_rows(x, t, w, torch.ones(2) if not prob else None,
                        torch.empty_like(x) if grad else None, *rows, prob_target=prob,
                        ignore_index=-100, label_smoothing=smoothing, lse_square_scale=zloss,
-                       softcap=softcap, temperature=0.8 if rl else 1.0, entropy=rl, argmax=rl)
+                       softcap=softcap, temperature=0.8 if rl else 1.0, entropy=rl,
+                       argmax=argmax)
     return call
 
 
@@ -141,6 +144,7 @@ def cases() -> dict[str, Callable[[], None]]:
         "vocab_parallel_V32064": _slice_calls(32064, 128256),
         # the RL extras (issue 13)
         "lm_V128256_rl": _rows_call(128256, rl=True),
+        "lm_V128256_rl_no_argmax": _rows_call(128256, rl=True, argmax=False),
         "whole_V4096_rl": _rows_call(4096, rl=True),
         "vocab_parallel_V32064_rl": _slice_calls(32064, 128256, rl=True),
         "scale_rows_V128256": _scale_call(128256),

@@ -57,6 +57,13 @@ def test_split_rows_keep_more_than_one_program_per_sm(report, case):
     assert split["programs_per_sm"] >= 2, split
 
 
+def test_entropy_and_row_weights_keep_two_split_programs_per_sm(report):
+    # The entropy's statistic rides in the sum's own reduction (issue 13); the argmax
+    # (lm_V128256_rl) costs a second (value, index) reduction and, for now, one program.
+    split = report[("lm_V128256_rl_no_argmax", "_split_kernel")]
+    assert split["programs_per_sm"] >= 2, split
+
+
 @pytest.mark.parametrize("case", LM + ("lm_V128256_fp32",))
 def test_split_rows_read_and_write_each_logit_once_with_16_byte_vectors(report, case):
     split = report[(case, "_split_kernel")]

@@ -190,30 +190,37 @@ def _load_tile(
 
 
 @triton.jit
-def _tile_stats(z, u, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr):
-    """(R,) statistics (m, s, S, U, Q) of the rows of an (R, B) tile of z and weights u."""
-    m = tl.max(z, axis=1)
+def _tile_stats(z, u, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    """(R,) statistics (m, s, S, U, Q) of the rows of an (R, B) tile of z and weights u, and
+    the tile column of each row's first max (0 unless ARGMAX: the max's own reduction, which
+    breaks ties to the left, gives it)."""
+    if ARGMAX:
+        m, idx = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    else:
+        m = tl.max(z, axis=1)
+        idx = tl.zeros(m.shape, tl.int32)
     m_ref = tl.where(m == NEG_INF, 0.0, m)  # an all -inf row keeps s = 0, not nan
-    e = tl.exp(z - m_ref[:, None])
-    s = tl.sum(e, axis=1)
+    Q = tl.zeros(m.shape, tl.float32)
+    if ENTROPY:
+        # s and Q in one reduction; e = 0 (a -inf logit, or one that underflows) adds 0 to
+        # Q, not 0 * -inf.
+        d = z - m_ref[:, None]
+        e = tl.exp(d)
+        s, Q = tl.reduce((e, tl.where(e == 0.0, 0.0, e * d)), 1, _add_pair)
+    else:
+        s = tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
     S = tl.zeros(m.shape, tl.float32)
     U = tl.zeros(m.shape, tl.float32)
-    Q = tl.zeros(m.shape, tl.float32)
     if TRACK_U:
         # z == m also covers an all -inf row, whose terms are 0 relative to its own max.
         S = tl.sum(u * tl.where((u == 0.0) | (z == m[:, None]), 0.0, m[:, None] - z), axis=1)
         U = tl.sum(u, axis=1)
-    if ENTROPY:
-        # e = 0 (a -inf logit, or one that underflows) adds 0, not 0 * -inf.
-        Q = tl.sum(tl.where(e == 0.0, 0.0, e * (z - m_ref[:, None])), axis=1)
-    return m, s, S, U, Q
+    return m, s, S, U, Q, idx.to(tl.int64)
 
 
 @triton.jit
-def _tile_argmax(z, first_col):
-    """(R,) column of each row's first maximum in a tile whose columns start at first_col
-    (tl.argmax breaks ties to the left)."""
-    return tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + first_col
+def _add_pair(s1, q1, s2, q2):
+    return s1 + s2, q1 + q2
 
 
 @triton.jit
@@ -435,11 +442,8 @@ def _rows_kernel(
                              stride_x_c, stride_t_c, label_smoothing, 0, n_cols, softcap,
                              inv_temperature, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
                              HAS_SOFTCAP)
-        m, s, S, U, Q = _tile_stats(z, u, TRACK_U, ENTROPY)
+        m, s, S, U, Q, idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
         z_y = _target_logit(z, cols, mask, y, row_ok)
-        idx = tl.zeros((ROWS,), tl.int64)
-        if ARGMAX:
-            idx = _tile_argmax(z, 0)
         _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, row_mask, m, s, S, U, z_y,
                     Q, idx, a, b, row_ok, row_nan, TRACK_U, ENTROPY, ARGMAX)
         if COMPUTE_GRAD:
@@ -539,10 +543,8 @@ def _split_kernel(
             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
         # 1. Publish: the record, a barrier (all the program's stores come first), then the
         # arrival, whose release makes the record visible to whoever acquires the counter.
-        m, s, S, U, Q = _tile_stats(z, u, TRACK_U, ENTROPY)
-        idx = tl.zeros((1,), tl.int64)
-        if ARGMAX:
-            idx = _tile_argmax(z, j * slice_width)
+        m, s, S, U, Q, idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
+        idx += j * slice_width
         rec = _pack_record(m, s, S, U, _target_logit(z, cols, mask, y, row_ok), Q, idx)
         tl.store(record_ptr + item * RECORD_WIDTH + tl.arange(0, RECORD_WIDTH)[None, :], rec,
                  cache_modifier=".cg")
@@ -641,9 +643,9 @@ def _slice_stats_kernel(
         z, t, u = _load_tile(logits_ptr, x_rows, target_ptr, rows, weight_ptr, cols, mask,
                              stride_x_c, 0, label_smoothing, class_offset, n_classes, softcap,
                              inv_temperature, False, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        bm, bs, bS, bU, bQ = _tile_stats(z, u, HAS_SMOOTHING, ENTROPY)
+        bm, bs, bS, bU, bQ, b_idx = _tile_stats(z, u, HAS_SMOOTHING, ENTROPY, ARGMAX)
         if ARGMAX:  # a later block takes over only with a strictly larger max
-            idx = tl.where((bm > m) | (start == 0), _tile_argmax(z, start), idx)
+            idx = tl.where((bm > m) | (start == 0), b_idx + start, idx)
         m, s, S, U, Q = _merge_pair(m, s, S, U, Q, bm, bs, bS, bU, bQ, HAS_SMOOTHING, ENTROPY)
         z_y += _target_logit(z, cols, mask, y, row_ok)
     out = stats_ptr + rows * 6
