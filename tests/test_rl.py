@@ -217,6 +217,17 @@ def test_argmax_takes_the_first_index_on_ties(backend, device, small_slices):
     assert out.entropy is None and out.lse is None
 
 
+def test_no_classes_with_the_new_options(backend, device):
+    # (3, 0) logits, every row ignored: loss 0 per row, the entropy of nothing 0, no argmax.
+    x = torch.empty(3, 0, device=device, requires_grad=True)
+    t = torch.full((3,), -100, device=device)
+    out = triton_xent.cross_entropy(x, t, reduction="none", entropy_weight=-0.1,
+                                    row_weight=torch.ones(3, device=device), temperature=0.5,
+                                    return_entropy=True, return_argmax=True, backend=backend)
+    assert out.loss.tolist() == [0.0] * 3 and out.entropy.tolist() == [0.0] * 3
+    assert out.argmax.tolist() == [-1] * 3
+
+
 def test_grpo_loss_in_one_call_equals_the_naive_computation(backend, device):
     # GRPO: -sum_t A_t mask_t log pi(y_t) - c sum_t mask_t H_t, at a temperature.
     g = torch.Generator().manual_seed(4)

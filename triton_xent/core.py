@@ -81,7 +81,7 @@ def has_internal_overlap(x: torch.Tensor) -> bool:
 
 
 def empty_class_rows(problem: Problem, target: torch.Tensor, n_rows: int,
-                     device: torch.device) -> tuple:
+                     device: torch.device, entropy: bool) -> tuple:
     """(ce, lse, H, argmax) of rows with no classes, as F.cross_entropy gives them: ce 0 for
     an ignored row (or a probability target's empty sum), NaN for an unchecked out-of-range
     target, lse = log(0) = -inf; the entropy of nothing is 0 and there is no argmax (-1)."""
@@ -89,7 +89,7 @@ def empty_class_rows(problem: Problem, target: torch.Tensor, n_rows: int,
     if not problem.prob_target:
         ce = torch.where(target == problem.ignore_index, ce, float("nan"))
     lse = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
-    H = torch.zeros(n_rows, dtype=torch.float32, device=device) if problem.entropy else None
+    H = torch.zeros(n_rows, dtype=torch.float32, device=device) if entropy else None
     idx = (torch.full((n_rows,), -1, dtype=torch.int64, device=device) if problem.argmax
            else None)
     return ce, lse, H, idx
@@ -191,12 +191,13 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
             grad = logits.detach()  # an alias outside autograd: it holds no view of input
         else:
             grad = torch.empty((N, V, D), dtype=input.dtype, device=input.device)
+    kwargs = problem.row_kwargs()
+    kwargs["entropy"] = problem.entropy or e is not None  # the entropy term needs H
     if V == 0:  # no classes: rows count only if ignored (checked above), and add nothing
-        ce, lse, H, idx = empty_class_rows(problem, tgt, n_rows, input.device)
+        ce, lse, H, idx = empty_class_rows(problem, tgt, n_rows, input.device,
+                                           kwargs["entropy"])
     else:
         rows_fn, _ = row_fns(problem.use_triton)
-        kwargs = problem.row_kwargs()
-        kwargs["entropy"] = problem.entropy or e is not None  # the entropy term needs H
         ce, lse, H, idx = rows_fn(
             logits, tgt, weight, scale, grad,
             r.to(kernel_dtype).contiguous() if r is not None and compute_grad else None,
