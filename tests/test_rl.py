@@ -173,31 +173,51 @@ def small_slices(monkeypatch):
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_rows_above_one_slice(backend, device, small_slices, reduction):
+SPLIT_CASES = {
+    "smoothing_mean": dict(label_smoothing=0.1, reduction="mean"),
+    "smoothing_none": dict(label_smoothing=0.1, reduction="none"),
+    "probabilities_softcap_zloss_weight_sum": dict(prob_target=True, softcap=20.0,
+                                                   lse_square_scale=1e-3, weighted=True,
+                                                   reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_rows_above_one_slice(backend, device, small_slices, case):
     # V = 100: 4 slices of 32 (the last of 4 classes); the edge rows spread over them.
+    kwargs = dict(SPLIT_CASES[case])
+    prob = kwargs.pop("prob_target", False)
     x = _edge_rows(100)
     x[3] = torch.randn(100)
     x[3, :40] = float("-inf")  # the first slice all -inf, later ones finite
     x[0, 5] = 0.0
     x[0, 70] = 60.0  # the peak in the third slice
+    x[2] = 1e3  # huge equal logits (1e30 would overflow the z-loss)
     x = x.to(device)
     t = torch.tensor([70, 3, -100, 50, 7, 99], device=device)
+    if prob:
+        t = torch.rand(6, 100, generator=torch.Generator().manual_seed(0)).softmax(1)
+        t = t.to(device)
+    if kwargs.pop("weighted", False):
+        kwargs["weight"] = torch.linspace(0.5, 1.5, 100, device=device)
     rw = torch.linspace(-1, 1, 6, device=device)
     ew = torch.full((6,), -0.2, device=device)
     eg = torch.linspace(2, -2, 6, device=device)
     xg = x.clone().requires_grad_(True)
-    out = triton_xent.cross_entropy(xg, t, reduction=reduction, temperature=0.9,
-                                    label_smoothing=0.1, row_weight=rw, entropy_weight=ew,
-                                    return_entropy=True, return_argmax=True, backend=backend)
+    out = triton_xent.cross_entropy(xg, t, temperature=0.9, row_weight=rw, entropy_weight=ew,
+                                    return_entropy=True, return_argmax=True, backend=backend,
+                                    **kwargs)
     (out.loss.sum() + (out.entropy * eg).sum()).backward()
-    ref_loss, ref_grad = reference(x, t, reduction=reduction, temperature=0.9,
-                                   label_smoothing=0.1, row_weight=rw, entropy_weight=ew,
-                                   entropy_grad=eg)
+    ref_loss, ref_grad = reference(x, t, temperature=0.9, row_weight=rw, entropy_weight=ew,
+                                   entropy_grad=eg, **kwargs)
     assert_close(out.loss, ref_loss, torch.float32, "loss")
     assert_close(xg.grad, ref_grad, torch.float32, "grad")
-    assert_close(out.entropy, entropy_reference(x, t, temperature=0.9), torch.float32, "H")
-    assert out.argmax.tolist() == [70, x[1].argmax().item(), -1, x[3].argmax().item(), 7, 0]
+    H = entropy_reference(x, t, softcap=kwargs.get("softcap"), temperature=0.9)
+    assert_close(out.entropy, H, torch.float32, "H")
+    first = [70, x[1].argmax().item(), 0, x[3].argmax().item(), 7, 0]
+    if not prob:
+        first[2] = -1  # the ignored row
+    assert out.argmax.tolist() == first
 
 
 def test_argmax_takes_the_first_index_on_ties(backend, device, small_slices):
