@@ -307,6 +307,32 @@ def test_modules_take_the_new_options(backend, device):
     assert_close(out.loss, ref_loss, torch.float32, "module loss")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("V", [128256, 151936], ids=["llama3_128256", "qwen_151936"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_real_lm_vocabularies_on_cuda(V, dtype):
+    # Split rows at real vocabularies (bf16 logits, fp32 statistics), every new argument.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (4 * torch.randn(64, V, device="cuda", generator=g)).to(dtype)
+    t = torch.randint(0, V, (64,), device="cuda", generator=g)
+    t[::7] = -100
+    rw = torch.randn(64, device="cuda", generator=g)
+    ew = -0.01 * torch.rand(64, device="cuda", generator=g)
+    eg = torch.randn(64, device="cuda", generator=g)
+    xg = x.clone().requires_grad_(True)
+    out = triton_xent.cross_entropy(xg, t, temperature=0.8, row_weight=rw, entropy_weight=ew,
+                                    return_entropy=True, return_argmax=True, reduction="sum",
+                                    softcap=30.0, backend="triton")
+    (out.loss + (out.entropy * eg).sum()).backward()
+    ref_loss, ref_grad = reference(x, t, temperature=0.8, row_weight=rw, entropy_weight=ew,
+                                   entropy_grad=eg, reduction="sum", softcap=30.0)
+    assert_close(out.loss, ref_loss, dtype, "loss")
+    assert_close(xg.grad, ref_grad, dtype, "grad")
+    H = entropy_reference(x, t, softcap=30.0, temperature=0.8)
+    assert_close(out.entropy, H, dtype, "entropy")
+    assert (out.entropy >= 0).all()
+
+
 # --- through the linear op ----------------------------------------------------------------
 
 
