@@ -10,7 +10,7 @@ import os
 import torch
 from torch.nn import _reduction
 
-from . import core, distributed
+from . import core, distributed, dtensor
 from .autograd import CrossEntropyFunction, cross_entropy_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -141,6 +141,7 @@ def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> str
     return _reduction_name(reduction)
 
 
+@dtensor.routes_dtensors(dtensor.cross_entropy_arguments)  # DTensor arguments: dtensor.py
 def cross_entropy(
     input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk) logits
     target: torch.Tensor,  # class indices (), (N,), (N, d1, ..., dk); or probabilities like input

@@ -16,7 +16,7 @@ from torch import nn
 
 import torch.distributed as dist
 
-from . import core, distributed
+from . import core, distributed, dtensor
 from .functional import (_check_options, _check_target, _check_weight, _class_indices,
                          _use_triton)
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
@@ -303,6 +303,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         return (*out,) + (None,) * 6
 
 
+@dtensor.routes_dtensors(dtensor.linear_arguments)  # DTensor arguments: dtensor.py
 def linear_cross_entropy(
     input: torch.Tensor,  # (..., D) activations, or (D,) for one sample
     linear_weight: torch.Tensor,  # (V, D): the classifier head, as nn.Linear stores it
