@@ -72,19 +72,34 @@ def _error(fn):
     return "no error"
 
 
+# (backend, case, input): every case of test_distributed on (N, C) input sharded Shard(1);
+# Shard(-1), and (N, C, 2) input, once each; the kernels (interpreted: slow) on two cases.
+# The mapping onto the vocab-parallel path is the same for both backends, and
+# test_distributed.py runs each backend there on every case.
+CROSS_ENTROPY_RUNS = ([("torch", case, "2d") for case in CASES] +
+                      [("torch", "none_ignore", "shard_minus_one"), ("torch", "everything", "3d")] +
+                      [("triton", "everything", "2d"), ("triton", "zloss_softcap_none", "3d")])
+CROSS_ENTROPY_RUNS = [run for run in CROSS_ENTROPY_RUNS if run[0] in BACKENDS]
+LINEAR_RUNS = [(backend, case) for backend in BACKENDS for case in LINEAR_CASES
+               if backend == "torch" or case == "linear_none_recompute"]
+
+
+def _cross_entropy_problem(case, shape):
+    x, t, kwargs = _problem(case)
+    if shape == "3d":  # (N, V, 2): the classes in the middle, target (N, 2)
+        x, t = torch.stack([x, x.flip(0)], dim=2), torch.stack([t, t.flip(0)], dim=1)
+    return x, t, kwargs
+
+
 def _cross_entropy_cases(mesh, class_mesh_dim, results):
-    for backend in BACKENDS:
-        for case in CASES:
-            x, t, kwargs = _problem(case)
-            for shape in ("2d", "shard_minus_one", "3d"):
-                if shape == "3d":  # (N, V, 2): the classes in the middle, target (N, 2)
-                    x, t = torch.stack([x, x.flip(0)], dim=2), torch.stack([t, t.flip(0)], 1)
-                dim = -1 if shape == "shard_minus_one" else 1
-                dx = distribute_tensor(x, mesh, _placements(mesh, class_mesh_dim, dim))
-                dx.requires_grad_(True)
-                loss = triton_xent.cross_entropy(dx, t, backend=backend, **kwargs)
-                _backward(loss, mesh)
-                results[(backend, case, shape)] = _record(loss, dx)
+    for backend, case, shape in CROSS_ENTROPY_RUNS:
+        x, t, kwargs = _cross_entropy_problem(case, shape)
+        dim = -1 if shape == "shard_minus_one" else 1
+        dx = distribute_tensor(x, mesh, _placements(mesh, class_mesh_dim, dim))
+        dx.requires_grad_(True)
+        loss = triton_xent.cross_entropy(dx, t, backend=backend, **kwargs)
+        _backward(loss, mesh)
+        results[(backend, case, shape)] = _record(loss, dx)
     for case in LOSS_PARALLEL_CASES:
         x, t, kwargs = _problem(case)
         if mesh.ndim > 1 and kwargs.get("reduction", "mean") == "mean":
@@ -107,36 +122,35 @@ def _cross_entropy_cases(mesh, class_mesh_dim, results):
 def _linear_cases(mesh, class_mesh_dim, results):
     """ColwiseParallel on an nn.Linear head (a 1-D mesh: the mesh itself, a 2-D one: its
     class dimension), and on a 2-D mesh also a head distributed over the whole mesh."""
-    for backend in BACKENDS:
-        for case in LINEAR_CASES:
-            h_full, w, b, t, kwargs = _linear_problem(case)
-            for how in ("colwise", "colwise_dtensor_input", "mesh_head"):
-                if how == "mesh_head" and mesh.ndim == 1:
-                    continue
-                head = torch.nn.Linear(w.shape[1], w.shape[0])
-                with torch.no_grad():
-                    head.weight.copy_(w)
-                    head.bias.copy_(b)
-                if how == "mesh_head":
-                    placements = _placements(mesh, class_mesh_dim, 0)
-                    head.weight = torch.nn.Parameter(distribute_tensor(w, mesh, placements))
-                    head.bias = torch.nn.Parameter(distribute_tensor(b, mesh, placements))
-                else:
-                    sub = mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[class_mesh_dim]]
-                    parallelize_module(head, sub, ColwiseParallel())
-                h = h_full.clone().requires_grad_(True)
-                hidden = h
-                if how == "colwise_dtensor_input":
-                    hidden = _replicated(h, mesh if mesh.ndim == 1 else sub)
-                loss = triton_xent.linear_cross_entropy(hidden, head.weight, t,
-                                                        linear_bias=head.bias,
-                                                        backend=backend, **kwargs)
-                _backward(loss, loss.device_mesh)
-                results[(backend, case, how)] = dict(
-                    kind=_kind(loss), loss=loss.to_local().detach(), grad_kind=_kind(h.grad),
-                    grad=h.grad, weight_grad_kind=_kind(head.weight.grad),
-                    weight_grad=head.weight.grad.full_tensor(),
-                    bias_grad=head.bias.grad.full_tensor())
+    for backend, case in LINEAR_RUNS:
+        h_full, w, b, t, kwargs = _linear_problem(case)
+        for how in ("colwise", "colwise_dtensor_input", "mesh_head"):
+            if how == "mesh_head" and mesh.ndim == 1:
+                continue
+            head = torch.nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                head.weight.copy_(w)
+                head.bias.copy_(b)
+            if how == "mesh_head":
+                placements = _placements(mesh, class_mesh_dim, 0)
+                head.weight = torch.nn.Parameter(distribute_tensor(w, mesh, placements))
+                head.bias = torch.nn.Parameter(distribute_tensor(b, mesh, placements))
+            else:
+                sub = mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[class_mesh_dim]]
+                parallelize_module(head, sub, ColwiseParallel())
+            h = h_full.clone().requires_grad_(True)
+            hidden = h
+            if how == "colwise_dtensor_input":
+                hidden = _replicated(h, mesh if mesh.ndim == 1 else sub)
+            loss = triton_xent.linear_cross_entropy(hidden, head.weight, t,
+                                                    linear_bias=head.bias,
+                                                    backend=backend, **kwargs)
+            _backward(loss, loss.device_mesh)
+            results[(backend, case, how)] = dict(
+                kind=_kind(loss), loss=loss.to_local().detach(), grad_kind=_kind(h.grad),
+                grad=h.grad, weight_grad_kind=_kind(head.weight.grad),
+                weight_grad=head.weight.grad.full_tensor(),
+                bias_grad=head.bias.grad.full_tensor())
 
 
 def _replicated_case(mesh, results):
@@ -238,8 +252,9 @@ def _errors(mesh, class_mesh_dim, results):
             torch.zeros(4, dtype=torch.long)),
     }
     if mesh.ndim == 1:
-        # the process group of DeviceMesh([1, 0]) numbers its ranks 0, 1: not the mesh's order
-        reversed_mesh = DeviceMesh("cpu", torch.arange(mesh.size())[[1, 0]])
+        # the process group of a reversed mesh numbers its ranks in ascending order, not in
+        # the mesh's (on 3 ranks, rank 1 is where both put it: it raises as the others refuse)
+        reversed_mesh = DeviceMesh("cpu", torch.arange(mesh.size()).flip(0))
         errors["unmappable_mesh"] = lambda: triton_xent.cross_entropy(
             distribute_tensor(x, reversed_mesh, [Shard(1)]), t)
     else:
@@ -303,9 +318,7 @@ def _run_group(shape, tmp_path):
 
 
 def _expected_cross_entropy(case, shape):
-    x, t, kwargs = _problem(case)
-    if shape == "3d":
-        x, t = torch.stack([x, x.flip(0)], dim=2), torch.stack([t, t.flip(0)], 1)
+    x, t, kwargs = _cross_entropy_problem(case, shape)
     full = x.clone().requires_grad_(True)
     loss = triton_xent.cross_entropy(full, t, backend="torch", **kwargs)
     loss.backward(_grad_output(loss))
@@ -320,19 +333,18 @@ def test_dtensor_matches_single_process_and_loss_parallel(layout, tmp_path):
     results = _run_group(shape, tmp_path)
     replicated = f"DTensor{(Replicate(),) * len(shape)}"
     for rank, res in enumerate(results):
-        for backend in BACKENDS:
-            for case in CASES:
-                for shape_name in ("2d", "shard_minus_one", "3d"):
-                    what = f"rank {rank} {backend} {case} {shape_name}"
-                    got = res[(backend, case, shape_name)]
-                    loss, grad = _expected_cross_entropy(case, shape_name)
-                    assert got["kind"] == replicated, what
-                    class_dim = -1 if shape_name == "shard_minus_one" else 1
-                    placements = [Replicate()] * (len(shape) - 1) + [Shard(class_dim)]
-                    assert got["grad_kind"] in (f"DTensor{tuple(placements)}",
-                                                f"DTensor{tuple(placements[:-1] + [Shard(1)])}"), what
-                    assert_close(got["loss"], loss, torch.float32, f"{what} loss")
-                    assert_close(got["grad"], grad, torch.float32, f"{what} grad")
+        for backend, case, shape_name in CROSS_ENTROPY_RUNS:
+            what = f"rank {rank} {backend} {case} {shape_name}"
+            got = res[(backend, case, shape_name)]
+            loss, grad = _expected_cross_entropy(case, shape_name)
+            assert got["kind"] == replicated, what
+            # the input's placements; DTensor may keep Shard(-1) as given or normalise it
+            class_dims = (-1, 1) if shape_name == "shard_minus_one" else (1,)
+            assert got["grad_kind"] in [
+                f"DTensor{(Replicate(),) * (len(shape) - 1) + (Shard(d),)}"
+                for d in class_dims], (what, got["grad_kind"])
+            assert_close(got["loss"], loss, torch.float32, f"{what} loss")
+            assert_close(got["grad"], grad, torch.float32, f"{what} grad")
         for case in LOSS_PARALLEL_CASES:
             if ("loss_parallel", case) not in res:
                 continue
@@ -342,26 +354,24 @@ def test_dtensor_matches_single_process_and_loss_parallel(layout, tmp_path):
             assert ours["grad_kind"] == theirs["grad_kind"], what
             assert_close(ours["loss"], theirs["loss"], torch.float32, f"{what} loss")
             assert_close(ours["grad"], theirs["grad"], torch.float32, f"{what} grad")
-        for backend in BACKENDS:
-            for case in LINEAR_CASES:
-                h, w, b, t, kwargs = _linear_problem(case)
-                h, w, b = (p.clone().requires_grad_(True) for p in (h, w, b))
-                loss = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b,
-                                                        backend="torch", **kwargs)
-                loss.backward(_grad_output(loss))
-                for how in ("colwise", "colwise_dtensor_input", "mesh_head"):
-                    if (backend, case, how) not in res:
-                        continue
-                    got = res[(backend, case, how)]
-                    what = f"rank {rank} {backend} {case} {how}"
-                    assert got["kind"].startswith("DTensor((Replicate()"), what
-                    assert "Shard(dim=0)" in got["weight_grad_kind"], what
-                    assert got["grad_kind"] == ("Tensor" if how == "colwise" else
-                                                got["kind"]), what
-                    assert_close(got["loss"], loss.detach(), torch.float32, f"{what} loss")
-                    assert_close(got["grad"], h.grad, torch.float32, f"{what} d_input")
-                    assert_close(got["weight_grad"], w.grad, torch.float32, f"{what} d_weight")
-                    assert_close(got["bias_grad"], b.grad, torch.float32, f"{what} d_bias")
+        for backend, case in LINEAR_RUNS:
+            h, w, b, t, kwargs = _linear_problem(case)
+            h, w, b = (p.clone().requires_grad_(True) for p in (h, w, b))
+            loss = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b,
+                                                    backend="torch", **kwargs)
+            loss.backward(_grad_output(loss))
+            for how in ("colwise", "colwise_dtensor_input", "mesh_head"):
+                if (backend, case, how) not in res:
+                    continue
+                got = res[(backend, case, how)]
+                what = f"rank {rank} {backend} {case} {how}"
+                assert got["kind"].startswith("DTensor(Replicate()"), what
+                assert "Shard(dim=0)" in got["weight_grad_kind"], what
+                assert got["grad_kind"] == "Tensor", what  # h, plain (from_local's input)
+                assert_close(got["loss"], loss.detach(), torch.float32, f"{what} loss")
+                assert_close(got["grad"], h.grad, torch.float32, f"{what} d_input")
+                assert_close(got["weight_grad"], w.grad, torch.float32, f"{what} d_weight")
+                assert_close(got["bias_grad"], b.grad, torch.float32, f"{what} d_bias")
     _check_errors(results, shape)
     if shape == (2,):
         _check_single_layout_cases(results)
@@ -382,7 +392,6 @@ def _check_errors(results, shape):
         "plain_bias": "ValueError: with a DTensor linear_weight, linear_bias must be a DTensor",
         "plain_head_dtensor_input": "TypeError: a DTensor argument needs a DTensor "
                                     "linear_weight",
-        "unmappable_mesh": "ValueError: mesh dimension 0's process group numbers this rank",
         "batch_and_class_shards": "ValueError: input is sharded on its dimension 0",
         "classes_on_two_mesh_dims": "ValueError: input shards its class dimension over two",
     }
@@ -390,6 +399,15 @@ def _check_errors(results, shape):
         for name, start in expected.items():
             if ("error", name) in res:
                 assert res[("error", name)].startswith(start), (rank, name, res[("error", name)])
+    if shape != (2, 2):
+        for rank, res in enumerate(results):
+            message = res[("error", "unmappable_mesh")]
+            if rank == len(results) - 1 - rank:  # the middle rank: its own shard is right
+                assert message.startswith("ValueError: with a process_group every rank must "
+                                          "accept its arguments; rank 0 refused them"), message
+            else:
+                assert message.startswith("ValueError: mesh dimension 0's process group "
+                                          "numbers this rank"), message
     # one rank's own error; the others name it
     assert "batch_size" in results[0][("error", "one_rank_refuses")]
     for res in results[1:]:
