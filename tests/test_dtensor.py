@@ -215,6 +215,34 @@ def _hf_case(mesh, results):
         expected_embed_grad=plain.model.embed_tokens.weight.grad)
 
 
+def _fsdp_case(mesh, results):
+    """A head wrapped by fully_shard (FSDP2), each rank with its own batch: met outside its
+    forward it is refused with what to do; gathered as the message says, its gradient is the
+    one FSDP2 gives through the module's own forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(20 + rank)  # data parallel: another batch per rank
+    h, t = torch.randn(6, 5, generator=g), torch.randint(0, V, (6,), generator=g)
+    grads = []
+    for how in ("fsdp_forward", "gathered"):
+        torch.manual_seed(5)
+        head = torch.nn.Linear(5, V, bias=False)
+        fully_shard(head, mesh=mesh)
+        if how == "fsdp_forward":
+            loss = F.cross_entropy(head(h), t)
+        else:
+            results[("error", "fsdp_head")] = _error(
+                lambda: triton_xent.linear_cross_entropy(h, head.weight, t))
+            w = head.weight.redistribute(placements=[Replicate()]).to_local(
+                grad_placements=[Partial("avg")])
+            loss = triton_xent.linear_cross_entropy(h, w, t)
+        loss.backward()
+        grads.append(head.weight.grad)
+    results["fsdp"] = dict(kinds=[_kind(g) for g in grads],
+                           grads=[g.full_tensor() for g in grads])
+
+
 def _errors(mesh, class_mesh_dim, results):
     """Every refused call, each rank's message (the parent requires them alike)."""
     rank = dist.get_rank()
@@ -254,9 +282,13 @@ def _errors(mesh, class_mesh_dim, results):
     if mesh.ndim == 1:
         # the process group of a reversed mesh numbers its ranks in ascending order, not in
         # the mesh's (on 3 ranks, rank 1 is where both put it: it raises as the others refuse)
+        # (from_local with the chunk of the rank's coordinate: distribute_tensor would scatter
+        # over that group, which itself mixes up the chunks)
         reversed_mesh = DeviceMesh("cpu", torch.arange(mesh.size()).flip(0))
+        chunk = x.chunk(mesh.size(), dim=1)[reversed_mesh.get_coordinate()[0]]
         errors["unmappable_mesh"] = lambda: triton_xent.cross_entropy(
-            distribute_tensor(x, reversed_mesh, [Shard(1)]), t)
+            DTensor.from_local(chunk, reversed_mesh, [Shard(1)], run_check=False,
+                               shape=x.shape, stride=x.stride()), t)
     else:
         errors["batch_and_class_shards"] = lambda: triton_xent.cross_entropy(
             distribute_tensor(x, mesh, [Shard(0), Shard(1)]), t)
@@ -286,6 +318,7 @@ def _worker(rank, shape, rendezvous, out_dir):
             _replicated_case(mesh, results)
             _compiled_case(mesh, results)
             _hf_case(mesh, results)
+            _fsdp_case(mesh, results)
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -408,14 +441,21 @@ def _check_errors(results, shape):
             else:
                 assert message.startswith("ValueError: mesh dimension 0's process group "
                                           "numbers this rank"), message
-    # one rank's own error; the others name it
+    # one rank's own error; the others of its group name it (on the 2x2 mesh, ranks 0 and 1
+    # share the classes; ranks 2 and 3, another group, have nothing to refuse)
     assert "batch_size" in results[0][("error", "one_rank_refuses")]
-    for res in results[1:]:
+    group_size = shape[-1]
+    for res in results[1:group_size]:
         assert res[("error", "one_rank_refuses")].startswith(
             "ValueError: with a process_group every rank must accept its arguments; rank 0 "
             "refused them"), res[("error", "one_rank_refuses")]
+    for res in results[group_size:]:
+        assert res[("error", "one_rank_refuses")] == "no error"
     if shape == (2,):
-        assert "FSDP2" in results[0][("error", "data_parallel_head")]
+        for res in results:
+            assert "An FSDP2 (fully_shard) head" in res[("error", "data_parallel_head")]
+            assert res[("error", "fsdp_head")].startswith(expected["data_parallel_head"]), \
+                res[("error", "fsdp_head")]
 
 
 def _check_single_layout_cases(results):
@@ -431,6 +471,10 @@ def _check_single_layout_cases(results):
         assert_close(got["loss"], got["eager"], torch.float32, f"rank {rank} compiled loss")
         assert_close(got["grad"], got["eager_grad"], torch.float32, f"rank {rank} compiled grad")
         assert "DTensor calls are eager-only" in res["compiled_fullgraph"]
+        got = res["fsdp"]
+        assert got["kinds"] == ["DTensor(Shard(dim=0),)"] * 2, got["kinds"]
+        assert_close(got["grads"][1], got["grads"][0], torch.float32,
+                     f"rank {rank} gathered FSDP2 head grad")
         got = res["hf"]
         assert got["kind"] == "Tensor", got["kind"]  # as transformers' own tensor parallelism
         assert_close(got["loss"], got["expected"], torch.float32, f"rank {rank} hf loss")
