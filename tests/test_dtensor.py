@@ -212,6 +212,19 @@ def _hf_case(mesh, results):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         losses.append(out.loss)
+    # lm_head wrapped by fully_shard on its own: sharded while the patched forward runs, so
+    # the patch warns and runs the original forward, where FSDP2 gathers it (same batch on
+    # every rank here: the loss is the plain model's)
+    from torch.distributed.fsdp import fully_shard
+
+    fsdp = patch_causal_lm(transformers.LlamaForCausalLM(config), backend="torch")
+    fsdp.load_state_dict(plain.state_dict())
+    fully_shard(fsdp.lm_head, mesh=mesh)
+    fsdp.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fsdp_loss = fsdp(input_ids=ids, labels=ids).loss
+    results["hf_fsdp"] = dict(loss=fsdp_loss.detach(), warnings=[str(w.message) for w in caught])
     results["hf"] = dict(
         kind=_kind(losses[1]), loss=losses[1].detach(), expected=losses[0].detach(),
         head_grad=tp.lm_head.weight.grad.full_tensor(), expected_head_grad=plain.lm_head.weight.grad,
@@ -275,6 +288,11 @@ def _errors(mesh, class_mesh_dim, results):
             torch.randn(4, 5), distribute_tensor(torch.randn(V, 5), mesh,
                                                  _placements(mesh, class_mesh_dim, 0)),
             torch.full((4,), rank)),
+        # ... or with the same targets but other hidden states on each rank
+        "data_parallel_hidden": lambda: triton_xent.linear_cross_entropy(
+            torch.randn(4, 5, generator=torch.Generator().manual_seed(rank)),
+            distribute_tensor(torch.randn(V, 5), mesh, _placements(mesh, class_mesh_dim, 0)),
+            torch.zeros(4, dtype=torch.long)),
         "plain_bias": lambda: triton_xent.linear_cross_entropy(
             torch.randn(4, 5), distribute_tensor(torch.randn(V, 5), mesh,
                                                  _placements(mesh, class_mesh_dim, 0)),
@@ -426,6 +444,8 @@ def _check_errors(results, shape):
         "target_out_of_range": f"IndexError: Target {V} is out of bounds",
         "data_parallel_head": "ValueError: with a process_group every rank passes the same "
                               "(global) targets; they differ between ranks. A DTensor head",
+        "data_parallel_hidden": "ValueError: linear_weight is a DTensor sharded by rows, and "
+                                "the plain input (hidden states) differs between the ranks",
         "plain_bias": "ValueError: with a DTensor linear_weight, linear_bias must be a DTensor",
         "plain_head_dtensor_input": "TypeError: a DTensor argument needs a DTensor "
                                     "linear_weight",
@@ -479,6 +499,10 @@ def _check_single_layout_cases(results):
         assert got["kinds"] == ["DTensor(Shard(dim=0),)"] * 2, got["kinds"]
         assert_close(got["grads"][1], got["grads"][0], torch.float32,
                      f"rank {rank} gathered FSDP2 head grad")
+        got = res["hf_fsdp"]
+        assert any("lm_head is wrapped by fully_shard (FSDP2) on its own" in w
+                   for w in got["warnings"]), got["warnings"]
+        assert_close(got["loss"], res["hf"]["expected"], torch.float32, f"rank {rank} hf fsdp")
         got = res["hf"]
         assert got["kind"] == "Tensor", got["kind"]  # as transformers' own tensor parallelism
         assert_close(got["loss"], got["expected"], torch.float32, f"rank {rank} hf loss")

@@ -27,6 +27,13 @@ the other dimension replicates). Gradients reach the DTensors as DTensors with t
 placements: DTensor.to_local's backward wraps each local gradient, and the loss's
 from_local unwraps grad_output.
 
+FSDP2: a head that fully_shard shards, met outside its module's forward, is a Shard(0)
+DTensor too, but over data-parallel ranks that hold different batches. Nothing in the tensor
+tells it from a tensor-parallel head, so it is taken as one; then the vocab-parallel path's
+check that every rank holds the same targets, or ours that the plain hidden states agree
+(_check_same_on_ranks, after the call), raises on every rank with what to do
+(_DATA_PARALLEL_HINT), and no number comes out of it.
+
 Errors. Placements are DTensor metadata, the same on every rank: a placement that cannot be
 mapped raises on every rank before any collective. Checks of what a rank holds (its shard's
 size, its other arguments) run inside distributed.refusing_together, so a rank that fails
@@ -58,8 +65,9 @@ def is_dtensor(value) -> bool:
 def routes_dtensors(mapper):
     """Decorator of a public function: a call with a DTensor argument is mapped by
     `mapper(arguments)` (this module's cross_entropy_arguments or linear_arguments) to
-    local tensors and a process group, the function runs on them, and its tensor results
-    come back as Replicate DTensors. Calls without one go straight through."""
+    local tensors and a process group, the function runs on them, the mapper's check after
+    the call runs, and the tensor results come back as Replicate DTensors. Calls without a
+    DTensor go straight through."""
 
     def decorate(fn):
         signature = inspect.signature(fn)
@@ -85,13 +93,16 @@ def _call_with_dtensors(fn, signature, mapper, args, kwargs):
     if arguments["process_group"] is not None:
         raise ValueError("a DTensor argument brings its own process group (the mesh "
                          "dimension that shards the classes); pass no process_group")
-    mesh, sharded_head = mapper(arguments)
+    mesh, sharded_head, check_after = mapper(arguments)
     try:
         out = fn(*bound.args, **bound.kwargs)
     except ValueError as error:
         if sharded_head and "differ between ranks" in str(error):
             raise ValueError(f"{error}. {_DATA_PARALLEL_HINT}") from error
         raise
+    if check_after is not None:
+        # Every rank returned (the path's own checks raise alike): a collective is safe here.
+        check_after()
     replicated = [Replicate()] * mesh.ndim
     wrap = lambda t: DTensor.from_local(t, mesh, replicated, run_check=False)  # noqa: E731
     return tuple(wrap(t) for t in out) if isinstance(out, tuple) else wrap(out)
@@ -107,6 +118,38 @@ _DATA_PARALLEL_HINT = (
     "for the call yourself with `linear_weight.redistribute(placements=[Replicate()] * "
     "mesh.ndim).to_local(grad_placements=[Partial('avg')] * mesh.ndim)`, whose gradient is "
     "then reduce-scattered back and averaged as FSDP2 does")
+
+
+# Hidden states taken as replicated must agree across the group up to rounding: ranks that
+# computed them alike differ by float rounding at most (~1e-7 of the scale below), while
+# different batches (data parallelism) differ by ~1 / sqrt(N * D) of it.
+_SAME_RTOL = 1e-6
+
+
+def _check_same_on_ranks(
+    hidden: torch.Tensor,  # (..., D) the plain input of the linear op, this rank's
+    group,
+) -> None:
+    """ValueError on every rank of `group` if the ranks' hidden states differ beyond rounding:
+    one all_gather of a fingerprint (two weighted sums of the row sums, and the scale
+    sum_rows |row|_2 sqrt(D))."""
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    rows = h.sum(dim=1, dtype=torch.float32)
+    norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
+    position = torch.arange(rows.numel(), device=h.device, dtype=torch.float32)
+    mine = torch.stack([(rows * torch.cos(0.7 * position)).sum(),
+                        (rows * torch.sin(1.3 * position)).sum(),
+                        norms.sum() * h.shape[1] ** 0.5])
+    prints = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(prints, mine, group=group)
+    prints = torch.stack(prints).tolist()
+    first = prints[0]
+    tolerance = _SAME_RTOL * max(abs(p[2]) for p in prints)
+    if any(abs(p[0] - first[0]) > tolerance or abs(p[1] - first[1]) > tolerance
+           for p in prints):
+        raise ValueError(f"linear_weight is a DTensor sharded by rows, and the plain input "
+                         f"(hidden states) differs between the ranks of its mesh dimension. "
+                         f"{_DATA_PARALLEL_HINT}")
 
 
 # --- placements -------------------------------------------------------------------------
@@ -190,7 +233,7 @@ def _local(value, mesh, name: str):
 
 def cross_entropy_arguments(arguments: dict):
     """cross_entropy's arguments -> local tensors and process group, in place. Returns
-    (mesh, False)."""
+    (mesh, False: no sharded head, None: nothing to check after the call)."""
     x = arguments["input"]
     if not is_dtensor(x):
         raise TypeError("target or weight is a DTensor but input is a plain tensor; pass the "
@@ -211,12 +254,13 @@ def cross_entropy_arguments(arguments: dict):
         arguments["target"] = target
         arguments["weight"] = _local(arguments["weight"], x.device_mesh, "weight")
     arguments["input"], arguments["process_group"] = local, group
-    return x.device_mesh, False
+    return x.device_mesh, False, None
 
 
 def linear_arguments(arguments: dict):
     """linear_cross_entropy's arguments -> local tensors and process group, in place.
-    Returns (mesh, whether the head is sharded)."""
+    Returns (mesh, whether the head is sharded, the check to run after the call: that plain
+    hidden states agree across the group)."""
     head = arguments["linear_weight"]
     if not is_dtensor(head):
         raise TypeError("a DTensor argument needs a DTensor linear_weight: the head decides "
@@ -240,7 +284,11 @@ def linear_arguments(arguments: dict):
                                  f"with its mesh and placements {tuple(head.placements)} "
                                  f"(as ColwiseParallel leaves lm_head.bias)")
             arguments["linear_bias"] = bias.to_local()
+        plain_hidden = not is_dtensor(arguments["input"])  # replicated by assumption: checked
         for name in ("input", "target", "weight"):
             arguments[name] = _local(arguments[name], mesh, name)
     arguments["linear_weight"], arguments["process_group"] = local, group
-    return mesh, group is not None
+    hidden = arguments["input"]
+    if group is None or not plain_hidden or not isinstance(hidden, torch.Tensor):
+        return mesh, group is not None, None
+    return mesh, True, lambda: _check_same_on_ranks(hidden, group)

@@ -186,6 +186,8 @@ def cross_entropy(
         same on every rank; `weight`, if given, holds all C classes' weights on every rank.
         Every rank gets the loss of the full problem, and its input gradient is its own slice
         of the full gradient. Label smoothing uses the global C. Class-index targets only.
+        A DTensor input sharded on the classes needs no process_group: its mesh gives it
+        (triton_xent/dtensor.py; the loss is then a replicated DTensor).
 
     Only `input` receives a gradient; a weight or probability target that requires grad is
     refused.

@@ -356,6 +356,8 @@ def linear_cross_entropy(
         linear_bias (V_r,) are this rank's rows of the head, in group-rank order; input and
         target are the same on every rank, and so is the loss; weight holds all classes'.
         Each rank gets its head slice's gradients and the full input gradient. Eager only.
+        A DTensor head sharded by rows (ColwiseParallel's lm_head.weight) needs no
+        process_group: its mesh gives it (triton_xent/dtensor.py).
 
     Gradients go to input, linear_weight and linear_bias, each only if it requires grad;
     nothing gradient-related runs when none does. For "mean" and "sum" they are computed in
