@@ -164,6 +164,10 @@ def _replicated_case(mesh, results):
     loss = triton_xent.cross_entropy(dx, t, **kwargs)
     _backward(loss, mesh)
     results["replicated"] = _record(loss, dx)
+    # return_lse on sharded logits: (loss, lse), both replicated DTensors
+    dx = distribute_tensor(x, mesh, _placements(mesh, 0, 1))
+    loss, lse = triton_xent.cross_entropy(dx, t, return_lse=True, reduction="none", **kwargs)
+    results["return_lse"] = dict(kinds=[_kind(loss), _kind(lse)], lse=lse.to_local())
 
 
 def _compiled_case(mesh, results):
@@ -278,6 +282,8 @@ def _errors(mesh, class_mesh_dim, results):
         "sharded_target": lambda: triton_xent.cross_entropy(
             sharded, distribute_tensor(t, mesh, [Shard(0)] * mesh.ndim)),
         "probability_target": lambda: triton_xent.cross_entropy(sharded, x.softmax(1)),
+        "inplace_backward": lambda: triton_xent.cross_entropy(
+            sharded.detach().requires_grad_(True), t, inplace_backward=True),
         # rank 0 alone passes a target of one row fewer: every rank raises, none waits
         "one_rank_refuses": lambda: triton_xent.cross_entropy(
             sharded, t[:-1] if rank == 0 else t),
@@ -441,6 +447,7 @@ def _check_errors(results, shape):
         "sharded_target": "ValueError: target must be replicated",
         "probability_target": "ValueError: a DTensor input sharded on its classes takes "
                               "class-index",
+        "inplace_backward": "ValueError: inplace_backward is not supported with a DTensor",
         "target_out_of_range": f"IndexError: Target {V} is out of bounds",
         "data_parallel_head": "ValueError: with a process_group every rank passes the same "
                               "(global) targets; they differ between ranks. A DTensor head",
@@ -490,6 +497,10 @@ def _check_single_layout_cases(results):
         assert got["kind"] == got["grad_kind"] == "DTensor(Replicate(),)", rank
         assert_close(got["loss"], loss, torch.float32, f"rank {rank} replicated loss")
         assert_close(got["grad"], grad, torch.float32, f"rank {rank} replicated grad")
+        got = res["return_lse"]
+        assert got["kinds"] == ["DTensor(Replicate(),)"] * 2, got["kinds"]
+        _, lse = triton_xent.cross_entropy(x, t, return_lse=True, backend="torch", **kwargs)
+        assert_close(got["lse"], lse, torch.float32, f"rank {rank} lse")
         got = res["compiled"]
         assert got["kind"] == "DTensor(Replicate(),)"
         assert_close(got["loss"], got["eager"], torch.float32, f"rank {rank} compiled loss")

@@ -115,9 +115,10 @@ _DATA_PARALLEL_HINT = (
     "is sharded over data-parallel ranks that hold different batches instead: compute the "
     "loss where FSDP2 has gathered the weight (inside the forward of the module that "
     "fully_shard wrapped, e.g. with lm_head in that module's parameter group), or gather it "
-    "for the call yourself with `linear_weight.redistribute(placements=[Replicate()] * "
-    "mesh.ndim).to_local(grad_placements=[Partial('avg')] * mesh.ndim)`, whose gradient is "
-    "then reduce-scattered back and averaged as FSDP2 does")
+    "for the call yourself with `w.redistribute(placements=[Replicate()] * n)"
+    ".to_local(grad_placements=[Partial('avg')] * n)` (w = linear_weight, n = "
+    "w.device_mesh.ndim), whose gradient is then reduce-scattered back and averaged as FSDP2 "
+    "does")
 
 
 # Hidden states taken as replicated must agree across the group up to rounding: ranks that
@@ -251,6 +252,9 @@ def cross_entropy_arguments(arguments: dict):
             raise ValueError("a DTensor input sharded on its classes takes class-index "
                              "targets (vocab parallelism); class probabilities are not "
                              "supported")
+        if group is not None and arguments["inplace_backward"]:
+            raise ValueError("inplace_backward is not supported with a DTensor input sharded "
+                             "on its classes (the vocab-parallel path)")
         arguments["target"] = target
         arguments["weight"] = _local(arguments["weight"], x.device_mesh, "weight")
     arguments["input"], arguments["process_group"] = local, group
