@@ -85,11 +85,16 @@ class TinyLM(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) int64, T <= seq_len
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) int64
+        """(B, T, dim): what the head reads (examples/tensor_parallel.py feeds it to
+        triton_xent.linear_cross_entropy with the head's weight, without the logits)."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln(x))  # (B, T, vocab) logits for the next character
+        return self.ln(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) int64, T <= seq_len
+        return self.head(self.hidden_states(idx))  # (B, T, vocab) logits for the next character
 
 
 # --- data ---------------------------------------------------------------------------------

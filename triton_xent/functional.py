@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import _reduction
 
-from . import core, distributed
+from . import core, distributed, dtensor
 from .autograd import CrossEntropyFunction, cross_entropy_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -215,6 +215,7 @@ def _check_row_extras(row_weight, entropy_weight, rows: torch.Size, device: torc
                                   device=device)
 
 
+@dtensor.routes_dtensors(dtensor.cross_entropy_arguments)  # DTensor arguments: dtensor.py
 def cross_entropy(
     input: torch.Tensor,  # (C,), (N, C) or (N, C, d1, ..., dk) logits
     target: torch.Tensor,  # class indices (), (N,), (N, d1, ..., dk); or probabilities like input
@@ -264,6 +265,8 @@ def cross_entropy(
         same on every rank; `weight`, if given, holds all C classes' weights on every rank.
         Every rank gets the loss of the full problem, and its input gradient is its own slice
         of the full gradient. Label smoothing uses the global C. Class-index targets only.
+        A DTensor input sharded on the classes needs no process_group: its mesh gives it
+        (triton_xent/dtensor.py; the loss is then a replicated DTensor).
 
     For reinforcement learning and monitoring, in the same pass (see the README):
     temperature: z = softcap(logits) / temperature before anything else (loss, lse, entropy,

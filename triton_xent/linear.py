@@ -16,7 +16,7 @@ from torch import nn
 
 import torch.distributed as dist
 
-from . import core, distributed
+from . import core, distributed, dtensor
 from .functional import (_check_options, _check_row_extras, _check_target, _check_temperature,
                          _check_weight, _class_indices, _results, _use_triton)
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
@@ -372,6 +372,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         return (*out,) + (None,) * 8
 
 
+@dtensor.routes_dtensors(dtensor.linear_arguments)  # DTensor arguments: dtensor.py
 def linear_cross_entropy(
     input: torch.Tensor,  # (..., D) activations, or (D,) for one sample
     linear_weight: torch.Tensor,  # (V, D): the classifier head, as nn.Linear stores it
@@ -429,6 +430,8 @@ def linear_cross_entropy(
         linear_bias (V_r,) are this rank's rows of the head, in group-rank order; input and
         target are the same on every rank, and so is the loss; weight holds all classes'.
         Each rank gets its head slice's gradients and the full input gradient. Eager only.
+        A DTensor head sharded by rows (ColwiseParallel's lm_head.weight) needs no
+        process_group: its mesh gives it (triton_xent/dtensor.py).
 
     temperature, return_entropy, entropy_weight, row_weight, return_argmax: as in
         cross_entropy, per leading position (so a GRPO loss is one call on the hidden

@@ -68,7 +68,8 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFO
                       f"and ForCausalLMLoss it reproduces), found {transformers.__version__}; "
                       f"upgrade with: {_INSTALL}")
 
-from ..linear import linear_cross_entropy  # noqa: E402  (after the check above)
+from ..dtensor import is_dtensor  # noqa: E402  (after the check above)
+from ..linear import linear_cross_entropy  # noqa: E402
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_patched", "SUPPORTED_MODELS"]
 
@@ -279,11 +280,33 @@ def _head_problem(model: nn.Module) -> str | None:
         return (f"model.loss_function is {getattr(model.loss_function, '__name__', '?')}, "
                 f"not transformers' ForCausalLMLoss")
     head = model.lm_head
+    if _fully_sharded_on_its_own(head):
+        return ("lm_head is wrapped by fully_shard (FSDP2) on its own, so its weight is "
+                "sharded outside its forward; fully_shard the model with lm_head in the "
+                "root's parameter group instead")
     if type(head) is not nn.Linear:
         return f"lm_head is a {type(head).__name__}, not a plain torch.nn.Linear"
-    if head._forward_hooks or head._forward_pre_hooks:
+    if (head._forward_hooks or head._forward_pre_hooks) and not _tensor_parallel_hooks(head):
         return "lm_head has forward hooks"
     return None
+
+
+def _fully_sharded_on_its_own(head: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(head, FSDPModule)
+
+
+def _tensor_parallel_hooks(head: nn.Module) -> bool:
+    """Whether lm_head's forward hooks are only those of parallelize_module (ColwiseParallel
+    and the like): they convert the layouts of its input and output, and the fused loss,
+    which takes the DTensor weight itself (triton_xent/dtensor.py), needs neither."""
+    if not head.__dict__.get("_distribute_module_applied", False):
+        return False
+    hooks = list(head._forward_hooks.values()) + list(head._forward_pre_hooks.values())
+    return all(getattr(h, "__module__", "") == "torch.distributed.tensor._api" for h in hooks)
 
 
 def _fused_forward(model: nn.Module, state: _Patch, inputs: dict):
@@ -343,6 +366,8 @@ def _causal_lm_loss(
         loss = linear_cross_entropy(x, head_weight, target, linear_bias=head_bias,
                                     reduction="mean", ignore_index=ignore_index,
                                     softcap=softcap, **options)
+    if is_dtensor(loss):  # from a DTensor head (ColwiseParallel): Replicate, returned as a
+        loss = loss.to_local()  # plain tensor as transformers' own tensor parallelism does
     loss = loss.float()  # transformers upcasts the logits: its loss is float32
     if num_items_in_batch is not None:
         # transformers' sum / num_items_in_batch, the sum as mean * count in float32 (a
