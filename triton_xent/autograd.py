@@ -36,8 +36,9 @@ def cross_entropy_op(
     use_triton: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, grad): grad is dloss/dinput already scaled by the reduction, or an empty
-    tensor when compute_grad is False."""
+    """(loss, lse, grad): the loss in core.acc_dtype (float32 for half-precision input: the
+    caller casts it, to float32 under autocast), grad dloss/dinput already scaled by the
+    reduction, or an empty tensor when compute_grad is False."""
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
     loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=compute_grad)
@@ -49,8 +50,7 @@ def _(input, target, weight, prob_target, reduction, ignore_index, label_smoothi
       lse_square_scale, softcap, check_targets, use_triton, compute_grad):
     rows = core.row_shape(input, target, prob_target)
     loss_shape = rows if reduction == "none" else ()
-    out_dtype = torch.result_type(input, target) if prob_target else input.dtype
-    loss = input.new_empty(loss_shape, dtype=out_dtype)
+    loss = input.new_empty(loss_shape, dtype=core.acc_dtype(input.dtype))
     lse = input.new_empty(rows, dtype=torch.float32)
     grad = input.new_empty(input.shape if compute_grad else (0,))
     return loss, lse, grad
@@ -78,6 +78,31 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class CrossEntropyFuncFunction(torch.autograd.Function):
+    """The custom op with its autograd, for torch.func transforms (grad, vjp, vmap, jacrev).
+
+    On this torch (2.13) the autograd that register_autograd generates has no separate
+    setup_context, which torch.func requires (pytorch/pytorch#170834), so under a transform
+    cross_entropy calls the op through this Function: the same setup_context and backward,
+    vmap rule generated (the op itself runs per sample, torch's fallback for an op without a
+    batching rule). Forward-mode AD (jvp, jacfwd, hessian) is not implemented."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return cross_entropy_op(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
+            "reverse mode (torch.func.grad, vjp, jacrev) or F.cross_entropy")
+
+
 # --- eager-only paths: the in-place gradient, and vocab parallelism ----------------------
 
 
@@ -91,8 +116,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         if group is None:
             loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=True)
         else:
-            loss, lse, grad = distributed.forward(problem, input, target, weight, group,
-                                                  compute_grad=True)
+            with torch.autocast(input.device.type, enabled=False):
+                loss, lse, grad = distributed.forward(problem, input, target, weight, group,
+                                                      compute_grad=True)
         ctx.problem = problem
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)

@@ -8,6 +8,8 @@ functional.py.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +57,37 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2)
 
 
+def device_guard(device: torch.device):
+    """The context every kernel launch runs in: its tensors' CUDA device made current.
+    Triton launches on the current device, which need not be the tensors' (a Hugging Face
+    model with device_map="auto" keeps lm_head on the last GPU while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensors_device(launcher):
+    """`launcher` run under device_guard of its first argument's device (a tensor)."""
+    @functools.wraps(launcher)
+    def launch(x: torch.Tensor, *args, **kwargs):
+        with device_guard(x.device):
+            return launcher(x, *args, **kwargs)
+
+    return launch
+
+
 def row_fns(use_triton: bool):
+    """(row function, in-place scale function) of a backend; the kernels' under a device
+    guard."""
     if use_triton:
         from .kernels import xent  # imported here: triton is optional on CPU-only installs
 
-        return xent.xent_rows, xent.scale_rows_
+        return on_tensors_device(xent.xent_rows), on_tensors_device(xent.scale_rows_)
     return reference.xent_rows_torch, reference.scale_rows_torch_
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and the loss are computed in: float64 for float64 input,
+    float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def has_internal_overlap(x: torch.Tensor) -> bool:
@@ -123,19 +150,25 @@ def denominators(problem: Problem, target: torch.Tensor, weight: torch.Tensor | 
 
 def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
             weight: torch.Tensor | None, *, compute_grad: bool):
-    """(loss, lse, grad): loss as F.cross_entropy returns it (plus the z-loss), lse per row in
-    float32 with the target's row shape, grad shaped like input (None unless compute_grad)."""
+    """(loss, lse, grad): loss as F.cross_entropy computes it (plus the z-loss), in
+    acc_dtype(input.dtype) (the caller casts it to F's result dtype), lse per row in float32
+    with the target's row shape, grad shaped like input (None unless compute_grad).
+    Autocast is off inside: every dtype here is chosen, none is autocast's."""
+    with torch.autocast(input.device.type, enabled=False):
+        return _forward(problem, input, target, weight, compute_grad)
+
+
+def _forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
+             weight: torch.Tensor | None, compute_grad: bool):
     logits = rows_view(input)
     N, V, D = logits.shape
     n_rows = N * D
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input.dtype)
     loss_shape = row_shape(input, target, problem.prob_target)
     if problem.prob_target:
         tgt = rows_view(target)
-        out_dtype = torch.result_type(input, target)
     else:
         tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
-        out_dtype = input.dtype
         if problem.check_targets or not problem.use_triton:
             check_targets(tgt, V, problem.ignore_index)
     if weight is not None and problem.use_triton:
@@ -168,7 +201,7 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
 
     loss = reduce_rows(problem, ce.to(acc), lse.to(acc), active, weight_sum, count, loss_shape)
     grad_out = grad.reshape(input.shape) if grad is not None else None
-    return loss.to(out_dtype), lse.to(torch.float32).view(loss_shape), grad_out
+    return loss, lse.to(torch.float32).view(loss_shape), grad_out
 
 
 def reduce_rows(problem: Problem, ce: torch.Tensor, lse: torch.Tensor,
@@ -203,9 +236,11 @@ def graph_is_kept() -> bool:
 def saved_grad_is_spent(saved: torch.Tensor) -> bool:
     """Whether a backward may scale a gradient saved in forward in place: in eager mode
     without retain_graph it is used once; with retain_graph a second backward must find it as
-    forward left it, and while torch.compile traces (the saved tensor is then a fake or
-    functional tensor subclass) the traced graph must not mutate it."""
-    traced = type(saved) is not torch.Tensor or torch.compiler.is_compiling()
+    forward left it; while torch.compile traces (the saved tensor is then a fake or
+    functional tensor subclass) the traced graph must not mutate it; and under torch.func
+    (a wrapped or batched tensor) the kernel cannot read it."""
+    traced = (type(saved) is not torch.Tensor or torch.compiler.is_compiling()
+              or torch._C._functorch.is_functorch_wrapped_tensor(saved))
     return not traced and not graph_is_kept()
 
 

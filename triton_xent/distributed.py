@@ -40,7 +40,8 @@ def _slice_fns(use_triton: bool):
     if use_triton:
         from .kernels import xent
 
-        return xent.xent_slice_stats, xent.xent_slice_grad
+        return (core.on_tensors_device(xent.xent_slice_stats),
+                core.on_tensors_device(xent.xent_slice_grad))
     return reference.slice_stats_torch, reference.slice_grad_torch
 
 
@@ -196,7 +197,8 @@ def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
 
 def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
             weight: torch.Tensor | None, group, *, compute_grad: bool):
-    """(loss, lse, grad of the local slice): the loss of the full problem, on every rank."""
+    """(loss, lse, grad of the local slice): the loss of the full problem, on every rank, in
+    core.acc_dtype (the caller casts it)."""
     logits = core.rows_view(input)
     N, V_local, D = logits.shape
     class_offset, n_classes, tgt, weight = prepare(problem, V_local, target, weight, group)
@@ -214,4 +216,4 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
     loss = core.reduce_rows(problem, ce, lse, active, weight_sum, count, loss_shape)
     if grad is not None:
         grad = grad.reshape(input.shape)
-    return loss.to(input.dtype), lse.to(torch.float32).view(loss_shape), grad
+    return loss, lse.to(torch.float32).view(loss_shape), grad  # loss: as core.forward's

@@ -3,7 +3,7 @@ of backend."""
 
 from __future__ import annotations
 
-import math
+import functools
 import numbers
 import os
 
@@ -11,7 +11,7 @@ import torch
 from torch.nn import _reduction
 
 from . import core, distributed
-from .autograd import CrossEntropyFunction, cross_entropy_op
+from .autograd import CrossEntropyFuncFunction, CrossEntropyFunction, cross_entropy_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -116,29 +116,99 @@ def _reduction_name(reduction) -> str:
     return reduction
 
 
-def _check_number(name: str, value) -> None:
-    """A real number; like PyTorch, also a 0-dim real tensor."""
+def _number(name: str, value, valid, requirement: str) -> float:
+    """A real-number option: a Python number or, like F.cross_entropy, a 0-dim real tensor
+    (read once, here). Raises TypeError for anything else, ValueError unless `valid(value)`.
+
+    The one checker of every float option, written with comparisons only (never math.*), so
+    that it traces under torch.compile where Dynamo makes a float symbolic (dynamic=True, or
+    a float that changes between calls): each comparison becomes a guard, no graph break.
+    For a new option: `x = _number("x", x, lambda v: 0.0 < v < _INF, "finite and > 0")`.
+    """
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
-            return
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return
-    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        if torch.compiler.is_compiling():
+            # Its value is not known while tracing: reading it would break the graph.
+            raise TypeError(f"{name} is a tensor: under torch.compile pass a Python number "
+                            f"(a tensor's value is unknown while tracing)")
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat,
+                                                           torch.SymInt)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not valid(value):  # NaN fails every comparison: refused too
+        raise ValueError(f"{name} must be {requirement}, got {value}")
+    return value
 
 
-def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> str:
-    """Checks the options; returns the reduction's name."""
-    _check_number("label_smoothing", label_smoothing)
-    _check_number("lse_square_scale", lse_square_scale)
+_INF = float("inf")
+
+
+def _check_options(reduction, label_smoothing, lse_square_scale, softcap):
+    """(reduction's name, label_smoothing, lse_square_scale, softcap) after the checks, the
+    numbers as the custom ops take them."""
+    label_smoothing = _number("label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0,
+                              "between 0.0 and 1.0")
+    lse_square_scale = _number("lse_square_scale", lse_square_scale,
+                               lambda v: 0.0 <= v < _INF, "finite and >= 0")
     if softcap is not None:
-        _check_number("softcap", softcap)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    if not (math.isfinite(lse_square_scale) and lse_square_scale >= 0.0):
-        raise ValueError(f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    return _reduction_name(reduction)
+        softcap = _number("softcap", softcap, lambda v: 0.0 < v < _INF,
+                          "None or a finite number > 0")
+    return _reduction_name(reduction), label_smoothing, lse_square_scale, softcap
+
+
+def loss_dtype(input: torch.Tensor, prob_target: torch.Tensor | None = None) -> torch.dtype:
+    """F.cross_entropy's result dtype: input's, promoted with a probability target's. Under
+    torch.autocast, where cross-entropy is on the float32 list, float16 and bfloat16 count as
+    float32: the loss is float32 as PyTorch's, without autocast's float32 copy of the logits
+    (the kernels and the fallback accumulate in float32 anyway)."""
+    autocast = torch.is_autocast_enabled(input.device.type)
+    dtypes = [input.dtype] + ([prob_target.dtype] if prob_target is not None else [])
+    if autocast:
+        dtypes = [torch.float32 if d in (torch.float16, torch.bfloat16) else d for d in dtypes]
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _transformed(input: torch.Tensor) -> bool:
+    """Whether input is seen through a torch.func transform (grad, vjp, vmap, ...); never
+    while torch.compile traces (Dynamo cannot call the test, and runs transforms itself)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.is_functorch_wrapped_tensor(input))
+
+
+def _func_op(op):
+    """The custom op as cross_entropy calls it under a torch.func transform: through
+    `op`, a Function that torch.func accepts. Nested reverse mode (grad of grad, jacrev of
+    grad, hessian) is refused: the backward is not differentiable, and a transform would
+    otherwise see a zero second derivative."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grads = sum(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+    if grads > 1:
+        raise NotImplementedError(
+            "triton_xent has no second-order gradients (nested torch.func.grad, jacrev of "
+            "grad, hessian): its backward is not differentiable; use F.cross_entropy")
+    return op.apply
+
+
+def _refuse_eager_only(*, process_group: bool, inplace_backward: bool, input) -> None:
+    """A clear error, rather than a graph break, for an eager-only feature under
+    torch.compile or a torch.func transform."""
+    features = [name for name, used in (("process_group", process_group),
+                                        ("inplace_backward", inplace_backward)) if used]
+    if not features:
+        return
+    if torch.compiler.is_compiling():
+        why = ("under torch.compile the loss is a custom op, which may neither write into "
+               "its input nor run collectives")
+    elif isinstance(input, torch.Tensor) and _transformed(input):
+        why = "a torch.func transform cannot see through it"
+    else:
+        return
+    raise ValueError(f"{' and '.join(features)} is an eager-mode feature: {why}; leave it "
+                     f"out of the compiled or transformed function")
 
 
 def cross_entropy(
@@ -189,6 +259,8 @@ def cross_entropy(
     Only `input` receives a gradient; a weight or probability target that requires grad is
     refused.
     """
+    _refuse_eager_only(process_group=process_group is not None,
+                       inplace_backward=inplace_backward, input=input)
     # Every check before anything is computed; with a group, a rank that fails them still
     # joins the first collective, so the others fail too (distributed.refusing_together).
     with distributed.refusing_together(process_group, target):
@@ -201,7 +273,8 @@ def cross_entropy(
                              "(N, C, d1, ..., dk), got a 0-dim tensor")
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
-        reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+        reduction, label_smoothing, lse_square_scale, softcap = _check_options(
+            reduction, label_smoothing, lse_square_scale, softcap)
         if (input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,)
                 and not target.is_floating_point()):
             target = target[0]  # one sample as (1,), which F.cross_entropy takes like ()
@@ -232,9 +305,6 @@ def cross_entropy(
             loss, lse, _ = distributed.forward(problem, input, target, weight, process_group,
                                                compute_grad=False)
     elif inplace_backward and needs_grad:
-        if torch.compiler.is_compiling():
-            raise ValueError("inplace_backward is an eager-mode feature: under torch.compile "
-                             "the loss is a custom op, which may not write into its input")
         problem = core.Problem(
             prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
             label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
@@ -242,8 +312,10 @@ def cross_entropy(
             use_triton=use_triton)
         loss, lse = CrossEntropyFunction.apply(input, target, weight, problem, None)
     else:
-        loss, lse, _ = cross_entropy_op(
+        op = _func_op(CrossEntropyFuncFunction) if _transformed(input) else cross_entropy_op
+        loss, lse, _ = op(
             input, target, weight, prob_target, reduction, int(ignore_index),
             float(label_smoothing), float(lse_square_scale), softcap, bool(check_targets),
             use_triton, needs_grad)
+    loss = loss.to(loss_dtype(input, target if prob_target else None))
     return (loss, lse) if return_lse else loss

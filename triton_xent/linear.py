@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from . import core, distributed
 from .functional import (_check_options, _check_target, _check_weight, _class_indices,
-                         _use_triton)
+                         _func_op, _refuse_eager_only, _transformed, _use_triton,
+                         loss_dtype)
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
 
@@ -35,7 +36,6 @@ class _Plan:
     weight_sum: torch.Tensor  # () "mean" divisor of the cross-entropy
     count: torch.Tensor  # () "mean" divisor of the z-loss
     scale: torch.Tensor | None  # (2,) [1 / weight_sum, 1 / count] for "mean", else None
-    out_dtype: torch.dtype
 
 
 def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
@@ -66,7 +66,6 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
                                    memory_budget_bytes=memory_budget_bytes),
         accum_dtype=torch.promote_types(accum_dtype, x.dtype),
         active=active, weight_sum=weight_sum, count=count, scale=scale,
-        out_dtype=torch.result_type(x, target) if problem.prob_target else x.dtype,
     )
     return plan, weight
 
@@ -83,12 +82,12 @@ def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=No
 
 def _reduce(plan: _Plan, ce: torch.Tensor, lse: torch.Tensor):
     """(loss, lse) from the per-row (N,) results, assembled as core.forward does ("none"
-    stays (N,); the caller gives it the leading shape)."""
+    stays (N,); the caller gives it the leading shape and its dtype)."""
     if plan.active is not None:
         lse = torch.where(plan.active, lse, 0.0)  # ignored rows were never computed: 0
     loss = core.reduce_rows(plan.problem, ce, lse, plan.active, plan.weight_sum, plan.count,
                             ce.shape)
-    return loss.to(plan.out_dtype), lse.to(torch.float32)
+    return loss, lse.to(torch.float32)
 
 
 def _precomputed(reduction: str, need_weight: bool, need_bias: bool) -> bool:
@@ -123,19 +122,21 @@ def linear_cross_entropy_op(
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none" is (N,); the gradients
-    are empty where not asked for or not precomputed (d_W, d_b in the accumulation dtype)."""
+    """(loss, lse (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none" is (N,), in
+    core.acc_dtype (the caller casts it); the gradients are empty where not asked for or not
+    precomputed (d_W, d_b in the accumulation dtype). Autocast is off inside."""
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
     pre = _precomputed(reduction, need_weight, need_bias)
     any_grad = pre and (need_input or need_weight or need_bias)
-    plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
-                              memory_budget_bytes, accum_dtype, any_grad)
-    ce, lse, d_x, d_w, d_b = _run(
-        plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
-        need_input=need_input and pre, need_weight=need_weight and pre,
-        need_bias=need_bias and pre)
-    loss, lse = _reduce(plan, ce, lse)
+    with torch.autocast(x.device.type, enabled=False):
+        plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight,
+                                  chunk_size, memory_budget_bytes, accum_dtype, any_grad)
+        ce, lse, d_x, d_w, d_b = _run(
+            plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
+            need_input=need_input and pre, need_weight=need_weight and pre,
+            need_bias=need_bias and pre)
+        loss, lse = _reduce(plan, ce, lse)
     return loss, lse, _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
 
 
@@ -147,8 +148,7 @@ def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ign
     V = linear_weight.shape[0]
     pre = _precomputed(reduction, need_weight, need_bias)
     acc = torch.promote_types(accum_dtype, x.dtype)
-    out_dtype = torch.result_type(x, target) if prob_target else x.dtype
-    return (x.new_empty((N,) if reduction == "none" else (), dtype=out_dtype),
+    return (x.new_empty((N,) if reduction == "none" else (), dtype=core.acc_dtype(x.dtype)),
             x.new_empty(N, dtype=torch.float32),
             x.new_empty((N, D) if need_input and pre else (0,)),
             # an empty placeholder has x's dtype, as _or_empty makes it
@@ -169,11 +169,12 @@ def linear_cross_entropy_backward_op(
     """(d_x, d_W, d_b) recomputed chunk by chunk with per-row grad_output; empty if unasked."""
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
-    plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
-                              memory_budget_bytes, accum_dtype, any_grad=False)
-    _, _, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
-                               grad_output=grad_output.reshape(-1), need_input=need_input,
-                               need_weight=need_weight, need_bias=need_bias)
+    with torch.autocast(x.device.type, enabled=False):
+        plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight,
+                                  chunk_size, memory_budget_bytes, accum_dtype, any_grad=False)
+        _, _, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
+                                   grad_output=grad_output.reshape(-1), need_input=need_input,
+                                   need_weight=need_weight, need_bias=need_bias)
     return _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
 
 
@@ -232,6 +233,27 @@ def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LinearCrossEntropyFuncFunction(torch.autograd.Function):
+    """The forward op with its autograd, for torch.func transforms: as
+    autograd.CrossEntropyFuncFunction (the autograd that register_autograd generates cannot
+    run under torch.func on this torch)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return linear_cross_entropy_op(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
+            "reverse mode (torch.func.grad, vjp, jacrev)")
 
 
 # --- vocab parallelism (eager: collectives) --------------------------------------------------
@@ -361,6 +383,9 @@ def linear_cross_entropy(
     forward (backward multiplies by grad_output); for "none" with a trainable head, backward
     recomputes the chunks (see the custom ops above). Double backward is not supported.
     """
+    _refuse_eager_only(process_group=process_group is not None, inplace_backward=False,
+                       input=input)
+    input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
     # --- checks: every one before anything is computed or written; with a group, a rank
     # that fails them still joins the first collective, so the others fail too ---
     with distributed.refusing_together(process_group, target):
@@ -397,7 +422,8 @@ def linear_cross_entropy(
             raise ValueError(f"linear_bias must have shape ({V},), one per output of "
                              f"linear_weight, got {tuple(linear_bias.shape)}")
         ignore_index = -100 if ignore_index is None else ignore_index
-        reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+        reduction, label_smoothing, lse_square_scale, softcap = _check_options(
+            reduction, label_smoothing, lse_square_scale, softcap)
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a tensor, got {type(target).__name__}")
         lead = input.shape[:-1]
@@ -439,22 +465,38 @@ def linear_cross_entropy(
         problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
                                float(lse_square_scale), None if softcap is None else float(softcap),
                                bool(check_targets), use_triton)
-        loss, lse = VocabParallelLinearFunction.apply(
-            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, problem,
-            process_group, (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
-        if reduction == "none":
-            loss = loss.view(lead)
-        lse = lse.view(lead)
-        return (loss, lse) if return_lse else loss
-    loss, lse, *_ = linear_cross_entropy_op(
-        input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target, reduction,
-        int(ignore_index), float(label_smoothing), float(lse_square_scale),
-        None if softcap is None else float(softcap), bool(check_targets),
-        use_triton, chunk_size, memory_budget_bytes, accum_dtype, *needs)
+        with torch.autocast(input.device.type, enabled=False):
+            loss, lse = VocabParallelLinearFunction.apply(
+                input.reshape(N, D), linear_weight, linear_bias, tgt, weight, problem,
+                process_group, (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
+    else:
+        transformed = any(t is not None and _transformed(t)
+                          for t in (input, linear_weight, linear_bias))
+        op = (_func_op(LinearCrossEntropyFuncFunction) if transformed
+              else linear_cross_entropy_op)
+        loss, lse, *_ = op(
+            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target,
+            reduction, int(ignore_index), float(label_smoothing), float(lse_square_scale),
+            None if softcap is None else float(softcap), bool(check_targets),
+            use_triton, chunk_size, memory_budget_bytes, accum_dtype, *needs)
+    loss = loss.to(loss_dtype(input, tgt if prob_target else None))
     if reduction == "none":
         loss = loss.view(lead)
     lse = lse.view(lead)
     return (loss, lse) if return_lse else loss
+
+
+def _autocast_operands(input, linear_weight, linear_bias):
+    """Under torch.autocast the head's matmul runs in the autocast dtype, as F.linear and
+    torch's F.linear_cross_entropy run it: float32 and half-precision operands are cast
+    (differentiably: their gradients come back in their own dtypes), and the loss is float32
+    (functional.loss_dtype). Outside autocast, or for anything not a tensor, unchanged."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t
+                 for t in (input, linear_weight, linear_bias))
 
 
 class LinearCrossEntropyLoss(nn.Module):
