@@ -83,8 +83,9 @@ def test_custom_op_registration_passes_opcheck(backend, device, reduction, prob_
     else:
         t = torch.tensor([0, 8, -100, 3, 4], device=device)
     w = torch.rand(9, device=device)
-    args = (x, t, w, prob_target, reduction, -100, 0.1, 1e-3, 4.0, False,
-            backend == "triton", True)
+    # softcap given as a 0-dim tensor (4.0 among the numbers is then its placeholder)
+    args = (x, t, w, prob_target, reduction, -100, 0.1, 1e-3, 4.0,
+            [None, None, torch.tensor(3.0)], False, backend == "triton", True)
     # The gradient output is computed, not differentiable: skip the generic autograd check,
     # whose probes differentiate every output; the backward is covered by the tests above.
     torch.library.opcheck(cross_entropy_op, args, test_utils=(
@@ -138,8 +139,8 @@ def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs
     w = torch.randn(13, 11, device=device, dtype=dtype)
     b = torch.randn(13, device=device, dtype=dtype)
     t = torch.tensor([0, 12, -100, 3, 4, 5, 6], device=device)
-    options = (False, reduction, -100, 0.1, 1e-3, 4.0, False, backend == "triton", 3, None,
-               torch.float32, *needs)
+    options = (False, reduction, -100, 0.1, 1e-3, 4.0, [torch.tensor(0.2), None, None], False,
+               backend == "triton", 3, None, torch.float32, *needs)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static",
              "test_aot_dispatch_dynamic")
     torch.library.opcheck(linear_cross_entropy_op, (x, w, b, t, None, *options),

@@ -32,6 +32,7 @@ def cross_entropy_op(
     label_smoothing: float,
     lse_square_scale: float,
     softcap: float | None,
+    option_tensors: list[torch.Tensor | None],  # the three above given as 0-dim tensors
     check_targets: bool,
     use_triton: bool,
     compute_grad: bool,
@@ -39,6 +40,8 @@ def cross_entropy_op(
     """(loss, lse, grad): the loss in core.acc_dtype (float32 for half-precision input: the
     caller casts it, to float32 under autocast), grad dloss/dinput already scaled by the
     reduction, or an empty tensor when compute_grad is False."""
+    label_smoothing, lse_square_scale, softcap = core.resolve_options(
+        (label_smoothing, lse_square_scale, softcap), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
     loss, lse, grad = core.forward(problem, input, target, weight, compute_grad=compute_grad)
@@ -47,7 +50,7 @@ def cross_entropy_op(
 
 @cross_entropy_op.register_fake
 def _(input, target, weight, prob_target, reduction, ignore_index, label_smoothing,
-      lse_square_scale, softcap, check_targets, use_triton, compute_grad):
+      lse_square_scale, softcap, option_tensors, check_targets, use_triton, compute_grad):
     rows = core.row_shape(input, target, prob_target)
     loss_shape = rows if reduction == "none" else ()
     loss = input.new_empty(loss_shape, dtype=core.acc_dtype(input.dtype))
@@ -57,9 +60,12 @@ def _(input, target, weight, prob_target, reduction, ignore_index, label_smoothi
 
 
 def _setup_context(ctx, inputs, output):
+    # Backward needs the reduction and the backend only (a tensor option's number is a
+    # placeholder here).
     (_, _, _, prob_target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
-     check_targets, use_triton, _) = inputs
+     option_tensors, check_targets, use_triton, _) = inputs
     _, lse, grad = output
+    ctx.option_tensors_grad = option_list_grad(option_tensors)
     ctx.problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                                lse_square_scale, softcap, check_targets, use_triton)
     ctx.save_for_backward(grad)
@@ -72,10 +78,49 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
     if grad_loss is not None and ctx.needs_input_grad[0]:
         (grad,) = ctx.saved_tensors
         input_grad = core.scale_saved_grad(ctx.problem, grad, grad_loss)
-    return (input_grad,) + (None,) * 11
+    return (input_grad,) + (None,) * 8 + (ctx.option_tensors_grad,) + (None,) * 3
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def register_vmap_by_samples(op) -> None:
+    """torch.vmap of `op` as a loop: the op runs once per sample and the results are stacked
+    (one launch per sample, as torch's generic fallback would, which an op with a list of
+    optional tensors does not get). A batched rule proper (the samples' rows as one problem,
+    per-sample reductions) is not written."""
+
+    def pick(arg, dim, b):
+        if isinstance(arg, (list, tuple)):
+            dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+            return [pick(a, d, b) for a, d in zip(arg, dims)]
+        return arg if dim is None or arg is None else arg.select(dim, b)
+
+    def rule(info, in_dims, *args):
+        results = [op(*(pick(a, d, b) for a, d in zip(args, in_dims)))
+                   for b in range(info.batch_size)]
+        outputs = tuple(torch.stack(outs) for outs in zip(*results))
+        return outputs, (0,) * len(outputs)
+
+    op.register_vmap(rule)
+
+
+register_vmap_by_samples(cross_entropy_op)
+
+
+def option_list_grad(option_tensors: list) -> list | None:
+    """The gradient a custom op's backward returns for its option_tensors argument, shaped as
+    torch.library compares it with the argument: a list of None for a list of tensors, None
+    for a list holding a None (which it takes as one non-tensor argument)."""
+    if any(t is None for t in option_tensors):
+        return None
+    return [None] * len(option_tensors)
+
+
+def func_grads(grads: tuple) -> tuple:
+    """A custom op's backward result as an autograd.Function returns it: None for the list
+    of option tensors, which the Function sees as one non-tensor argument."""
+    return tuple(None if isinstance(g, list) else g for g in grads)
 
 
 class CrossEntropyFuncFunction(torch.autograd.Function):
@@ -94,7 +139,10 @@ class CrossEntropyFuncFunction(torch.autograd.Function):
         return cross_entropy_op(*inputs)
 
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return func_grads(_backward(ctx, *grads))
 
     @staticmethod
     def jvp(ctx, *tangents):

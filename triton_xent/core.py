@@ -37,6 +37,40 @@ class Problem:
                     lse_square_scale=self.lse_square_scale, softcap=self.softcap)
 
 
+# The real-number options: name -> (the test its value passes, what it must be). Tests are
+# comparisons only, never math.*: where torch.compile makes a float symbolic (dynamic=True,
+# or a float that changes between calls) each comparison becomes a guard, not a graph break,
+# and NaN fails them all. A new option is one more line here (and one in FLOAT_OPTIONS if
+# the custom ops take it).
+_INF = float("inf")
+NUMBER_RULES = {
+    "label_smoothing": (lambda v: 0.0 <= v <= 1.0, "between 0.0 and 1.0"),
+    "lse_square_scale": (lambda v: 0.0 <= v < _INF, "finite and >= 0"),
+    "softcap": (lambda v: 0.0 < v < _INF, "None or a finite number > 0"),
+}
+# The float options of the custom ops, in their order; each may also come as a 0-dim tensor
+# (see resolve_options).
+FLOAT_OPTIONS = ("label_smoothing", "lse_square_scale", "softcap")
+
+
+def check_number(name: str, value):
+    """ValueError unless `value` (a number, or a SymFloat while tracing) passes its rule."""
+    valid, requirement = NUMBER_RULES[name]
+    if not valid(value):
+        raise ValueError(f"{name} must be {requirement}, got {value}")
+    return value
+
+
+def resolve_options(values: tuple, tensors: list) -> tuple:
+    """The FLOAT_OPTIONS values, with those given as 0-dim tensors (`tensors`, None where a
+    number was given) read and checked. Called inside the custom ops: under torch.compile a
+    tensor option's value is known only when the op runs (one host sync each)."""
+    resolved = []
+    for name, value, tensor in zip(FLOAT_OPTIONS, values, tensors):
+        resolved.append(value if tensor is None else check_number(name, tensor.item()))
+    return tuple(resolved)
+
+
 def row_shape(input: torch.Tensor, target: torch.Tensor, prob_target: bool) -> torch.Size:
     """The shape of the unreduced loss: target's for class indices, input's without the class
     dimension for probabilities."""

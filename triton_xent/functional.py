@@ -116,46 +116,46 @@ def _reduction_name(reduction) -> str:
     return reduction
 
 
-def _number(name: str, value, valid, requirement: str) -> float:
-    """A real-number option: a Python number or, like F.cross_entropy, a 0-dim real tensor
-    (read once, here). Raises TypeError for anything else, ValueError unless `valid(value)`.
+def _number(name: str, value):
+    """A real-number option (core.NUMBER_RULES names it): a Python number (a SymFloat when
+    torch.compile makes it symbolic) or, as F.cross_entropy takes it, a 0-dim real tensor.
+    Returns the number; TypeError for anything else, ValueError for a value out of range.
 
-    The one checker of every float option, written with comparisons only (never math.*), so
-    that it traces under torch.compile where Dynamo makes a float symbolic (dynamic=True, or
-    a float that changes between calls): each comparison becomes a guard, no graph break.
-    For a new option: `x = _number("x", x, lambda v: 0.0 < v < _INF, "finite and > 0")`.
-    """
+    Under torch.compile a tensor's value is unknown while tracing, and reading it would break
+    the graph: the tensor itself is returned, for the custom op to read and check when it
+    runs (core.resolve_options)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a number, got a tensor of shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
         if torch.compiler.is_compiling():
-            # Its value is not known while tracing: reading it would break the graph.
-            raise TypeError(f"{name} is a tensor: under torch.compile pass a Python number "
-                            f"(a tensor's value is unknown while tracing)")
+            return value
         value = value.item()
     elif isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat,
                                                            torch.SymInt)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not valid(value):  # NaN fails every comparison: refused too
-        raise ValueError(f"{name} must be {requirement}, got {value}")
-    return value
-
-
-_INF = float("inf")
+    return core.check_number(name, value)
 
 
 def _check_options(reduction, label_smoothing, lse_square_scale, softcap):
-    """(reduction's name, label_smoothing, lse_square_scale, softcap) after the checks, the
-    numbers as the custom ops take them."""
-    label_smoothing = _number("label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0,
-                              "between 0.0 and 1.0")
-    lse_square_scale = _number("lse_square_scale", lse_square_scale,
-                               lambda v: 0.0 <= v < _INF, "finite and >= 0")
+    """(reduction's name, label_smoothing, lse_square_scale, softcap) after the checks: the
+    numbers as Python numbers, or (under torch.compile) 0-dim tensors, see _number."""
+    label_smoothing = _number("label_smoothing", label_smoothing)
+    lse_square_scale = _number("lse_square_scale", lse_square_scale)
     if softcap is not None:
-        softcap = _number("softcap", softcap, lambda v: 0.0 < v < _INF,
-                          "None or a finite number > 0")
+        softcap = _number("softcap", softcap)
     return _reduction_name(reduction), label_smoothing, lse_square_scale, softcap
+
+
+def op_options(label_smoothing, lse_square_scale, softcap) -> tuple:
+    """The FLOAT_OPTIONS as the custom ops take them: (label_smoothing, lse_square_scale,
+    softcap, tensors), where an option given as a tensor (under torch.compile, see _number)
+    is 0.0 among the numbers and the tensor in `tensors` (None for each number given)."""
+    values = (label_smoothing, lse_square_scale, softcap)
+    tensors = [v if isinstance(v, torch.Tensor) else None for v in values]
+    numbers_ = (0.0 if t is not None else None if v is None else float(v)
+                for v, t in zip(values, tensors))
+    return (*numbers_, tensors)
 
 
 def loss_dtype(input: torch.Tensor, prob_target: torch.Tensor | None = None) -> torch.dtype:
@@ -294,10 +294,12 @@ def cross_entropy(
             raise ValueError("triton_xent computes the gradient of input only; detach the "
                              "target and weight (or use F.cross_entropy for their gradients)")
         use_triton = _use_triton(backend, input)
+    if process_group is not None or (inplace_backward and needs_grad):  # eager: numbers
+        label_smoothing, lse_square_scale = float(label_smoothing), float(lse_square_scale)
         softcap = None if softcap is None else float(softcap)
     if process_group is not None:
-        problem = core.Problem(prob_target, reduction, int(ignore_index), float(label_smoothing),
-                               float(lse_square_scale), softcap, bool(check_targets), use_triton)
+        problem = core.Problem(prob_target, reduction, int(ignore_index), label_smoothing,
+                               lse_square_scale, softcap, bool(check_targets), use_triton)
         if needs_grad:
             loss, lse = CrossEntropyFunction.apply(input, target, weight, problem,
                                                    process_group)
@@ -307,7 +309,7 @@ def cross_entropy(
     elif inplace_backward and needs_grad:
         problem = core.Problem(
             prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
-            label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
             softcap=softcap, inplace_backward=True, check_targets=bool(check_targets),
             use_triton=use_triton)
         loss, lse = CrossEntropyFunction.apply(input, target, weight, problem, None)
@@ -315,7 +317,7 @@ def cross_entropy(
         op = _func_op(CrossEntropyFuncFunction) if _transformed(input) else cross_entropy_op
         loss, lse, _ = op(
             input, target, weight, prob_target, reduction, int(ignore_index),
-            float(label_smoothing), float(lse_square_scale), softcap, bool(check_targets),
+            *op_options(label_smoothing, lse_square_scale, softcap), bool(check_targets),
             use_triton, needs_grad)
     loss = loss.to(loss_dtype(input, target if prob_target else None))
     return (loss, lse) if return_lse else loss

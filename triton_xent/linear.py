@@ -19,7 +19,8 @@ import torch.distributed as dist
 from . import core, distributed
 from .functional import (_check_options, _check_target, _check_weight, _class_indices,
                          _func_op, _refuse_eager_only, _transformed, _use_triton,
-                         loss_dtype)
+                         loss_dtype, op_options)
+from .autograd import func_grads, option_list_grad, register_vmap_by_samples
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
 
@@ -118,13 +119,17 @@ def linear_cross_entropy_op(
     target: torch.Tensor,  # (N,) class indices or (N, V) probabilities
     weight: torch.Tensor | None,  # (V,) class weights
     prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
-    lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
+    lse_square_scale: float, softcap: float | None,
+    option_tensors: list[torch.Tensor | None],  # the three above given as 0-dim tensors
+    check_targets: bool, use_triton: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none" is (N,), in
     core.acc_dtype (the caller casts it); the gradients are empty where not asked for or not
     precomputed (d_W, d_b in the accumulation dtype). Autocast is off inside."""
+    label_smoothing, lse_square_scale, softcap = core.resolve_options(
+        (label_smoothing, lse_square_scale, softcap), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
     pre = _precomputed(reduction, need_weight, need_bias)
@@ -142,8 +147,8 @@ def linear_cross_entropy_op(
 
 @linear_cross_entropy_op.register_fake
 def _(x, linear_weight, linear_bias, target, weight, prob_target, reduction, ignore_index,
-      label_smoothing, lse_square_scale, softcap, check_targets, use_triton, chunk_size,
-      memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
+      label_smoothing, lse_square_scale, softcap, option_tensors, check_targets, use_triton,
+      chunk_size, memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     pre = _precomputed(reduction, need_weight, need_bias)
@@ -162,11 +167,14 @@ def linear_cross_entropy_backward_op(
     target: torch.Tensor, weight: torch.Tensor | None,
     grad_output: torch.Tensor,  # (N,) per-row factors ("none")
     prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
-    lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
+    lse_square_scale: float, softcap: float | None, option_tensors: list[torch.Tensor | None],
+    check_targets: bool, use_triton: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_x, d_W, d_b) recomputed chunk by chunk with per-row grad_output; empty if unasked."""
+    label_smoothing, lse_square_scale, softcap = core.resolve_options(
+        (label_smoothing, lse_square_scale, softcap), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton)
     with torch.autocast(x.device.type, enabled=False):
@@ -180,8 +188,9 @@ def linear_cross_entropy_backward_op(
 
 @linear_cross_entropy_backward_op.register_fake
 def _(x, linear_weight, linear_bias, target, weight, grad_output, prob_target, reduction,
-      ignore_index, label_smoothing, lse_square_scale, softcap, check_targets, use_triton,
-      chunk_size, memory_budget_bytes, accum_dtype, need_input, need_weight, need_bias):
+      ignore_index, label_smoothing, lse_square_scale, softcap, option_tensors, check_targets,
+      use_triton, chunk_size, memory_budget_bytes, accum_dtype, need_input, need_weight,
+      need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     acc = torch.promote_types(accum_dtype, x.dtype)
@@ -190,12 +199,22 @@ def _(x, linear_weight, linear_bias, target, weight, grad_output, prob_target, r
             x.new_empty((V,), dtype=acc) if need_bias else x.new_empty(0))
 
 
-N_OP_ARGS = 19  # the forward op's arguments, for backward's tuple of gradients
+N_OP_ARGS = 20  # the forward op's arguments, for backward's tuple of gradients
+_OPTION_TENSORS = 11  # the position of option_tensors among them
+
+
+def _grads(ctx, *grads) -> tuple:
+    """The forward op's gradients: `grads` for its first arguments, then None for each other
+    argument (for option_tensors, autograd.option_list_grad's)."""
+    out = list(grads) + [None] * (N_OP_ARGS - len(grads))
+    out[_OPTION_TENSORS] = ctx.option_tensors_grad
+    return tuple(out)
 
 
 def _setup_context(ctx, inputs, output):
     x, linear_weight, linear_bias, target, weight = inputs[:5]
     ctx.options = inputs[5:]
+    ctx.option_tensors_grad = option_list_grad(inputs[_OPTION_TENSORS])
     *_, need_input, need_weight, need_bias = inputs
     reduction = inputs[6]
     _, lse, d_x, d_w, d_b = output
@@ -214,7 +233,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
     need = ctx.needs_input_grad[:3]
     if grad_loss is None or not any(need):
-        return (None,) * N_OP_ARGS
+        return _grads(ctx)
     if ctx.precompute:
         grads = ctx.saved_tensors
         in_place = core.saved_grad_is_spent(grad_loss)
@@ -229,10 +248,12 @@ def _backward(ctx, grad_loss, grad_lse, grad_dx, grad_dw, grad_db):
             x, linear_weight, linear_bias, target, weight, grad_loss, *ctx.options)
         out = tuple(g.to(dtype) if wanted else None
                     for g, dtype, wanted in zip((d_x, d_w, d_b), ctx.dtypes, need))
-    return out + (None,) * (N_OP_ARGS - 3)
+    return _grads(ctx, *out)
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+register_vmap_by_samples(linear_cross_entropy_op)
+register_vmap_by_samples(linear_cross_entropy_backward_op)
 
 
 class LinearCrossEntropyFuncFunction(torch.autograd.Function):
@@ -247,7 +268,10 @@ class LinearCrossEntropyFuncFunction(torch.autograd.Function):
         return linear_cross_entropy_op(*inputs)
 
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return func_grads(_backward(ctx, *grads))
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -476,8 +500,8 @@ def linear_cross_entropy(
               else linear_cross_entropy_op)
         loss, lse, *_ = op(
             input.reshape(N, D), linear_weight, linear_bias, tgt, weight, prob_target,
-            reduction, int(ignore_index), float(label_smoothing), float(lse_square_scale),
-            None if softcap is None else float(softcap), bool(check_targets),
+            reduction, int(ignore_index),
+            *op_options(label_smoothing, lse_square_scale, softcap), bool(check_targets),
             use_triton, chunk_size, memory_budget_bytes, accum_dtype, *needs)
     loss = loss.to(loss_dtype(input, tgt if prob_target else None))
     if reduction == "none":
