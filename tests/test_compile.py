@@ -1,6 +1,8 @@
 """torch.compile: cross_entropy is a custom op (torch.library) with a fake implementation
 and registered autograd, so a compiled training step has no graph break and equals eager."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -63,13 +65,15 @@ def test_target_check_inside_the_op_still_raises_when_compiled(backend, device):
         compiled(x, bad)
 
 
-def test_inplace_backward_is_refused_under_compile(device):
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph_breaks_allowed", "fullgraph"])
+def test_inplace_backward_is_refused_under_compile(device, fullgraph):
+    # A clear error, never a silent graph break: Dynamo's TorchRuntimeError quoting ours.
     torch._dynamo.reset()
     x = torch.randn(4, 7, device=device, requires_grad=True)
     t = torch.tensor([0, 1, 2, 3], device=device)
     compiled = torch.compile(
         lambda x, t: triton_xent.cross_entropy(x * 1.0, t, inplace_backward=True),
-        fullgraph=True)
+        fullgraph=fullgraph, backend="aot_eager")
     with pytest.raises(Exception, match="inplace_backward is an eager-mode feature"):
         compiled(x, t)
 
@@ -148,3 +152,204 @@ def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs
     go = torch.rand(7, device=device, dtype=dtype)
     torch.library.opcheck(linear_cross_entropy_backward_op, (x, w, b, t, None, go, *options),
                           test_utils=tests)
+
+
+# --- every entry point, every way of compiling, every option --------------------------------
+#
+# One step calls the four entry points, each twice, so that one compiled graph covers every
+# option: (a) class indices on (N, C, d) logits (for the linear op, (N, d, D) activations)
+# with class weights, ignored targets, label smoothing passed as a float argument (symbolic
+# under dynamic=True), the z-loss as a 0-dim tensor argument, softcap and return_lse;
+# (b) class probabilities with reduction "none" (for the linear op with a trainable head:
+# the recomputing backward op). Batch sizes change between calls (6, 9, 11: no power of
+# two). Dynamo's counters tell graphs apart: a new graph break fails fullgraph=True, a new
+# recompile fails the count.
+
+C, D_MODEL, SPATIAL = 13, 8, 3
+
+
+def _all_entries_step(backend, device):
+    """step(x, h, t, p, label_smoothing, z_loss) -> (loss, lse of each entry point) and the
+    parameters it trains (the head of the linear ops). The modules are built outside, as a
+    training loop builds them: their options are attributes."""
+    torch.manual_seed(2)
+    head = nn.Linear(D_MODEL, C).to(device)
+    w = torch.rand(C, device=device) + 0.5
+    common = dict(backend=backend, check_targets=False)
+    linear_common = dict(common, chunk_size=7)
+    module_options = dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=5.0,
+                          return_lse=True)
+    criterion = triton_xent.CrossEntropyLoss(weight=w, **module_options, **common)
+    linear_criterion = triton_xent.LinearCrossEntropyLoss(w, **module_options, **linear_common)
+
+    def step(x, h, t, p, ls, z):
+        options = dict(label_smoothing=ls, lse_square_scale=z, softcap=5.0, return_lse=True)
+        loss_a, lse_a = triton_xent.cross_entropy(x, t, weight=w, **options, **common)
+        none_a = triton_xent.cross_entropy(x[:, :, 0], p, reduction="none", label_smoothing=ls,
+                                           **common)
+        loss_b, lse_b = criterion(x, t)
+        loss_c, lse_c = triton_xent.linear_cross_entropy(
+            h, head.weight, t, linear_bias=head.bias, weight=w, **options, **linear_common)
+        none_c = triton_xent.linear_cross_entropy(
+            h[:, 0], head.weight, p, linear_bias=head.bias, reduction="none",
+            label_smoothing=ls, **linear_common)
+        loss_d, lse_d = linear_criterion(h, head.weight, t, head.bias)
+        loss = (loss_a + none_a.sum() + 2 * loss_b + 3 * loss_c + 4 * none_c.sum()
+                + 5 * loss_d)
+        return loss, (lse_a, lse_b, lse_c, lse_d)
+
+    return step, list(head.parameters())
+
+
+def _run_steps(step, params, sizes, device, *, mark_dynamic=False, backward=None):
+    """[(loss, lses, input grads, parameter grads)] over the batch sizes; `backward` makes
+    the context of each backward pass."""
+    results = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, C, SPATIAL, generator=g).to(device).requires_grad_(True)
+        h = torch.randn(n, SPATIAL, D_MODEL, generator=g).to(device).requires_grad_(True)
+        t = torch.randint(0, C, (n, SPATIAL), generator=g).to(device)
+        t[0, 1] = -100
+        p = torch.rand(n, C, generator=g).softmax(1).to(device)
+        if mark_dynamic:
+            for tensor in (x, h, t, p):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        for q in params:
+            q.grad = None
+        loss, lses = step(x, h, t, p, 0.1, torch.tensor(1e-3))
+        with backward() if backward else contextlib.nullcontext():
+            loss.backward()
+        results.append((loss.detach(), lses, [x.grad, h.grad], [q.grad for q in params]))
+    return results
+
+
+def _assert_results_equal(got, want):
+    for (loss, lses, gx, gp), (loss_e, lses_e, gx_e, gp_e) in zip(got, want, strict=True):
+        assert_close(loss, loss_e, torch.float32, "loss")
+        for a, b in zip(lses, lses_e, strict=True):
+            assert_close(a, b, torch.float32, "lse")
+        for a, b in zip(gx + gp, gx_e + gp_e, strict=True):
+            assert_close(a, b, torch.float32, "gradient")
+
+
+# mode -> (torch.compile keywords, mark the batch dimension dynamic, compiled autograd,
+# graphs expected for the sizes 6, 9, 11: automatic dynamic shapes compile a static graph
+# first and a dynamic one at the first change of size; so does compiled autograd for the
+# backward, beside the one dynamic forward graph)
+MODES = {
+    "dynamic_true": (dict(dynamic=True), False, False, 1),
+    "automatic_dynamic": (dict(dynamic=None), False, False, 2),
+    "mark_dynamic": (dict(dynamic=None), True, False, 1),
+    "compiled_autograd": (dict(dynamic=True), False, True, 1 + 2),
+}
+
+
+# The custom ops are opaque to the compiler, and the same ops on either backend: the mode
+# matrix runs the plain-PyTorch backend (the kernels under the interpreter would take
+# minutes); the tests above compile the Triton backend.
+@pytest.mark.parametrize("mode", MODES)
+def test_every_entry_point_compiles_in_every_mode_with_every_option(device, mode):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    kwargs, mark, compiled_autograd, n_graphs = MODES[mode]
+    torch._dynamo.reset()
+    counters.clear()
+    step, params = _all_entries_step("torch", device)
+    sizes = (6, 9, 11)
+    want = _run_steps(step, params, sizes, device)
+    compiled = torch.compile(step, fullgraph=True,
+                             backend=CompileCounterWithBackend("aot_eager"), **kwargs)
+    backward = None
+    if compiled_autograd:
+        # Compiled autograd traces the backward graph, our backward's Python included, and
+        # compiles it: with fullgraph=True, a graph break there fails too. (The flag
+        # torch._dynamo.config.compiled_autograd enters this context around a backward
+        # called inside a compiled function, where Tensor.backward() itself breaks the graph.)
+        from torch._dynamo import compiled_autograd as ca
+
+        def backward():
+            return ca._enable(lambda gm: torch.compile(gm, backend="aot_eager", fullgraph=True))
+    got = _run_steps(compiled, params, sizes, device, mark_dynamic=mark, backward=backward)
+    _assert_results_equal(got, want)
+    assert counters["stats"]["unique_graphs"] == n_graphs, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if compiled_autograd:  # the backward was captured by compiled autograd
+        assert counters["compiled_autograd"]["captures"] >= 1, counters["compiled_autograd"]
+
+
+def test_inductor_with_dynamic_shapes_and_options_equals_eager(device):
+    # The inductor backend (C++ code on CPU) with dynamic=True: one graph for two batch
+    # sizes, the options as above (a smaller step: inductor compiles each fused kernel).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(3)
+    head = nn.Linear(D_MODEL, C).to(device)
+
+    def step(x, h, t, p, ls, z):
+        loss, lse = triton_xent.cross_entropy(x, t, label_smoothing=ls, lse_square_scale=z,
+                                              softcap=5.0, return_lse=True, backend="torch")
+        linear = triton_xent.linear_cross_entropy(h[:, 0], head.weight, p, reduction="none",
+                                                  linear_bias=head.bias, backend="torch")
+        return loss + linear.sum(), (lse,)
+
+    params = list(head.parameters())
+    want = _run_steps(step, params, (6, 9), device)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="inductor")
+    _assert_results_equal(_run_steps(compiled, params, (6, 9), device), want)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+# --- errors under compile ---------------------------------------------------------------------
+
+BAD_SMOOTHING = {"float": 1.5, "nan": float("nan"), "tensor": torch.tensor(1.5)}
+
+
+@pytest.mark.parametrize("bad", BAD_SMOOTHING)
+def test_bad_option_under_compile_raises_our_error(device, bad):
+    # Without fullgraph Dynamo sees our check raise and runs the frame in eager, which raises
+    # it; a 0-dim tensor option is checked inside the op, when its value is known.
+    torch._dynamo.reset()
+    x, t = torch.randn(4, 7, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    compiled = torch.compile(
+        lambda x, t, ls: triton_xent.cross_entropy(x, t, label_smoothing=ls, backend="torch"),
+        backend="aot_eager")
+    with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+        compiled(x, t, BAD_SMOOTHING[bad])
+
+
+def test_bad_option_under_fullgraph_is_dynamos_error_carrying_ours(device):
+    # On torch 2.13, fullgraph=True turns an exception raised while tracing into Dynamo's
+    # Unsupported("Observed exception"), whose text quotes ours (documented in the README).
+    torch._dynamo.reset()
+    x, t = torch.randn(4, 7, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    compiled = torch.compile(
+        lambda x, t, ls: triton_xent.cross_entropy(x, t, label_smoothing=ls, backend="torch"),
+        backend="aot_eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported,
+                       match=r"ValueError\('label_smoothing must be between 0.0 and 1.0"):
+        compiled(x, t, 1.5)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph_breaks_allowed", "fullgraph"])
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+def test_process_group_is_refused_under_compile(device, entry, fullgraph):
+    # Eager-only: a clear error rather than a graph break, also where breaks are allowed
+    # (checked before the group is touched: any object stands for it here).
+    torch._dynamo.reset()
+    x, t = torch.randn(4, 7, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    group = object()
+    if entry == "cross_entropy":
+        def fn(x, t):
+            return triton_xent.cross_entropy(x, t, process_group=group)
+    else:
+        w = torch.randn(5, 7, device=device)
+
+        def fn(x, t):
+            return triton_xent.linear_cross_entropy(x, w, t, process_group=group)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
+    with pytest.raises(Exception, match="process_group is an eager-mode feature"):
+        compiled(x, t)

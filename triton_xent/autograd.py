@@ -151,6 +151,21 @@ class CrossEntropyFuncFunction(torch.autograd.Function):
             "reverse mode (torch.func.grad, vjp, jacrev) or F.cross_entropy")
 
 
+@torch.library.custom_op("triton_xent::refuse_under_compile", mutates_args=())
+def refuse_under_compile(like: torch.Tensor, message: str) -> torch.Tensor:
+    """Raises ValueError(message): how an eager-only feature is refused under torch.compile.
+    The compiler runs the fake implementation while it traces, and an error raised there
+    stops the compile, with or without fullgraph. The same error raised by traced code would
+    only send the frame back to eager mode, where the feature would run uncompiled: a silent
+    graph break."""
+    raise ValueError(message)
+
+
+@refuse_under_compile.register_fake
+def _(like, message):
+    raise ValueError(message)
+
+
 # --- eager-only paths: the in-place gradient, and vocab parallelism ----------------------
 
 

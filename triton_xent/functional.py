@@ -11,7 +11,8 @@ import torch
 from torch.nn import _reduction
 
 from . import core, distributed
-from .autograd import CrossEntropyFuncFunction, CrossEntropyFunction, cross_entropy_op
+from .autograd import (CrossEntropyFuncFunction, CrossEntropyFunction, cross_entropy_op,
+                       refuse_under_compile)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -200,15 +201,19 @@ def _refuse_eager_only(*, process_group: bool, inplace_backward: bool, input) ->
                                         ("inplace_backward", inplace_backward)) if used]
     if not features:
         return
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         why = ("under torch.compile the loss is a custom op, which may neither write into "
                "its input nor run collectives")
     elif isinstance(input, torch.Tensor) and _transformed(input):
         why = "a torch.func transform cannot see through it"
     else:
         return
-    raise ValueError(f"{' and '.join(features)} is an eager-mode feature: {why}; leave it "
-                     f"out of the compiled or transformed function")
+    message = (f"{' and '.join(features)} is an eager-mode feature: {why}; leave it out of "
+               f"the compiled or transformed function")
+    if compiling and isinstance(input, torch.Tensor):
+        refuse_under_compile(input, message)  # raises while tracing, fullgraph or not
+    raise ValueError(message)
 
 
 def cross_entropy(
