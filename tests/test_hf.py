@@ -533,3 +533,67 @@ def test_import_without_transformers_says_how_to_install():
     """)
     assert r.returncode == 0, r.stderr
     assert "pip install" in r.stdout and "triton_xent[hf]" in r.stdout and ">= 4.50" in r.stdout
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+def _train(model, step_fn, lengths, lr=1e-2):
+    """SGD steps on batches of the given sequence lengths; the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for i, length in enumerate(lengths):
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(0, V, (B, length), generator=g)
+        labels = ids.clone()
+        labels[0, :2] = -100
+        opt.zero_grad(set_to_none=True)
+        loss = step_fn(ids, labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def _assert_trained_alike(model, losses, ref, ref_losses):
+    # Each parameter to 1e-5 of its largest element, as the gradients in _assert_same.
+    for a, b in zip(losses, ref_losses, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=GRAD_RTOL, atol=GRAD_RTOL * q.abs().max().item(),
+                                   msg=name)
+
+
+# One layer (compiling is slow on CPU: tracing scales with depth); lengths 7, 11, 9.
+COMPILE_LAYERS, LENGTHS = dict(num_hidden_layers=1), (7, 11, 9)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_patched_model_trains_as_the_unpatched_one(family):
+    """torch.compile(patch_causal_lm(model), fullgraph=True, dynamic=True), three SGD steps on
+    changing sequence lengths: one graph, no break, and the losses and parameters of the
+    unpatched model trained alike. Dynamo's "eager" backend runs the captured graph as it
+    is (what fullgraph and the graph count are about); the next test adds AOT autograd."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ref = _model(family, **COMPILE_LAYERS)
+    model = patch_causal_lm(copy.deepcopy(ref), backend="torch")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    losses = _train(model, lambda ids, labels: compiled(ids, labels=labels), LENGTHS)
+    ref_losses = _train(ref, lambda ids, labels: ref(ids, labels=labels), LENGTHS)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"]
+    _assert_trained_alike(model, losses, ref, ref_losses)
+
+
+def test_compiled_patched_llama_matches_the_compiled_unpatched_one():
+    # Both compiled alike (AOT autograd: the backward is compiled too), both with fullgraph.
+    torch._dynamo.reset()
+    ref = _model("llama", **COMPILE_LAYERS)
+    model = patch_causal_lm(copy.deepcopy(ref), backend="torch")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled_ref = torch.compile(ref, fullgraph=True, dynamic=True, backend="aot_eager")
+    losses = _train(model, lambda ids, labels: compiled(ids, labels=labels), LENGTHS[:2])
+    ref_losses = _train(ref, lambda ids, labels: compiled_ref(ids, labels=labels), LENGTHS[:2])
+    _assert_trained_alike(model, losses, ref, ref_losses)
