@@ -33,7 +33,8 @@ The loss is transformers' ForCausalLMLoss (transformers/loss/loss_utils.py):
 
 Here the same quantities are linear_cross_entropy(hidden, lm_head.weight, shift_labels,
 softcap=cap, reduction=..., ignore_index=...), float32-accumulated, and the loss is returned
-in float32 as transformers' is. For bfloat16 / float16 models, though, linear_cross_entropy
+in float32 as transformers' is (under torch.autocast, exactly so: linear_cross_entropy then
+returns a float32 loss). For bfloat16 / float16 models, though, linear_cross_entropy
 returns the loss in the model's dtype, so its value is rounded to it (half a unit in the last
 place: up to 2^-8 relative in bfloat16, 2^-11 in float16), and with num_items_in_batch the
 factor 1 / num_items_in_batch reaches the gradients rounded the same way (a common scale).
@@ -166,7 +167,8 @@ def patch_causal_lm(
     ForCausalLMLoss, or lm_head is not a plain nn.Linear without forward hooks (a LoRA or
     quantised head). With skip_logits=True these cases raise ValueError.
 
-    Under torch.autocast the head runs in the autocast dtype, as lm_head would.
+    Under torch.autocast the head runs in the autocast dtype, as lm_head would, and the loss
+    is float32 (not rounded to the autocast dtype), as transformers' is.
 
     Options, passed to linear_cross_entropy: backend ("auto": Triton kernels on CUDA, plain
     PyTorch on CPU), chunk_size, memory_budget_bytes, accum_dtype, check_targets (True: one
