@@ -161,11 +161,11 @@ def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs
 # with class weights, ignored targets, label smoothing passed as a float argument (symbolic
 # under dynamic=True), the z-loss as a 0-dim tensor argument, softcap and return_lse;
 # (b) class probabilities with reduction "none" (for the linear op with a trainable head:
-# the recomputing backward op). Batch sizes change between calls (6, 9, 11: no power of
-# two). Dynamo's counters tell graphs apart: a new graph break fails fullgraph=True, a new
+# the recomputing backward op). Batch and sequence sizes change between calls. Dynamo's
+# counters tell graphs apart: a new graph break fails fullgraph=True, a new
 # recompile fails the count.
 
-C, D_MODEL, SPATIAL = 13, 8, 3
+C, D_MODEL = 13, 8
 
 
 def _all_entries_step(backend, device):
@@ -202,14 +202,14 @@ def _all_entries_step(backend, device):
 
 
 def _run_steps(step, params, sizes, device, *, mark_dynamic=False, backward=None):
-    """[(loss, lses, input grads, parameter grads)] over the batch sizes; `backward` makes
-    the context of each backward pass."""
+    """[(loss, lses, input grads, parameter grads)] over the (batch, sequence) sizes;
+    `backward` makes the context of each backward pass."""
     results = []
-    for n in sizes:
+    for n, d in sizes:
         g = torch.Generator().manual_seed(n)
-        x = torch.randn(n, C, SPATIAL, generator=g).to(device).requires_grad_(True)
-        h = torch.randn(n, SPATIAL, D_MODEL, generator=g).to(device).requires_grad_(True)
-        t = torch.randint(0, C, (n, SPATIAL), generator=g).to(device)
+        x = torch.randn(n, C, d, generator=g).to(device).requires_grad_(True)
+        h = torch.randn(n, d, D_MODEL, generator=g).to(device).requires_grad_(True)
+        t = torch.randint(0, C, (n, d), generator=g).to(device)
         t[0, 1] = -100
         p = torch.rand(n, C, generator=g).softmax(1).to(device)
         if mark_dynamic:
@@ -233,15 +233,18 @@ def _assert_results_equal(got, want):
             assert_close(a, b, torch.float32, "gradient")
 
 
-# mode -> (torch.compile keywords, mark the batch dimension dynamic, compiled autograd,
-# graphs expected for the sizes 6, 9, 11: automatic dynamic shapes compile a static graph
-# first and a dynamic one at the first change of size; so does compiled autograd for the
-# backward, beside the one dynamic forward graph)
+# (batch, sequence) sizes of the three calls: both change (no power of two among them), or
+# the batch only where only it is marked dynamic.
+BOTH_CHANGE, BATCH_CHANGES = ((6, 3), (9, 5), (11, 4)), ((6, 3), (9, 3), (11, 3))
+# mode -> (torch.compile keywords, sizes, mark the batch dimension dynamic, compiled
+# autograd, graphs expected: automatic dynamic shapes compile a static graph first and a
+# dynamic one at the first change of size; so does compiled autograd for the backward,
+# beside the one dynamic forward graph)
 MODES = {
-    "dynamic_true": (dict(dynamic=True), False, False, 1),
-    "automatic_dynamic": (dict(dynamic=None), False, False, 2),
-    "mark_dynamic": (dict(dynamic=None), True, False, 1),
-    "compiled_autograd": (dict(dynamic=True), False, True, 1 + 2),
+    "dynamic_true": (dict(dynamic=True), BOTH_CHANGE, False, False, 1),
+    "automatic_dynamic": (dict(dynamic=None), BOTH_CHANGE, False, False, 2),
+    "mark_dynamic": (dict(dynamic=None), BATCH_CHANGES, True, False, 1),
+    "compiled_autograd": (dict(dynamic=True), BOTH_CHANGE, False, True, 1 + 2),
 }
 
 
@@ -253,11 +256,10 @@ def test_every_entry_point_compiles_in_every_mode_with_every_option(device, mode
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
-    kwargs, mark, compiled_autograd, n_graphs = MODES[mode]
+    kwargs, sizes, mark, compiled_autograd, n_graphs = MODES[mode]
     torch._dynamo.reset()
     counters.clear()
     step, params = _all_entries_step("torch", device)
-    sizes = (6, 9, 11)
     want = _run_steps(step, params, sizes, device)
     compiled = torch.compile(step, fullgraph=True,
                              backend=CompileCounterWithBackend("aot_eager"), **kwargs)
@@ -297,9 +299,10 @@ def test_inductor_with_dynamic_shapes_and_options_equals_eager(device):
         return loss + linear.sum(), (lse,)
 
     params = list(head.parameters())
-    want = _run_steps(step, params, (6, 9), device)
+    sizes = BOTH_CHANGE[:2]
+    want = _run_steps(step, params, sizes, device)
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="inductor")
-    _assert_results_equal(_run_steps(compiled, params, (6, 9), device), want)
+    _assert_results_equal(_run_steps(compiled, params, sizes, device), want)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 

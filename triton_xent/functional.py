@@ -263,6 +263,10 @@ def cross_entropy(
 
     Only `input` receives a gradient; a weight or probability target that requires grad is
     refused.
+
+    Under torch.autocast the loss is float32, as F.cross_entropy's, without its float32 copy
+    of input. torch.compile (fullgraph, dynamic shapes) and torch.func (grad, vjp, vmap) see
+    a custom op; inplace_backward and process_group are eager-only and refused there.
     """
     _refuse_eager_only(process_group=process_group is not None,
                        inplace_backward=inplace_backward, input=input)

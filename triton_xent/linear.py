@@ -406,6 +406,10 @@ def linear_cross_entropy(
     nothing gradient-related runs when none does. For "mean" and "sum" they are computed in
     forward (backward multiplies by grad_output); for "none" with a trainable head, backward
     recomputes the chunks (see the custom ops above). Double backward is not supported.
+
+    Under torch.autocast the head's matmul runs in the autocast dtype and the loss is
+    float32, as with torch's F.linear_cross_entropy. torch.compile and torch.func (grad, vjp,
+    vmap) are supported; process_group is eager-only.
     """
     _refuse_eager_only(process_group=process_group is not None, inplace_backward=False,
                        input=input)
