@@ -588,12 +588,13 @@ def test_compiled_patched_model_trains_as_the_unpatched_one(family):
 
 
 def test_compiled_patched_llama_matches_the_compiled_unpatched_one():
-    # Both compiled alike (AOT autograd: the backward is compiled too), both with fullgraph.
+    # The patched model through AOT autograd (its backward compiled too), the unpatched one
+    # through Dynamo's graph capture (the cheaper compile: CI time), both with fullgraph.
     torch._dynamo.reset()
     ref = _model("llama", **COMPILE_LAYERS)
     model = patch_causal_lm(copy.deepcopy(ref), backend="torch")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-    compiled_ref = torch.compile(ref, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled_ref = torch.compile(ref, fullgraph=True, dynamic=True, backend="eager")
     losses = _train(model, lambda ids, labels: compiled(ids, labels=labels), LENGTHS[:2])
     ref_losses = _train(ref, lambda ids, labels: compiled_ref(ids, labels=labels), LENGTHS[:2])
     _assert_trained_alike(model, losses, ref, ref_losses)
