@@ -40,6 +40,7 @@ def cross_entropy_op(
     label_smoothing: float,
     lse_square_scale: float,
     softcap: float | None,
+    option_tensors: list[torch.Tensor | None],  # core.FLOAT_OPTIONS given as 0-dim tensors
     check_targets: bool,
     use_triton: bool,
     temperature: float,
@@ -47,8 +48,12 @@ def cross_entropy_op(
     argmax: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, H, argmax, grad): grad is dloss/dinput already scaled by the reduction;
-    H (float32), argmax (int64) and grad are empty tensors when not asked for."""
+    """(loss, lse, H, argmax, grad): the loss in core.acc_dtype (float32 for half-precision
+    input: the caller casts it, to float32 under autocast), grad dloss/dinput already scaled
+    by the reduction; H (float32), argmax (int64) and grad are empty tensors when not asked
+    for."""
+    label_smoothing, lse_square_scale, softcap, temperature = core.resolve_options(
+        (label_smoothing, lse_square_scale, softcap, temperature), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton, temperature,
                            entropy, argmax)
@@ -60,12 +65,11 @@ def cross_entropy_op(
 
 @cross_entropy_op.register_fake
 def _(input, target, weight, row_weight, entropy_weight, prob_target, reduction,
-      ignore_index, label_smoothing, lse_square_scale, softcap, check_targets, use_triton,
-      temperature, entropy, argmax, compute_grad):
+      ignore_index, label_smoothing, lse_square_scale, softcap, option_tensors, check_targets,
+      use_triton, temperature, entropy, argmax, compute_grad):
     rows = core.row_shape(input, target, prob_target)
     loss_shape = rows if reduction == "none" else ()
-    out_dtype = torch.result_type(input, target) if prob_target else input.dtype
-    loss = input.new_empty(loss_shape, dtype=out_dtype)
+    loss = input.new_empty(loss_shape, dtype=core.acc_dtype(input.dtype))
     lse = input.new_empty(rows, dtype=torch.float32)
     H = input.new_empty(rows if entropy else (0,), dtype=torch.float32)
     idx = input.new_empty(rows if argmax else (0,), dtype=torch.int64)
@@ -73,16 +77,24 @@ def _(input, target, weight, row_weight, entropy_weight, prob_target, reduction,
     return loss, lse, H, idx, grad
 
 
-N_OP_ARGS = 17  # the op's arguments, for backward's tuple of gradients
+N_OP_ARGS = 18  # the op's arguments, for backward's tuple of gradients
+_OPTION_TENSORS = 11  # the position of option_tensors among them
 
 
 def _setup_context(ctx, inputs, output):
+    # Backward needs the reduction and the backend (a tensor option's number is a
+    # placeholder here), and the options again where it recomputes the entropy's gradient.
     input, target, weight = inputs[:3]
     ctx.options = inputs[5:-1]  # prob_target .. argmax
-    ctx.problem = core.Problem(*ctx.options)
+    (prob_target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+     option_tensors, check_targets, use_triton, temperature, entropy, argmax) = ctx.options
+    ctx.option_tensors_grad = option_list_grad(option_tensors)
+    ctx.problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
+                               lse_square_scale, softcap, check_targets, use_triton,
+                               temperature, entropy, argmax)
     _, lse, H, idx, grad = output
     # The entropy's gradient for an arbitrary upstream gradient is recomputed from the input.
-    ctx.save_for_backward(grad, *((input, target, weight) if ctx.problem.entropy else ()))
+    ctx.save_for_backward(grad, *((input, target, weight) if entropy else ()))
     ctx.mark_non_differentiable(lse, idx, grad)
     ctx.set_materialize_grads(False)
 
@@ -92,7 +104,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax, grad_grad):
     saved = ctx.saved_tensors  # all unpacked before the first is scaled in place
     if ctx.needs_input_grad[0] and grad_loss is not None:
         input_grad = core.scale_saved_grad(ctx.problem, saved[0], grad_loss)
-    if ctx.needs_input_grad[0] and grad_entropy is not None:
+    if ctx.needs_input_grad[0] and grad_entropy is not None and ctx.problem.entropy:
         # d(sum_r g_r H_r)/dinput is the gradient of a "sum" loss with row weights 0 and
         # entropy weights g: one more pass over the logits.
         input, target, weight = saved[1:]
@@ -103,10 +115,94 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax, grad_grad):
                                          grad_entropy.new_zeros(grad_entropy.shape),
                                          grad_entropy, *options, True)
         input_grad = d_entropy if input_grad is None else input_grad + d_entropy
-    return (input_grad,) + (None,) * (N_OP_ARGS - 1)
+    grads = [input_grad] + [None] * (N_OP_ARGS - 1)
+    grads[_OPTION_TENSORS] = ctx.option_tensors_grad
+    return tuple(grads)
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def register_vmap_by_samples(op) -> None:
+    """torch.vmap of `op` as a loop: the op runs once per sample and the results are stacked
+    (one launch per sample, as torch's generic fallback would, which an op with a list of
+    optional tensors does not get). A batched rule proper (the samples' rows as one problem,
+    per-sample reductions) is not written."""
+
+    def pick(arg, dim, b):
+        if isinstance(arg, (list, tuple)):
+            dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+            return [pick(a, d, b) for a, d in zip(arg, dims)]
+        return arg if dim is None or arg is None else arg.select(dim, b)
+
+    def rule(info, in_dims, *args):
+        results = [op(*(pick(a, d, b) for a, d in zip(args, in_dims)))
+                   for b in range(info.batch_size)]
+        outputs = tuple(torch.stack(outs) for outs in zip(*results))
+        return outputs, (0,) * len(outputs)
+
+    op.register_vmap(rule)
+
+
+register_vmap_by_samples(cross_entropy_op)
+
+
+def option_list_grad(option_tensors: list) -> list | None:
+    """The gradient a custom op's backward returns for its option_tensors argument, shaped as
+    torch.library compares it with the argument: a list of None for a list of tensors, None
+    for a list holding a None (which it takes as one non-tensor argument)."""
+    if any(t is None for t in option_tensors):
+        return None
+    return [None] * len(option_tensors)
+
+
+def func_grads(grads: tuple) -> tuple:
+    """A custom op's backward result as an autograd.Function returns it: None for the list
+    of option tensors, which the Function sees as one non-tensor argument."""
+    return tuple(None if isinstance(g, list) else g for g in grads)
+
+
+class CrossEntropyFuncFunction(torch.autograd.Function):
+    """The custom op with its autograd, for torch.func transforms (grad, vjp, vmap, jacrev).
+
+    On this torch (2.13) the autograd that register_autograd generates has no separate
+    setup_context, which torch.func requires (pytorch/pytorch#170834), so under a transform
+    cross_entropy calls the op through this Function: the same setup_context and backward,
+    vmap rule generated (the op itself runs per sample, torch's fallback for an op without a
+    batching rule). Forward-mode AD (jvp, jacfwd, hessian) is not implemented."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return cross_entropy_op(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return func_grads(_backward(ctx, *grads))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
+            "reverse mode (torch.func.grad, vjp, jacrev) or F.cross_entropy")
+
+
+@torch.library.custom_op("triton_xent::refuse_under_compile", mutates_args=())
+def refuse_under_compile(like: torch.Tensor, message: str) -> torch.Tensor:
+    """Raises ValueError(message): how an eager-only feature is refused under torch.compile.
+    The compiler runs the fake implementation while it traces, and an error raised there
+    stops the compile, with or without fullgraph. The same error raised by traced code would
+    only send the frame back to eager mode, where the feature would run uncompiled: a silent
+    graph break."""
+    raise ValueError(message)
+
+
+@refuse_under_compile.register_fake
+def _(like, message):
+    raise ValueError(message)
 
 
 # --- eager-only paths: the in-place gradient, and vocab parallelism ----------------------
@@ -126,8 +222,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss, lse, H, idx, grad = core.forward(*args, row_weight, entropy_weight,
                                                    compute_grad=True)
         else:
-            loss, lse, H, idx, grad = distributed.forward(*args, group, row_weight,
-                                                          entropy_weight, compute_grad=True)
+            with torch.autocast(input.device.type, enabled=False):
+                loss, lse, H, idx, grad = distributed.forward(*args, group, row_weight,
+                                                              entropy_weight,
+                                                              compute_grad=True)
         ctx.problem = problem
         ctx.group = group
         ctx.save_for_backward(grad, *((input, target, weight) if problem.entropy

@@ -8,6 +8,8 @@ functional.py.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,42 @@ class Problem:
                     temperature=self.temperature, entropy=self.entropy, argmax=self.argmax)
 
 
+# The real-number options: name -> (the test its value passes, what it must be). Tests are
+# comparisons only, never math.*: where torch.compile makes a float symbolic (dynamic=True,
+# or a float that changes between calls) each comparison becomes a guard, not a graph break,
+# and NaN fails them all. A new option is one more line here (and one in FLOAT_OPTIONS if
+# the custom ops take it).
+_INF = float("inf")
+NUMBER_RULES = {
+    "label_smoothing": (lambda v: 0.0 <= v <= 1.0, "between 0.0 and 1.0"),
+    "lse_square_scale": (lambda v: 0.0 <= v < _INF, "finite and >= 0"),
+    "softcap": (lambda v: 0.0 < v < _INF, "None or a finite number > 0"),
+    "temperature": (lambda v: 0.0 < v < _INF, "a finite number > 0"),
+    "entropy_weight": (lambda v: -_INF < v < _INF, "finite"),
+}
+# The float options of the custom ops, in their order; each may also come as a 0-dim tensor
+# (see resolve_options).
+FLOAT_OPTIONS = ("label_smoothing", "lse_square_scale", "softcap", "temperature")
+
+
+def check_number(name: str, value):
+    """ValueError unless `value` (a number, or a SymFloat while tracing) passes its rule."""
+    valid, requirement = NUMBER_RULES[name]
+    if not valid(value):
+        raise ValueError(f"{name} must be {requirement}, got {value}")
+    return value
+
+
+def resolve_options(values: tuple, tensors: list) -> tuple:
+    """The FLOAT_OPTIONS values, with those given as 0-dim tensors (`tensors`, None where a
+    number was given) read and checked. Called inside the custom ops: under torch.compile a
+    tensor option's value is known only when the op runs (one host sync each)."""
+    resolved = []
+    for name, value, tensor in zip(FLOAT_OPTIONS, values, tensors):
+        resolved.append(value if tensor is None else check_number(name, tensor.item()))
+    return tuple(resolved)
+
+
 def row_shape(input: torch.Tensor, target: torch.Tensor, prob_target: bool) -> torch.Size:
     """The shape of the unreduced loss: target's for class indices, input's without the class
     dimension for probabilities."""
@@ -59,12 +97,37 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2)
 
 
+def device_guard(device: torch.device):
+    """The context every kernel launch runs in: its tensors' CUDA device made current.
+    Triton launches on the current device, which need not be the tensors' (a Hugging Face
+    model with device_map="auto" keeps lm_head on the last GPU while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensors_device(launcher):
+    """`launcher` run under device_guard of its first argument's device (a tensor)."""
+    @functools.wraps(launcher)
+    def launch(x: torch.Tensor, *args, **kwargs):
+        with device_guard(x.device):
+            return launcher(x, *args, **kwargs)
+
+    return launch
+
+
 def row_fns(use_triton: bool):
+    """(row function, in-place scale function) of a backend; the kernels' under a device
+    guard."""
     if use_triton:
         from .kernels import xent  # imported here: triton is optional on CPU-only installs
 
-        return xent.xent_rows, xent.scale_rows_
+        return on_tensors_device(xent.xent_rows), on_tensors_device(xent.scale_rows_)
     return reference.xent_rows_torch, reference.scale_rows_torch_
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and the loss are computed in: float64 for float64 input,
+    float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def has_internal_overlap(x: torch.Tensor) -> bool:
@@ -149,24 +212,32 @@ def row_coefficients(problem: Problem, row_weight: torch.Tensor | None,
 def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
             weight: torch.Tensor | None, row_weight: torch.Tensor | None = None,
             entropy_weight: torch.Tensor | None = None, *, compute_grad: bool):
-    """(loss, lse, H, argmax, grad): loss as F.cross_entropy returns it (plus the z-loss, the
-    row weights and the entropy term), lse and H per row in float32 and argmax in int64 with
-    the unreduced loss's shape (H, argmax None unless the problem asks for them), grad
-    shaped like input (None unless compute_grad).
+    """(loss, lse, H, argmax, grad): loss as F.cross_entropy computes it (plus the z-loss, the
+    row weights and the entropy term), in acc_dtype(input.dtype) (the caller casts it to F's
+    result dtype); lse and H per row in float32 and argmax in int64 with the unreduced loss's
+    shape (H, argmax None unless the problem asks for them); grad shaped like input (None
+    unless compute_grad). Autocast is off inside: every dtype here is chosen, none is
+    autocast's.
 
     row_weight: (rows,) float, multiplies each row's CE and z-loss; entropy_weight: () or
     (rows,) float, adds entropy_weight * H to each row that counts."""
+    with torch.autocast(input.device.type, enabled=False):
+        return _forward(problem, input, target, weight, row_weight, entropy_weight,
+                        compute_grad)
+
+
+def _forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
+             weight: torch.Tensor | None, row_weight: torch.Tensor | None,
+             entropy_weight: torch.Tensor | None, compute_grad: bool):
     logits = rows_view(input)
     N, V, D = logits.shape
     n_rows = N * D
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input.dtype)
     loss_shape = row_shape(input, target, problem.prob_target)
     if problem.prob_target:
         tgt = rows_view(target)
-        out_dtype = torch.result_type(input, target)
     else:
         tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
-        out_dtype = input.dtype
         if problem.check_targets or not problem.use_triton:
             check_targets(tgt, V, problem.ignore_index)
     if weight is not None and problem.use_triton:
@@ -212,7 +283,7 @@ def forward(problem: Problem, input: torch.Tensor, target: torch.Tensor,
     loss = reduce_rows(problem, ce.to(acc), lse.to(acc), H.to(acc) if H is not None else None,
                        r, e, active, weight_sum, count, loss_shape)
     grad_out = grad.reshape(input.shape) if grad is not None else None
-    return (loss.to(out_dtype), lse.to(torch.float32).view(loss_shape),
+    return (loss, lse.to(torch.float32).view(loss_shape),
             H.to(torch.float32).view(loss_shape) if problem.entropy else None,
             idx.view(loss_shape) if idx is not None else None, grad_out)
 
@@ -260,9 +331,11 @@ def graph_is_kept() -> bool:
 def saved_grad_is_spent(saved: torch.Tensor) -> bool:
     """Whether a backward may scale a gradient saved in forward in place: in eager mode
     without retain_graph it is used once; with retain_graph a second backward must find it as
-    forward left it, and while torch.compile traces (the saved tensor is then a fake or
-    functional tensor subclass) the traced graph must not mutate it."""
-    traced = type(saved) is not torch.Tensor or torch.compiler.is_compiling()
+    forward left it; while torch.compile traces (the saved tensor is then a fake or
+    functional tensor subclass) the traced graph must not mutate it; and under torch.func
+    (a wrapped or batched tensor) the kernel cannot read it."""
+    traced = (type(saved) is not torch.Tensor or torch.compiler.is_compiling()
+              or torch._C._functorch.is_functorch_wrapped_tensor(saved))
     return not traced and not graph_is_kept()
 
 

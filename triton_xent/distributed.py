@@ -44,7 +44,8 @@ def _slice_fns(use_triton: bool):
     if use_triton:
         from .kernels import xent
 
-        return xent.xent_slice_stats, xent.xent_slice_grad
+        return (core.on_tensors_device(xent.xent_slice_stats),
+                core.on_tensors_device(xent.xent_slice_grad))
     return reference.slice_stats_torch, reference.slice_grad_torch
 
 
@@ -229,7 +230,8 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
             weight: torch.Tensor | None, group, row_weight: torch.Tensor | None = None,
             entropy_weight: torch.Tensor | None = None, *, compute_grad: bool):
     """(loss, lse, H, argmax, grad of the local slice): the loss of the full problem, on
-    every rank (H and argmax None unless the problem asks for them; see core.forward)."""
+    every rank, in core.acc_dtype (the caller casts it); H and argmax None unless the
+    problem asks for them (see core.forward)."""
     logits = core.rows_view(input)
     N, V_local, D = logits.shape
     class_offset, n_classes, tgt, weight = prepare(problem, V_local, target, weight, group)
@@ -256,6 +258,6 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
     loss = core.reduce_rows(problem, ce, lse, H, r, e, active, weight_sum, count, loss_shape)
     if grad is not None:
         grad = grad.reshape(input.shape)
-    return (loss.to(input.dtype), lse.to(torch.float32).view(loss_shape),
+    return (loss, lse.to(torch.float32).view(loss_shape),
             H.to(torch.float32).view(loss_shape) if problem.entropy else None,
             idx.view(loss_shape) if idx is not None else None, grad)

@@ -3,8 +3,7 @@ of backend."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import functools
 import numbers
 import os
 from typing import NamedTuple
@@ -13,7 +12,8 @@ import torch
 from torch.nn import _reduction
 
 from . import core, distributed, dtensor
-from .autograd import CrossEntropyFunction, cross_entropy_op
+from .autograd import (CrossEntropyFuncFunction, CrossEntropyFunction, cross_entropy_op,
+                       refuse_under_compile)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -118,29 +118,104 @@ def _reduction_name(reduction) -> str:
     return reduction
 
 
-def _check_number(name: str, value) -> None:
-    """A real number; like PyTorch, also a 0-dim real tensor."""
+def _number(name: str, value):
+    """A real-number option (core.NUMBER_RULES names it): a Python number (a SymFloat when
+    torch.compile makes it symbolic) or, as F.cross_entropy takes it, a 0-dim real tensor.
+    Returns the number; TypeError for anything else, ValueError for a value out of range.
+
+    Under torch.compile a tensor's value is unknown while tracing, and reading it would break
+    the graph: the tensor itself is returned, for the custom op to read and check when it
+    runs (core.resolve_options)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
-            return
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return
-    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        if torch.compiler.is_compiling():
+            return value
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat,
+                                                           torch.SymInt)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return core.check_number(name, value)
 
 
-def _check_options(reduction, label_smoothing, lse_square_scale, softcap) -> str:
-    """Checks the options; returns the reduction's name."""
-    _check_number("label_smoothing", label_smoothing)
-    _check_number("lse_square_scale", lse_square_scale)
+def _check_options(reduction, label_smoothing, lse_square_scale, softcap):
+    """(reduction's name, label_smoothing, lse_square_scale, softcap) after the checks: the
+    numbers as Python numbers, or (under torch.compile) 0-dim tensors, see _number."""
+    label_smoothing = _number("label_smoothing", label_smoothing)
+    lse_square_scale = _number("lse_square_scale", lse_square_scale)
     if softcap is not None:
-        _check_number("softcap", softcap)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    if not (math.isfinite(lse_square_scale) and lse_square_scale >= 0.0):
-        raise ValueError(f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    return _reduction_name(reduction)
+        softcap = _number("softcap", softcap)
+    return _reduction_name(reduction), label_smoothing, lse_square_scale, softcap
+
+
+def op_options(label_smoothing, lse_square_scale, softcap, temperature) -> tuple:
+    """The FLOAT_OPTIONS as the custom ops take them: (label_smoothing, lse_square_scale,
+    softcap, temperature, tensors), where an option given as a tensor (under torch.compile,
+    see _number) is 0.0 among the numbers and the tensor in `tensors` (None for each number
+    given)."""
+    values = (label_smoothing, lse_square_scale, softcap, temperature)
+    tensors = [v if isinstance(v, torch.Tensor) else None for v in values]
+    numbers_ = (0.0 if t is not None else None if v is None else float(v)
+                for v, t in zip(values, tensors))
+    return (*numbers_, tensors)
+
+
+def loss_dtype(input: torch.Tensor, prob_target: torch.Tensor | None = None) -> torch.dtype:
+    """F.cross_entropy's result dtype: input's, promoted with a probability target's. Under
+    torch.autocast, where cross-entropy is on the float32 list, float16 and bfloat16 count as
+    float32: the loss is float32 as PyTorch's, without autocast's float32 copy of the logits
+    (the kernels and the fallback accumulate in float32 anyway)."""
+    autocast = torch.is_autocast_enabled(input.device.type)
+    dtypes = [input.dtype] + ([prob_target.dtype] if prob_target is not None else [])
+    if autocast:
+        dtypes = [torch.float32 if d in (torch.float16, torch.bfloat16) else d for d in dtypes]
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _transformed(input: torch.Tensor) -> bool:
+    """Whether input is seen through a torch.func transform (grad, vjp, vmap, ...); never
+    while torch.compile traces (Dynamo cannot call the test, and runs transforms itself)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.is_functorch_wrapped_tensor(input))
+
+
+def _func_op(op):
+    """The custom op as cross_entropy calls it under a torch.func transform: through
+    `op`, a Function that torch.func accepts. Nested reverse mode (grad of grad, jacrev of
+    grad, hessian) is refused: the backward is not differentiable, and a transform would
+    otherwise see a zero second derivative."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grads = sum(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+    if grads > 1:
+        raise NotImplementedError(
+            "triton_xent has no second-order gradients (nested torch.func.grad, jacrev of "
+            "grad, hessian): its backward is not differentiable; use F.cross_entropy")
+    return op.apply
+
+
+def _refuse_eager_only(*, process_group: bool, inplace_backward: bool, input) -> None:
+    """A clear error, rather than a graph break, for an eager-only feature under
+    torch.compile or a torch.func transform."""
+    features = [name for name, used in (("process_group", process_group),
+                                        ("inplace_backward", inplace_backward)) if used]
+    if not features:
+        return
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        why = ("under torch.compile the loss is a custom op, which may neither write into "
+               "its input nor run collectives")
+    elif isinstance(input, torch.Tensor) and _transformed(input):
+        why = "a torch.func transform cannot see through it"
+    else:
+        return
+    message = (f"{' and '.join(features)} is an eager-mode feature: {why}; leave it out of "
+               f"the compiled or transformed function")
+    if compiling and isinstance(input, torch.Tensor):
+        refuse_under_compile(input, message)  # raises while tracing, fullgraph or not
+    raise ValueError(message)
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -172,12 +247,10 @@ def _results(loss, lse, entropy, argmax, return_lse: bool, return_entropy: bool,
     return (loss, lse) if return_lse else loss
 
 
-def _check_temperature(temperature) -> float:
-    _check_number("temperature", temperature)
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0.0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return temperature
+def _check_temperature(temperature):
+    """The temperature, a real number > 0 (or a 0-dim tensor under torch.compile, see
+    _number)."""
+    return _number("temperature", temperature)
 
 
 def _check_row_tensor(name: str, t, rows: torch.Size, device: torch.device) -> None:
@@ -204,15 +277,14 @@ def _check_row_extras(row_weight, entropy_weight, rows: torch.Size, device: torc
         _check_row_tensor("entropy_weight", entropy_weight,
                           torch.Size([]) if entropy_weight.dim() == 0 else rows, device)
         return row_weight, entropy_weight
-    if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, numbers.Real):
+    if isinstance(entropy_weight, bool) or not isinstance(
+            entropy_weight, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"entropy_weight must be a number or a per-row float tensor, got "
                         f"{type(entropy_weight).__name__}")
-    if not math.isfinite(entropy_weight):
-        raise ValueError(f"entropy_weight must be finite, got {entropy_weight}")
+    core.check_number("entropy_weight", entropy_weight)
     if entropy_weight == 0.0:
         return row_weight, None
-    return row_weight, torch.full((), float(entropy_weight), dtype=torch.float64,
-                                  device=device)
+    return row_weight, torch.full((), entropy_weight, dtype=torch.float64, device=device)
 
 
 @dtensor.routes_dtensors(dtensor.cross_entropy_arguments)  # DTensor arguments: dtensor.py
@@ -286,7 +358,13 @@ def cross_entropy(
 
     Only `input` receives a gradient; a weight, probability target, row_weight or
     entropy_weight that requires grad is refused.
+
+    Under torch.autocast the loss is float32, as F.cross_entropy's, without its float32 copy
+    of input. torch.compile (fullgraph, dynamic shapes) and torch.func (grad, vjp, vmap) see
+    a custom op; inplace_backward and process_group are eager-only and refused there.
     """
+    _refuse_eager_only(process_group=process_group is not None,
+                       inplace_backward=inplace_backward, input=input)
     # Every check before anything is computed; with a group, a rank that fails them still
     # joins the first collective, so the others fail too (distributed.refusing_together).
     with distributed.refusing_together(process_group, target):
@@ -299,7 +377,8 @@ def cross_entropy(
                              "(N, C, d1, ..., dk), got a 0-dim tensor")
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
-        reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+        reduction, label_smoothing, lse_square_scale, softcap = _check_options(
+            reduction, label_smoothing, lse_square_scale, softcap)
         if (input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,)
                 and not target.is_floating_point()):
             target = target[0]  # one sample as (1,), which F.cross_entropy takes like ()
@@ -327,14 +406,16 @@ def cross_entropy(
                              "inplace_backward spends; use entropy_weight for an entropy "
                              "term in the loss")
         use_triton = _use_triton(backend, input)
-        softcap = None if softcap is None else float(softcap)
     extras = (bool(return_lse), bool(return_entropy), bool(return_argmax))
-    problem = core.Problem(
-        prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
-        softcap=softcap, check_targets=bool(check_targets), use_triton=use_triton,
-        temperature=temperature, entropy=extras[1], argmax=extras[2])
     rows = (row_weight, entropy_weight)
+    if process_group is not None or (inplace_backward and needs_grad):  # eager: numbers
+        problem = core.Problem(
+            prob_target=prob_target, reduction=reduction, ignore_index=int(ignore_index),
+            label_smoothing=float(label_smoothing), lse_square_scale=float(lse_square_scale),
+            softcap=None if softcap is None else float(softcap),
+            check_targets=bool(check_targets), use_triton=use_triton,
+            temperature=float(temperature), entropy=extras[1], argmax=extras[2],
+            inplace_backward=process_group is None)
     if process_group is not None:
         if needs_grad:
             out = CrossEntropyFunction.apply(input, target, weight, *rows, problem,
@@ -343,14 +424,14 @@ def cross_entropy(
             out = distributed.forward(problem, input, target, weight, process_group, *rows,
                                       compute_grad=False)[:4]
     elif inplace_backward and needs_grad:
-        if torch.compiler.is_compiling():
-            raise ValueError("inplace_backward is an eager-mode feature: under torch.compile "
-                             "the loss is a custom op, which may not write into its input")
-        problem = dataclasses.replace(problem, inplace_backward=True)
         out = CrossEntropyFunction.apply(input, target, weight, *rows, problem, None)
     else:
-        out = cross_entropy_op(
-            input, target, weight, *rows, prob_target, reduction, int(ignore_index),
-            float(label_smoothing), float(lse_square_scale), softcap, bool(check_targets),
-            use_triton, temperature, extras[1], extras[2], needs_grad)[:4]
-    return _results(*out, *extras)
+        op = _func_op(CrossEntropyFuncFunction) if _transformed(input) else cross_entropy_op
+        ls, lss, cap, temp, tensors = op_options(label_smoothing, lse_square_scale, softcap,
+                                                 temperature)
+        out = op(input, target, weight, *rows, prob_target, reduction, int(ignore_index),
+                 ls, lss, cap, tensors, bool(check_targets), use_triton, temp, extras[1],
+                 extras[2], needs_grad)[:4]
+    loss, lse, entropy, argmax = out
+    loss = loss.to(loss_dtype(input, target if prob_target else None))
+    return _results(loss, lse, entropy, argmax, *extras)

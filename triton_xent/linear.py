@@ -17,8 +17,10 @@ from torch import nn
 import torch.distributed as dist
 
 from . import core, distributed, dtensor
+from .autograd import func_grads, option_list_grad, register_vmap_by_samples
 from .functional import (_check_options, _check_row_extras, _check_target, _check_temperature,
-                         _check_weight, _class_indices, _results, _use_triton)
+                         _check_weight, _class_indices, _func_op, _refuse_eager_only,
+                         _results, _transformed, _use_triton, loss_dtype, op_options)
 from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
 
 
@@ -35,7 +37,6 @@ class _Plan:
     weight_sum: torch.Tensor  # () "mean" divisor of the cross-entropy
     count: torch.Tensor  # () "mean" divisor of the z-loss
     scale: torch.Tensor | None  # (2,) [1 / weight_sum, 1 / count] for "mean", else None
-    out_dtype: torch.dtype
 
 
 def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
@@ -66,7 +67,6 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
                                    memory_budget_bytes=memory_budget_bytes),
         accum_dtype=torch.promote_types(accum_dtype, x.dtype),
         active=active, weight_sum=weight_sum, count=count, scale=scale,
-        out_dtype=torch.result_type(x, target) if problem.prob_target else x.dtype,
     )
     return plan, weight
 
@@ -94,13 +94,13 @@ def _coefficients(plan: _Plan, x, row_weight, entropy_weight):
 
 def _reduce(plan: _Plan, ce, lse, H, r, e):
     """(loss, lse, H) from the per-row (N,) results, assembled as core.forward does ("none"
-    stays (N,); the caller gives it the leading shape)."""
+    stays (N,); the caller gives it the leading shape and its dtype)."""
     if plan.active is not None:
         lse = torch.where(plan.active, lse, 0.0)  # ignored rows were never computed: 0
     loss = core.reduce_rows(plan.problem, ce, lse, H, r, e, plan.active, plan.weight_sum,
                             plan.count, ce.shape)
     H = H.to(torch.float32) if plan.problem.entropy else None
-    return loss.to(plan.out_dtype), lse.to(torch.float32), H
+    return loss, lse.to(torch.float32), H
 
 
 def _precomputed(reduction: str, need_weight: bool, need_bias: bool) -> bool:
@@ -156,44 +156,48 @@ def linear_cross_entropy_op(
     row_weight: torch.Tensor | None,  # (N,)
     entropy_weight: torch.Tensor | None,  # () or (N,)
     prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
-    lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
-    temperature: float, entropy: bool, argmax: bool,
+    lse_square_scale: float, softcap: float | None,
+    option_tensors: list[torch.Tensor | None],  # core.FLOAT_OPTIONS given as 0-dim tensors
+    check_targets: bool, use_triton: bool, temperature: float, entropy: bool, argmax: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(loss, lse (N,), H (N,), argmax (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none"
-    is (N,); H and argmax are empty unless asked for; the gradients are empty where not asked
-    for or not precomputed (d_W, d_b in the accumulation dtype)."""
+    is (N,), in core.acc_dtype (the caller casts it); H and argmax are empty unless asked
+    for; the gradients are empty where not asked for or not precomputed (d_W, d_b in the
+    accumulation dtype). Autocast is off inside."""
+    label_smoothing, lse_square_scale, softcap, temperature = core.resolve_options(
+        (label_smoothing, lse_square_scale, softcap, temperature), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton, temperature,
                            entropy, argmax)
     pre = _precomputed(reduction, need_weight, need_bias)
     any_grad = pre and (need_input or need_weight or need_bias)
-    plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
-                              memory_budget_bytes, accum_dtype, any_grad)
-    r, e, e_grad = _coefficients(plan, x, row_weight, entropy_weight)
-    ce, lse, H, idx, d_x, d_w, d_b = _run(
-        plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
-        row_weight=r if any_grad else None, entropy_weight=e_grad if any_grad else None,
-        need_input=need_input and pre, need_weight=need_weight and pre,
-        need_bias=need_bias and pre)
-    loss, lse, H = _reduce(plan, ce, lse, H, r, e)
+    with torch.autocast(x.device.type, enabled=False):
+        plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight,
+                                  chunk_size, memory_budget_bytes, accum_dtype, any_grad)
+        r, e, e_grad = _coefficients(plan, x, row_weight, entropy_weight)
+        ce, lse, H, idx, d_x, d_w, d_b = _run(
+            plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
+            row_weight=r if any_grad else None, entropy_weight=e_grad if any_grad else None,
+            need_input=need_input and pre, need_weight=need_weight and pre,
+            need_bias=need_bias and pre)
+        loss, lse, H = _reduce(plan, ce, lse, H, r, e)
     return (loss, lse, _or_empty(H, lse), _or_empty(idx, lse, torch.int64), _or_empty(d_x, x),
             _or_empty(d_w, x), _or_empty(d_b, x))
 
 
 @linear_cross_entropy_op.register_fake
 def _(x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight, prob_target,
-      reduction, ignore_index, label_smoothing, lse_square_scale, softcap, check_targets,
-      use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes, accum_dtype,
-      need_input, need_weight, need_bias):
+      reduction, ignore_index, label_smoothing, lse_square_scale, softcap, option_tensors,
+      check_targets, use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes,
+      accum_dtype, need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     pre = _precomputed(reduction, need_weight, need_bias)
     acc = torch.promote_types(accum_dtype, x.dtype)
-    out_dtype = torch.result_type(x, target) if prob_target else x.dtype
-    return (x.new_empty((N,) if reduction == "none" else (), dtype=out_dtype),
+    return (x.new_empty((N,) if reduction == "none" else (), dtype=core.acc_dtype(x.dtype)),
             x.new_empty(N, dtype=torch.float32),
             x.new_empty(N if entropy else 0, dtype=torch.float32),
             x.new_empty(N if argmax else 0, dtype=torch.int64),
@@ -210,29 +214,32 @@ def linear_cross_entropy_backward_op(
     row_factor: torch.Tensor,  # (N,) factor of each row's CE gradient
     entropy_factor: torch.Tensor | None,  # (N,) factor of each row's dH
     prob_target: bool, reduction: str, ignore_index: int, label_smoothing: float,
-    lse_square_scale: float, softcap: float | None, check_targets: bool, use_triton: bool,
-    temperature: float, entropy: bool, argmax: bool,
+    lse_square_scale: float, softcap: float | None, option_tensors: list[torch.Tensor | None],
+    check_targets: bool, use_triton: bool, temperature: float, entropy: bool, argmax: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_x, d_W, d_b) recomputed chunk by chunk with the per-row factors, as the gradient of
     a "none" loss (no "mean" scaling: the factors carry it); empty if unasked."""
+    label_smoothing, lse_square_scale, softcap, temperature = core.resolve_options(
+        (label_smoothing, lse_square_scale, softcap, temperature), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
                            lse_square_scale, softcap, check_targets, use_triton, temperature)
-    plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight, chunk_size,
-                              memory_budget_bytes, accum_dtype, any_grad=False)
-    *_, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
-                             row_weight=row_factor, entropy_weight=entropy_factor,
-                             need_input=need_input, need_weight=need_weight,
-                             need_bias=need_bias)
+    with torch.autocast(x.device.type, enabled=False):
+        plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight,
+                                  chunk_size, memory_budget_bytes, accum_dtype, any_grad=False)
+        *_, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
+                                 row_weight=row_factor, entropy_weight=entropy_factor,
+                                 need_input=need_input, need_weight=need_weight,
+                                 need_bias=need_bias)
     return _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
 
 
 @linear_cross_entropy_backward_op.register_fake
 def _(x, linear_weight, linear_bias, target, weight, row_factor, entropy_factor, prob_target,
-      reduction, ignore_index, label_smoothing, lse_square_scale, softcap, check_targets,
-      use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes, accum_dtype,
-      need_input, need_weight, need_bias):
+      reduction, ignore_index, label_smoothing, lse_square_scale, softcap, option_tensors,
+      check_targets, use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes,
+      accum_dtype, need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     acc = torch.promote_types(accum_dtype, x.dtype)
@@ -241,14 +248,24 @@ def _(x, linear_weight, linear_bias, target, weight, row_factor, entropy_factor,
             x.new_empty((V,), dtype=acc) if need_bias else x.new_empty(0))
 
 
-N_OP_ARGS = 24  # the forward op's arguments, for backward's tuple of gradients
+N_OP_ARGS = 25  # the forward op's arguments, for backward's tuple of gradients
+_OPTION_TENSORS = 13  # the position of option_tensors among them
+
+
+def _grads(ctx, *grads) -> tuple:
+    """The forward op's gradients: `grads` for its first arguments, then None for each other
+    argument (for option_tensors, autograd.option_list_grad's)."""
+    out = list(grads) + [None] * (N_OP_ARGS - len(grads))
+    out[_OPTION_TENSORS] = ctx.option_tensors_grad
+    return tuple(out)
 
 
 def _setup_context(ctx, inputs, output):
     x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight = inputs[:7]
     ctx.options = inputs[7:]
+    ctx.option_tensors_grad = option_list_grad(inputs[_OPTION_TENSORS])
     *_, need_input, need_weight, need_bias = inputs
-    reduction, entropy = inputs[8], inputs[16]
+    reduction, entropy = inputs[8], inputs[17]
     _, lse, H, idx, d_x, d_w, d_b = output
     ctx.precompute = _precomputed(reduction, need_weight, need_bias)
     ctx.dtypes = (x.dtype, linear_weight.dtype,
@@ -280,7 +297,7 @@ def _add(a, b):
 def _backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax, grad_dx, grad_dw, grad_db):
     need = ctx.needs_input_grad[:3]
     if not any(need) or (grad_loss is None and grad_entropy is None):
-        return (None,) * N_OP_ARGS
+        return _grads(ctx)
     saved = ctx.saved_tensors
     out = _scaled(saved[:3], grad_loss, ctx.precompute, ctx.options[1], need)
     x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight = saved[3:]
@@ -292,10 +309,36 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax, grad_dx, grad
         out = [_add(g, h) if wanted else None for g, h, wanted in zip(out, again, need)]
     out = tuple(g.to(dtype) if wanted and g is not None else None
                 for g, dtype, wanted in zip(out, ctx.dtypes, need))
-    return out + (None,) * (N_OP_ARGS - 3)
+    return _grads(ctx, *out)
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+register_vmap_by_samples(linear_cross_entropy_op)
+register_vmap_by_samples(linear_cross_entropy_backward_op)
+
+
+class LinearCrossEntropyFuncFunction(torch.autograd.Function):
+    """The forward op with its autograd, for torch.func transforms: as
+    autograd.CrossEntropyFuncFunction (the autograd that register_autograd generates cannot
+    run under torch.func on this torch)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return linear_cross_entropy_op(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return func_grads(_backward(ctx, *grads))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
+            "reverse mode (torch.func.grad, vjp, jacrev)")
 
 
 # --- vocab parallelism (eager: collectives) --------------------------------------------------
@@ -443,7 +486,14 @@ def linear_cross_entropy(
     nothing gradient-related runs when none does. For "mean" and "sum" they are computed in
     forward (backward multiplies by grad_output); for "none" with a trainable head, backward
     recomputes the chunks (see the custom ops above). Double backward is not supported.
+
+    Under torch.autocast the head's matmul runs in the autocast dtype and the loss is
+    float32, as with torch's F.linear_cross_entropy. torch.compile and torch.func (grad, vjp,
+    vmap) are supported; process_group is eager-only.
     """
+    _refuse_eager_only(process_group=process_group is not None, inplace_backward=False,
+                       input=input)
+    input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
     # --- checks: every one before anything is computed or written; with a group, a rank
     # that fails them still joins the first collective, so the others fail too ---
     with distributed.refusing_together(process_group, target):
@@ -480,7 +530,8 @@ def linear_cross_entropy(
             raise ValueError(f"linear_bias must have shape ({V},), one per output of "
                              f"linear_weight, got {tuple(linear_bias.shape)}")
         ignore_index = -100 if ignore_index is None else ignore_index
-        reduction = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
+        reduction, label_smoothing, lse_square_scale, softcap = _check_options(
+            reduction, label_smoothing, lse_square_scale, softcap)
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a tensor, got {type(target).__name__}")
         lead = input.shape[:-1]
@@ -525,23 +576,45 @@ def linear_cross_entropy(
     rows = (row_weight.reshape(N) if row_weight is not None else None,
             entropy_weight.reshape(N) if entropy_weight is not None and entropy_weight.dim()
             else entropy_weight)
-    options = (prob_target, reduction, int(ignore_index), float(label_smoothing),
-               float(lse_square_scale), None if softcap is None else float(softcap),
-               bool(check_targets), use_triton, temperature, extras[1], extras[2])
-    if process_group is not None:
-        out = VocabParallelLinearFunction.apply(
-            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows,
-            core.Problem(*options), process_group,
-            (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
+    if process_group is not None:  # eager: numbers
+        options = (prob_target, reduction, int(ignore_index), float(label_smoothing),
+                   float(lse_square_scale), None if softcap is None else float(softcap),
+                   bool(check_targets), use_triton, float(temperature), extras[1], extras[2])
+        problem = core.Problem(*options)
+        with torch.autocast(input.device.type, enabled=False):
+            out = VocabParallelLinearFunction.apply(
+                input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows, problem,
+                process_group, (chunk_size, memory_budget_bytes, accum_dtype), tuple(needs))
     else:
-        out = linear_cross_entropy_op(
-            input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows, *options,
-            chunk_size, memory_budget_bytes, accum_dtype, *needs)[:4]
+        transformed = any(t is not None and _transformed(t)
+                          for t in (input, linear_weight, linear_bias))
+        op = (_func_op(LinearCrossEntropyFuncFunction) if transformed
+              else linear_cross_entropy_op)
+        ls, lss, cap, temp, tensors = op_options(label_smoothing, lse_square_scale, softcap,
+                                                 temperature)
+        out = op(input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows,
+                 prob_target, reduction, int(ignore_index), ls, lss, cap, tensors,
+                 bool(check_targets), use_triton, temp, extras[1], extras[2], chunk_size,
+                 memory_budget_bytes, accum_dtype, *needs)[:4]
     loss, lse, H, idx = out
+    loss = loss.to(loss_dtype(input, tgt if prob_target else None))
     if reduction == "none":
         loss = loss.view(lead)
     return _results(loss, lse.view(lead), H.view(lead) if extras[1] else None,
                     idx.view(lead) if extras[2] else None, *extras)
+
+
+def _autocast_operands(input, linear_weight, linear_bias):
+    """Under torch.autocast the head's matmul runs in the autocast dtype, as F.linear and
+    torch's F.linear_cross_entropy run it: float32 and half-precision operands are cast
+    (differentiably: their gradients come back in their own dtypes), and the loss is float32
+    (functional.loss_dtype). Outside autocast, or for anything not a tensor, unchanged."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t
+                 for t in (input, linear_weight, linear_bias))
 
 
 class LinearCrossEntropyLoss(nn.Module):

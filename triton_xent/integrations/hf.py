@@ -33,7 +33,8 @@ The loss is transformers' ForCausalLMLoss (transformers/loss/loss_utils.py):
 
 Here the same quantities are linear_cross_entropy(hidden, lm_head.weight, shift_labels,
 softcap=cap, reduction=..., ignore_index=...), float32-accumulated, and the loss is returned
-in float32 as transformers' is. For bfloat16 / float16 models, though, linear_cross_entropy
+in float32 as transformers' is (under torch.autocast, exactly so: linear_cross_entropy then
+returns a float32 loss). For bfloat16 / float16 models, though, linear_cross_entropy
 returns the loss in the model's dtype, so its value is rounded to it (half a unit in the last
 place: up to 2^-8 relative in bfloat16, 2^-11 in float16), and with num_items_in_batch the
 factor 1 / num_items_in_batch reaches the gradients rounded the same way (a common scale).
@@ -93,6 +94,10 @@ SUPPORTED_MODELS = tuple(_FAMILIES)
 # to the base model.
 _LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 _STATE = "_triton_xent_patch"  # the model attribute holding the patch's _Patch
+# Output fields taken from the base model's output (read here, once: torch.compile does not
+# trace dataclasses.fields).
+_PASSED_ON = tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast)
+                   if f.name not in ("loss", "logits"))
 
 
 @dataclasses.dataclass
@@ -100,6 +105,7 @@ class _Patch:
     """What patch_causal_lm fixed for one model."""
 
     family: type  # the transformers class whose forward the patch replaces
+    positional: tuple  # names of the forward's parameters that may be passed by position
     softcap_attr: str | None  # config attribute of the final logit softcap
     previous: object  # the instance-level forward found at patch time (restored), or None
     options: dict  # keyword arguments for linear_cross_entropy
@@ -162,7 +168,8 @@ def patch_causal_lm(
     ForCausalLMLoss, or lm_head is not a plain nn.Linear without forward hooks (a LoRA or
     quantised head). With skip_logits=True these cases raise ValueError.
 
-    Under torch.autocast the head runs in the autocast dtype, as lm_head would.
+    Under torch.autocast the head runs in the autocast dtype, as lm_head would, and the loss
+    is float32 (not rounded to the autocast dtype), as transformers' is.
 
     Options, passed to linear_cross_entropy: backend ("auto": Triton kernels on CUDA, plain
     PyTorch on CPU), chunk_size, memory_budget_bytes, accum_dtype, check_targets (True: one
@@ -177,8 +184,9 @@ def patch_causal_lm(
     options = dict(backend=backend, chunk_size=chunk_size,
                    memory_budget_bytes=memory_budget_bytes, accum_dtype=accum_dtype,
                    check_targets=check_targets)
-    model.__dict__[_STATE] = _Patch(family=family, softcap_attr=softcap_attr,
-                                    previous=previous, options=options)
+    model.__dict__[_STATE] = _Patch(family=family, positional=_positional(family),
+                                    softcap_attr=softcap_attr, previous=previous,
+                                    options=options)
     model.forward = _PatchedForward(model)
     return model
 
@@ -225,8 +233,30 @@ class _PatchedForward:
 
 @functools.lru_cache(maxsize=None)
 def _signature(family: type) -> inspect.Signature:
-    """The original forward's signature, to read arguments passed by position."""
+    """The original forward's signature."""
     return inspect.signature(family.forward)
+
+
+def _positional(family: type) -> tuple:
+    """The names of forward's parameters that can be passed by position, without self; read
+    at patch time, so that the patched forward binds its arguments with plain Python that
+    torch.compile traces (inspect's Signature.bind does not trace: a graph break)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in _signature(family).parameters.values() if p.kind in kinds)[1:]
+
+
+def _bind(state: _Patch, args: tuple, kwargs: dict) -> dict:
+    """forward's arguments by name (only those passed; **kwargs flattened in), with the
+    errors Python gives for too many or repeated arguments."""
+    if len(args) > len(state.positional):
+        raise TypeError(f"forward() takes {len(state.positional)} positional arguments but "
+                        f"{len(args)} were given")
+    bound = dict(zip(state.positional, args))
+    for name, value in kwargs.items():
+        if name in bound:
+            raise TypeError(f"forward() got multiple values for argument '{name}'")
+        bound[name] = value
+    return bound
 
 
 def _original(model: nn.Module, state: _Patch):
@@ -237,12 +267,7 @@ def _original(model: nn.Module, state: _Patch):
 def _forward(model: nn.Module, args: tuple, kwargs: dict):
     state: _Patch = model.__dict__[_STATE]
     skip_logits = kwargs.pop("skip_logits", None)
-    signature = _signature(state.family)
-    bound = signature.bind(model, *args, **kwargs).arguments  # only what was passed
-    bound.pop("self", None)
-    for p in signature.parameters.values():  # flatten **kwargs into the others
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            bound.update(bound.pop(p.name, {}))
+    bound = _bind(state, args, kwargs)
     labels = bound.get("labels")
 
     reason = None  # why the original forward must run instead
@@ -326,11 +351,9 @@ def _fused_forward(model: nn.Module, state: _Patch, inputs: dict):
     loss = _causal_lm_loss(hidden, head.weight, head.bias, labels, softcap=softcap,
                            options=state.options, **loss_kwargs)
     # The base model's cache, hidden_states and attentions, under this transformers' names
-    # (the cache is `past_key_values` before 5.x, `cache` since).
-    theirs = {f.name for f in dataclasses.fields(out)}
-    passed_on = {f.name: getattr(out, f.name)
-                 for f in dataclasses.fields(CausalLMOutputWithPast)
-                 if f.name in theirs and f.name != "last_hidden_state"}
+    # (the cache is `past_key_values` before 5.x, `cache` since); a field the base model's
+    # output lacks stays None.
+    passed_on = {name: getattr(out, name, None) for name in _PASSED_ON}
     output = CausalLMOutputWithPast(loss=loss, logits=None, **passed_on)
     return output if return_dict else output.to_tuple()
 
@@ -355,17 +378,11 @@ def _causal_lm_loss(
         shift_labels = labels[..., 1:]
     target = shift_labels.reshape(-1).to(hidden.device)  # (B*T,)
     x = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # lm_head under autocast multiplies in the autocast dtype; do the same, then keep
-        # autocast away from the chunked GEMMs (they manage their own dtypes).
-        dtype = torch.get_autocast_dtype(device_type)
-        x, head_weight = x.to(dtype), head_weight.to(dtype)
-        head_bias = head_bias.to(dtype) if head_bias is not None else None
-    with torch.autocast(device_type, enabled=False):
-        loss = linear_cross_entropy(x, head_weight, target, linear_bias=head_bias,
-                                    reduction="mean", ignore_index=ignore_index,
-                                    softcap=softcap, **options)
+    # Under autocast the head multiplies in the autocast dtype, as lm_head would, and the
+    # loss is float32 (linear_cross_entropy follows autocast as F.linear_cross_entropy does).
+    loss = linear_cross_entropy(x, head_weight, target, linear_bias=head_bias,
+                                reduction="mean", ignore_index=ignore_index,
+                                softcap=softcap, **options)
     if is_dtensor(loss):  # from a DTensor head (ColwiseParallel): Replicate, returned as a
         loss = loss.to_local()  # plain tensor as transformers' own tensor parallelism does
     loss = loss.float()  # transformers upcasts the logits: its loss is float32
