@@ -1,31 +1,49 @@
 """The plain-PyTorch backend: the CPU fallback and the readable statement of the semantics.
 
-It computes exactly what the Triton kernel computes (see kernels/xent.py for the math), row
-chunk by row chunk, so that it never holds more than about four float32 copies of one chunk
-(config.TORCH_CHUNK_ELEMENTS elements), whatever the batch size:
+It computes what the Triton kernel computes (kernels/xent.py), one row at a time in the
+math below. For a row of logits x, z = softcap * tanh(x / softcap) if capped (else z = x),
+and, all in float32 (float64 for float64 input):
 
-    log p = log_softmax(z)                         (z = softcap * tanh(x / softcap) if capped)
-    ce    = a * (-log p_y) + b * sum_c u_c * (-log p_c)
-    grad  = p * (a + b * U) - b * u - a * onehot(y)            (then * (1 - (z/softcap)^2))
-with a = (1 - eps) w_y, b = eps / V, u = w for class indices; a = 0, b = 1,
-u = w * ((1 - eps) t + eps / V) for class probabilities; U = sum_c u_c.
+    m = max_c z_c,   d_c = z_c - m,   s = sum_c exp(d_c),   lse = m + log s
+    -log p_c = log s - d_c                                     (p = exp(d) / s = softmax(z))
+    ce   = a (log s - d_y) + b (U log s - sum_c u_c d_c)      = a (-log p_y) + b sum_c u_c (-log p_c)
+    grad = p coef - s_ce (b u + a onehot(y))                    (then * (1 - tanh^2) if capped)
+    coef = s_ce (a + b U) + 2 lse_square_scale s_z lse
+with a = (1 - eps) w_y, b = eps / V, u = w (ones without weights) for class indices, a = 0 on
+ignored rows (whose gradient is 0); a = 0, b = 1, u = w ((1 - eps) t + eps / V) for class
+probabilities; U = sum_c u_c; s_ce, s_z the "mean" factors of the two terms (1 otherwise).
+Every difference is taken relative to the row's max, so huge equal logits cancel exactly.
+
+How, on a CPU: rows go a chunk at a time through one float32 buffer of
+config.TORCH_CHUNK_ELEMENTS elements that is reused for every chunk and small enough to stay
+in the CPU's cache. Per chunk: the row max (one read of the logits from memory), d = z - m
+into the buffer (a bf16 chunk is widened on the fly, never copied whole), exp in place (the
+only exp of an element: the gradient reuses it), the row sums; with a gradient, the buffer
+is scaled to the gradient and written once into the output (which may be the logits
+themselves: inplace_backward). No (N, V) temporary, no log_softmax tensor. Each torch op
+is threaded over the chunk's rows by PyTorch (at::parallel_for), so every core is busy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 
 from . import config
 
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
 
 def _row_chunks(N: int, D: int, V: int) -> Iterator[tuple[int, int, int, int]]:
     """(n0, n1, d0, d1) blocks of rows of a (N, V, D) tensor, each a contiguous range of the
-    flat row index n * D + d, holding about config.TORCH_CHUNK_ELEMENTS logits."""
+    flat row index n * D + d, holding at most config.TORCH_CHUNK_ELEMENTS logits (or one
+    row, if a row is longer)."""
     if N * D == 0:
         return
-    rows = max(1, config.TORCH_CHUNK_ELEMENTS // max(V, 1))
+    rows = _chunk_rows(V)
     if D >= rows:
         for n in range(N):
             for d0 in range(0, D, rows):
@@ -36,79 +54,15 @@ def _row_chunks(N: int, D: int, V: int) -> Iterator[tuple[int, int, int, int]]:
             yield n0, min(N, n0 + per), 0, D
 
 
-def _chunk(
-    x: torch.Tensor,  # (R, V) logits of R rows
-    target: torch.Tensor,  # (R,) class indices, or (R, V) probabilities
-    weight: torch.Tensor | None,  # (V,)
-    scale: torch.Tensor | None,  # (2,) gradient factors of the CE and z-loss terms
-    *,
-    prob_target: bool,
-    ignore_index: int,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """ce (R,), lse (R,) and the gradient (R, V) of one chunk, in the accumulation dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    R, V = x.shape
-    z = x.to(acc)
-    if softcap is not None:
-        tanh = torch.tanh(z / softcap)
-        z = softcap * tanh
-    logp = torch.log_softmax(z, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
-    w = weight.to(acc) if weight is not None else None
-
-    if prob_target:
-        active = torch.ones(R, dtype=torch.bool, device=x.device)
-        q = target.to(acc)
-        if label_smoothing > 0:
-            q = (1.0 - label_smoothing) * q + label_smoothing / V
-        u = q * w if w is not None else q
-        a = torch.zeros(R, dtype=acc, device=x.device)
-        b = 1.0
-        ce = -(logp * u).sum(-1)
-        U = u.sum(-1)
-    else:
-        bad = (target != ignore_index) & ((target < 0) | (target >= V))
-        active = (target != ignore_index) & ~bad
-        y = torch.where(active, target, 0).long()
-        w_y = w[y] if w is not None else torch.ones(R, dtype=acc, device=x.device)
-        a = torch.where(active, (1.0 - label_smoothing) * w_y, 0.0)
-        ce = a * -logp.gather(1, y[:, None]).squeeze(1)
-        b = label_smoothing / V if V > 0 else 0.0
-        u = w if w is not None else torch.ones(V, dtype=acc, device=x.device)
-        U = u.sum()
-        if label_smoothing > 0:
-            ce = ce + b * -(logp * u).sum(-1)
-        ce = torch.where(active, ce, 0.0)
-        # An out-of-range target reaches here only with checks off: NaN, like the kernel.
-        ce = torch.where(bad, float("nan"), ce)
-
-    grad = None
-    if compute_grad:
-        s_ce, s_z = (scale[0], scale[1]) if scale is not None else (1.0, 1.0)
-        coef = (a + b * U) * s_ce
-        if lse_square_scale != 0.0:
-            coef = coef + 2.0 * lse_square_scale * lse * s_z
-        grad = logp.exp_().mul_(coef[:, None])
-        if prob_target or label_smoothing > 0:
-            grad -= (b * s_ce) * u
-        if not prob_target:
-            grad.scatter_add_(1, y[:, None], -(a * s_ce)[:, None])
-            grad = torch.where(active[:, None], grad, 0.0)
-            grad = torch.where(bad[:, None], float("nan"), grad)
-        if softcap is not None:
-            grad *= 1.0 - tanh * tanh
-    return ce, lse, grad
+def _chunk_rows(V: int) -> int:
+    return max(1, config.TORCH_CHUNK_ELEMENTS // max(V, 1))
 
 
 def xent_rows_torch(
     logits: torch.Tensor,  # (N, V, D), any float dtype, any strides
     target: torch.Tensor,  # (N*D,) integer class indices, or (N, V, D) float probabilities
     weight: torch.Tensor | None,  # (V,)
-    scale: torch.Tensor | None,  # (2,) float32: gradient factors of the CE and z-loss terms
+    scale: torch.Tensor | None,  # (2,): the gradient factors s_ce, s_z ("mean"), or None
     grad: torch.Tensor | None,  # (N, V, D) gradient output (may alias logits), or None
     *,
     prob_target: bool,
@@ -119,27 +73,118 @@ def xent_rows_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as kernels.xent.xent_rows: (ce, lse) of shape (N*D,), `grad` filled."""
     N, V, D = logits.shape
+    M = N * D
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    ce = torch.empty(N * D, dtype=acc, device=logits.device)
-    lse = torch.empty(N * D, dtype=acc, device=logits.device)
+    dev = logits.device
+    eps = label_smoothing
+    smoothing = prob_target or eps > 0  # the b (U log s - sum_c u_c d_c) term is there
     x_rows = logits.movedim(1, 2)  # (N, D, V) view
     g_rows = grad.movedim(1, 2) if grad is not None else None
-    t_rows = target.movedim(1, 2) if prob_target else target.view(N, D)
+    w = weight.to(acc) if weight is not None else None
+    s_ce, s_z = (scale[0], scale[1]) if scale is not None else (1.0, 1.0)
+
+    # Per-row statistics, filled chunk by chunk; the loss is assembled from them at the end.
+    m = torch.empty(M, dtype=acc, device=dev)
+    s = torch.empty(M, dtype=acc, device=dev)
+    S = torch.empty(M, dtype=acc, device=dev) if smoothing else None  # sum_c u_c d_c
+    if prob_target:
+        t_rows = target.movedim(1, 2)
+        U = torch.empty(M, dtype=acc, device=dev)
+        b = 1.0
+    else:
+        bad = (target != ignore_index) & ((target < 0) | (target >= V))
+        active = (target != ignore_index) & ~bad
+        y = torch.where(active, target, 0).long()
+        a = (torch.where(active, (1.0 - eps) * w[y], 0.0) if w is not None
+             else active.to(acc) * (1.0 - eps))
+        b = eps / V
+        U = w.sum() if w is not None else float(V)
+        d_y = torch.empty(M, dtype=acc, device=dev)
+        # Host checks, once (no cost on a CPU): are there rows whose gradient is 0 or NaN?
+        masked = bool((~active).any()) if g_rows is not None else False
+        has_bad = bool(bad.any()) if masked else False
+
+    rows = min(_chunk_rows(V), M)
+    buf = torch.empty((rows, V), dtype=acc, device=dev)  # d, then exp(d), then the gradient
+    capped = softcap is not None
+    tbuf = torch.empty((rows, V), dtype=acc, device=dev) if capped else None  # tanh(x / c)
+    cast = prob_target and target.dtype != acc
+    ubuf = torch.empty((rows, V), dtype=acc, device=dev) if cast else None  # t in acc
+    if not prob_target and eps > 0 and g_rows is not None:
+        bu = (b * s_ce) * (w if w is not None else torch.ones(V, dtype=acc, device=dev))
+
     for n0, n1, d0, d1 in _row_chunks(N, D, V):
         flat = slice(n0 * D + d0, (n1 - 1) * D + d1)
-        t = t_rows[n0:n1, d0:d1]
-        c_ce, c_lse, c_grad = _chunk(
-            x_rows[n0:n1, d0:d1].reshape(-1, V),
-            t.reshape(-1, V) if prob_target else t.reshape(-1),
-            weight, scale,
-            prob_target=prob_target, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-            softcap=softcap, compute_grad=g_rows is not None,
-        )
-        ce[flat] = c_ce
-        lse[flat] = c_lse
-        if g_rows is not None:
-            g_rows[n0:n1, d0:d1] = c_grad.view(n1 - n0, d1 - d0, V)
+        x = x_rows[n0:n1, d0:d1].reshape(-1, V)  # (R, V): a view unless D > 1
+        R = x.shape[0]
+        if capped:
+            th = torch.tanh(tbuf[:R].copy_(x).div_(softcap), out=tbuf[:R])
+            z = torch.mul(th, softcap, out=buf[:R])
+        elif x.dtype != acc:
+            z = buf[:R].copy_(x)  # widened into the buffer (faster than mixed-dtype ops)
+        else:
+            z = x
+        m[flat] = z.amax(-1)
+        # The buffer holds d * log2(e): exp2 is about twice as fast as exp on a CPU, and
+        # sum_c 2^(d_c log2 e) = s. Differences in base 2 (d2) are scaled back to e below.
+        d2 = (z.sub_(m[flat, None]) if z is not x
+              else torch.sub(x, m[flat, None], out=buf[:R])).mul_(_LOG2E)
+        if prob_target:
+            t = t_rows[n0:n1, d0:d1].reshape(-1, V)
+            u = ubuf[:R].copy_(t) if cast else t  # (R, V) in acc
+            if eps > 0:
+                u = u.mul(1.0 - eps).add_(eps / V)  # not in place: t may be the target
+            if w is not None:
+                u = u * w
+            U[flat] = u.sum(-1)
+            S[flat] = (d2 * u).sum(-1)
+        else:
+            y_c = y[flat, None]
+            d_y[flat] = d2.gather(1, y_c).squeeze(1)
+            if eps > 0:
+                S[flat] = torch.mv(d2, w) if w is not None else d2.sum(-1)
+        e = d2.exp2_()
+        s[flat] = e.sum(-1)
+        if g_rows is None:
+            continue
+
+        if prob_target:
+            coef = s_ce * U[flat]
+        else:
+            a_c = a[flat]
+            coef = torch.where(active[flat], s_ce * (a_c + b * U), 0.0)
+        if lse_square_scale != 0.0:
+            lse_c = m[flat] + s[flat].log()
+            coef = coef + (2.0 * lse_square_scale * s_z) * lse_c
+        e.mul_((coef / s[flat])[:, None])  # p * coef
+        if prob_target:
+            e.sub_(u * s_ce)
+        else:
+            e.scatter_add_(1, y_c, (-s_ce * a_c)[:, None])
+            if eps > 0:
+                e.sub_(bu)
+        if capped:
+            e.mul_(th.square_().neg_().add_(1.0))  # dz/dx = 1 - tanh(x / c)^2
+        if not prob_target and masked:  # ignored rows (NaN ones too) get 0, bad targets NaN
+            e.masked_fill_(~active[flat, None], 0.0)
+            if has_bad:
+                e.masked_fill_(bad[flat, None], float("nan"))
+        block = g_rows[n0:n1, d0:d1]
+        block.copy_(e.view(block.shape))
+
+    log_s = s.log()
+    if smoothing:
+        S.mul_(_LN2)
+    lse = torch.where(m.isinf(), m, m + log_s)  # a row of -inf: lse = -inf, as logsumexp
+    if prob_target:
+        ce = U * log_s - S
+    else:
+        ce = a * (log_s - _LN2 * d_y)
+        if eps > 0:
+            ce = ce + b * (U * log_s - S)
+        ce = torch.where(active, ce, 0.0)
+        # An out-of-range target reaches here only with checks off: NaN, like the kernel.
+        ce = torch.where(bad, float("nan"), ce)
     return ce, lse
 
 
@@ -147,9 +192,12 @@ def scale_rows_torch_(
     grad: torch.Tensor,  # (N, V, D), scaled in place
     grad_output: torch.Tensor,  # (N*D,) per row, or a single value
 ) -> torch.Tensor:
-    """grad[n, :, d] *= grad_output[n * D + d] in place (plain PyTorch)."""
+    """grad[n, :, d] *= grad_output[n * D + d] in place (plain PyTorch); nothing to do when
+    every factor is 1 (a loss.backward() of a reduced loss), as the kernel skips such rows."""
     N, V, D = grad.shape
     go = grad_output.reshape(-1)
+    if bool((go == 1).all()):
+        return grad
     factor = go.view(N, 1, D) if go.numel() == N * D and go.numel() != 1 else go.reshape(())
     return grad.mul_(factor)
 
