@@ -291,13 +291,14 @@ def test_cpu_report_quick(cpu_report):
     import bench_linear
     import bench_xent
 
+    MODES = ("fwd", "fwd_bwd")
     out, stdout = cpu_report
     stem = common.slug(common.cpu_model()) + "-cpu-quick"
     assert "triton_xent runs its PyTorch fallback on CPU tensors" in stdout
     assert "skip " not in stdout.replace("skip provider torch_chunked", "")
     xent = common.read_csv(out / f"{stem}.csv")
     expected = {(p, m, d, n, v) for d, n, v in bench_xent.CPU_QUICK_CASES
-                for p, modes in (("triton_xent", ("fwd", "fwd_bwd")), ("torch", ("fwd", "fwd_bwd")),
+                for p, modes in (("triton_xent", MODES), ("torch", MODES),
                                  (bench_xent.INPLACE, ("fwd_bwd",)))
                 for m in modes}
     assert {(r["provider"], r["mode"], r["dtype"], r["N"], r["V"]) for r in xent} == expected
