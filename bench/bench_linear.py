@@ -7,6 +7,7 @@ op = linear_cross_entropy and D filled in; see bench/README.md.
 
     python bench/bench_linear.py               # full run (GPU)
     python bench/bench_linear.py --quick       # tiny CPU smoke test of the script
+    python bench/bench_linear.py --cpu         # the CPU cases (bench/cpu_report.py runs it)
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ MODES = ("fwd", "fwd_bwd")
 # Llama-3 8B's on 16384 tokens.
 CASES = ((8192, 2304, 256000), (16384, 4096, 128256))
 QUICK_CASES = ((64, 37, 1000), (64, 37, 4099))  # odd D and V: the kernels' masked edges
+# --cpu: fp32, fwd_bwd, beside torch's chunked and unfused ops; (N, D, V) of the issue's CPU
+# case and a 128k vocabulary (Llama 3's) with as many logits as 4096 x 32000.
+CPU_CASES = ((4096, 512, 32000), (1024, 512, 128256))
+CPU_QUICK_CASES = ((64, 32, 1000),)
+CPU_PROVIDERS = ("triton_xent", "torch", "torch_chunked")
+CPU_BUDGET_S = 3.0  # seconds of timing per measurement with --cpu (at least 3 calls)
 CHECK_ROWS = 16  # rows of d_x compared with the reference (and as many classes of d_W)
 
 # torch_chunked: torch's F.linear_cross_entropy falls back to its unfused reference path, with
@@ -340,6 +347,10 @@ def parse_args(argv=None):
                    help=f"tiny smoke-test cases (N, D, V) in {QUICK_CASES}, providers "
                         f"{QUICK_PROVIDERS} and {FLOOR}, both modes, short CPU timing "
                         "(flags below still override)")
+    p.add_argument("--cpu", action="store_true",
+                   help=f"the CPU cases (N, D, V) {CPU_CASES} (with --quick: "
+                        f"{CPU_QUICK_CASES}) in float32, fwd_bwd, providers {CPU_PROVIDERS} "
+                        f"and {FLOOR}, {CPU_BUDGET_S} s of timing per measurement")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS + (FLOOR,),
                    help=f"default: all, and {FLOOR}")
     p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32", "bf16", "fp32"),
@@ -353,6 +364,12 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true",
                    help="add rows to an existing --out CSV instead of overwriting it")
     args = p.parse_args(argv)
+    if args.cpu:
+        args.providers = args.providers or CPU_PROVIDERS + (FLOOR,)
+        args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("float32",))]
+        args.modes = args.modes or ("fwd_bwd",)
+        args.shapes = args.shapes or (CPU_QUICK_CASES if args.quick else CPU_CASES)
+        return args
     args.providers = args.providers or ((QUICK_PROVIDERS if args.quick else PROVIDERS)
                                         + (FLOOR,))
     args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16",))]
@@ -377,7 +394,7 @@ def main(argv=None) -> int:
     providers = common.available_providers([p for p in args.providers if p != FLOOR],
                                            lambda name: make_provider(name, device))
 
-    cpu_budget_s = 0.2 if args.quick else 1.0
+    cpu_budget_s = 0.2 if args.quick else (CPU_BUDGET_S if args.cpu else 1.0)
     copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)
 
     rows = 0

@@ -5,6 +5,7 @@ installed. Writes one CSV row per (case, provider, mode); see bench/README.md.
 
     python bench/bench_xent.py                 # full run (GPU)
     python bench/bench_xent.py --quick         # tiny CPU smoke test of the script
+    python bench/bench_xent.py --cpu           # the CPU cases (bench/cpu_report.py runs it)
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from common import Unavailable  # noqa: E402
 # triton_xent_entropy: the same loss with return_entropy=True, the entropy's statistic in the
 # same pass (issue 13's overhead goal: under 5% over triton_xent at N=16384, V=128256, bf16).
 PROVIDERS = ("triton_xent", "triton_xent_entropy", "torch", "torch_compile", "liger", "quack")
+INPLACE = "triton_xent_inplace"  # triton_xent with inplace_backward=True (fwd_bwd only)
 QUICK_PROVIDERS = ("triton_xent", "torch")  # torch_compile: seconds of C++ compile per shape
+# --cpu: the CPU fallback beside F.cross_entropy, (dtype, N, V) with 256 MiB of logits each.
+CPU_PROVIDERS = ("triton_xent", INPLACE, "torch")
+CPU_CASES = (("float32", 2048, 32000), ("bfloat16", 4096, 32000),
+             ("float32", 512, 128256), ("bfloat16", 1024, 128256))
+CPU_QUICK_CASES = (("float32", 64, 1000), ("bfloat16", 64, 4099))
+CPU_BUDGET_S = 3.0  # seconds of timing per measurement with --cpu (at least 3 calls)
 MODES = ("fwd", "fwd_bwd")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,
           "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,6 +52,7 @@ QUICK_TOKENS = (64,)
 WORKSPACE = {
     "triton_xent": {"fwd": 0, "fwd_bwd": 1},
     "triton_xent_entropy": {"fwd": 0, "fwd_bwd": 1},
+    INPLACE: {"fwd": 0, "fwd_bwd": 0},
     "torch": {"fwd": 1, "fwd_bwd": 3},
     "torch_compile": {"fwd": 1, "fwd_bwd": 2},
     "liger": {"fwd": 0, "fwd_bwd": 0},
@@ -64,24 +73,26 @@ class Provider:
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target) -> mean loss
     new_case: Callable[[], None] = lambda: None  # called before each case (torch_compile)
+    modes: tuple[str, ...] = MODES  # the modes it is measured in
 
 
 def make_provider(name: str, device: torch.device) -> Provider:
     """The provider's loss function, or Unavailable with the reason."""
-    if name == "triton_xent":
+    if name in ("triton_xent", INPLACE, "triton_xent_entropy"):
         import triton_xent
 
         if device.type == "cuda" and not triton_xent.triton_available():
             raise Unavailable("triton is not installed: triton_xent would run its PyTorch "
                               "fallback, not its kernels")
+        if name == INPLACE:
+            # The gradient is written into the logits: after the check call the timed calls
+            # run on overwritten logits (as liger's); the forward alone is triton_xent's.
+            return Provider(name, lambda x, t: triton_xent.cross_entropy(
+                x, t, inplace_backward=True), modes=("fwd_bwd",))
+        if name == "triton_xent_entropy":
+            return Provider(name, lambda x, t: triton_xent.cross_entropy(
+                x, t, return_entropy=True).loss)
         return Provider(name, lambda x, t: triton_xent.cross_entropy(x, t))
-    if name == "triton_xent_entropy":
-        import triton_xent
-
-        if device.type == "cuda" and not triton_xent.triton_available():
-            raise Unavailable("triton is not installed")
-        return Provider(name, lambda x, t: triton_xent.cross_entropy(x, t,
-                                                                     return_entropy=True).loss)
     if name == "torch":
         return Provider(name, lambda x, t: F.cross_entropy(x, t))
     if name == "torch_compile":
@@ -113,7 +124,7 @@ def make_provider(name: str, device: torch.device) -> Provider:
             return Provider(name, lambda x, t: quack_ce(x, t, reduction="mean"))
         # Older quack returns per-row losses; their mean is the mean reduction (no ignores).
         return Provider(name, lambda x, t: quack_ce(x, t).mean())
-    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS + (INPLACE,)}")
 
 
 # --- inputs and the reference ---------------------------------------------------------------
@@ -224,7 +235,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"tiny smoke-test cases: N={QUICK_TOKENS}, V={QUICK_VOCAB}, providers "
                         f"{QUICK_PROVIDERS}, short CPU timing (flags below still override)")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all")
+    p.add_argument("--cpu", action="store_true",
+                   help=f"the CPU cases (dtype, N, V) {CPU_CASES} (with --quick: "
+                        f"{CPU_QUICK_CASES}), providers {CPU_PROVIDERS}, {CPU_BUDGET_S} s "
+                        "of timing per measurement (--quick: 0.2 s); --dtypes, --vocab and "
+                        "--tokens do not apply")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS + (INPLACE,),
+                   help=f"default: all but {INPLACE} (--cpu: {CPU_PROVIDERS})")
     p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32", "bf16", "fp32"),
                    help="default: bfloat16 float32")
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: fwd fwd_bwd")
@@ -234,11 +251,21 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true",
                    help="add rows to an existing --out CSV instead of overwriting it")
     args = p.parse_args(argv)
+    if args.cpu:
+        if args.dtypes or args.vocab or args.tokens:
+            p.error("--cpu has its own cases: no --dtypes, --vocab or --tokens")
+        args.cases = [(DTYPES[d], n, v) for d, n, v in
+                      (CPU_QUICK_CASES if args.quick else CPU_CASES)]
+        args.providers = args.providers or CPU_PROVIDERS
+        args.modes = args.modes or MODES
+        return args
     args.providers = args.providers or (QUICK_PROVIDERS if args.quick else PROVIDERS)
     args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16", "float32"))]
     args.modes = args.modes or MODES
     args.vocab = args.vocab or (QUICK_VOCAB if args.quick else VOCAB)
     args.tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    args.cases = [(dtype, N, V) for dtype in args.dtypes for N in args.tokens
+                  for V in args.vocab]
     return args
 
 
@@ -259,46 +286,45 @@ def main(argv=None) -> int:
     providers = common.available_providers(args.providers,
                                            lambda name: make_provider(name, device))
 
-    cpu_budget_s = 0.2 if args.quick else 1.0
+    cpu_budget_s = 0.2 if args.quick else (CPU_BUDGET_S if args.cpu else 1.0)
     copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)
 
     rows = 0
     with common.CsvWriter(out, append=args.append) as writer:
-        for dtype in args.dtypes:
+        for dtype, N, V in args.cases:
             elem = torch.finfo(dtype).bits // 8
-            for N in args.tokens:
-                for V in args.vocab:
-                    case = f"{dtype_name(dtype)} N={N} V={V}"
-                    # Floor of any fwd_bwd: the logits and one gradient, plus headroom.
-                    need = 2 * N * V * elem + HEADROOM_BYTES
-                    free = common.free_bytes(device)
-                    if need > free:
-                        print(f"skip case {case}: needs about {need / common.GB:.1f} GB, "
-                              f"{free / common.GB:.1f} GB free")
+            case = f"{dtype_name(dtype)} N={N} V={V}"
+            # Floor of any fwd_bwd: the logits and one gradient, plus headroom.
+            need = 2 * N * V * elem + HEADROOM_BYTES
+            free = common.free_bytes(device)
+            if need > free:
+                print(f"skip case {case}: needs about {need / common.GB:.1f} GB, "
+                      f"{free / common.GB:.1f} GB free")
+                continue
+            print(f"case {case}")
+            x, t = make_inputs(N, V, dtype, device, requires_grad=False)
+            ref = reference(x, t)
+            del x, t
+            for provider in providers:
+                provider.new_case()
+                for mode in args.modes:
+                    if mode not in provider.modes:
                         continue
-                    print(f"case {case}")
-                    x, t = make_inputs(N, V, dtype, device, requires_grad=False)
-                    ref = reference(x, t)
-                    del x, t
-                    for provider in providers:
-                        provider.new_case()
-                        for mode in args.modes:
-                            result = measure(provider, mode, N, V, dtype, device, ref,
-                                             cpu_budget_s)
-                            if result is None:
-                                continue
-                            ms, peak = result
-                            # Bytes of the floor: fwd reads the logits once (N*V*elem);
-                            # fwd_bwd also writes the gradient once (2*N*V*elem).
-                            nbytes = N * V * elem * (1 if mode == "fwd" else 2)
-                            gbps = nbytes / (ms * 1e-3) / common.GB
-                            writer.write(**info, op="cross_entropy", provider=provider.name,
-                                         mode=mode, dtype=dtype_name(dtype), N=N, V=V, D=0,
-                                         ms=ms, gbps=gbps, copy_gbps=copy, peak_mem_mb=peak)
-                            rows += 1
-                            mem = f"{peak:.1f} MB" if peak is not None else "-"
-                            print(f"  {provider.name:13s} {mode:7s} {ms:10.4f} ms "
-                                  f"{gbps:8.1f} GB/s  peak {mem}")
+                    result = measure(provider, mode, N, V, dtype, device, ref, cpu_budget_s)
+                    if result is None:
+                        continue
+                    ms, peak = result
+                    # Bytes of the floor: fwd reads the logits once (N*V*elem); fwd_bwd
+                    # also writes the gradient once (2*N*V*elem).
+                    nbytes = N * V * elem * (1 if mode == "fwd" else 2)
+                    gbps = nbytes / (ms * 1e-3) / common.GB
+                    writer.write(**info, op="cross_entropy", provider=provider.name,
+                                 mode=mode, dtype=dtype_name(dtype), N=N, V=V, D=0, ms=ms,
+                                 gbps=gbps, copy_gbps=copy, peak_mem_mb=peak)
+                    rows += 1
+                    mem = f"{peak:.1f} MB" if peak is not None else "-"
+                    print(f"  {provider.name:19s} {mode:7s} {ms:10.4f} ms "
+                          f"{gbps:8.1f} GB/s  peak {mem}")
     print(f"wrote {rows} rows to {out}")
     return 0
 

@@ -8,7 +8,10 @@ Units, everywhere: ms = milliseconds (median), GB = 1e9 bytes, MB = 1e6 bytes.
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import datetime
+import gc
 import os
 import platform
 import re
@@ -29,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 COLUMNS = ("device", "torch", "triton", "date", "op", "provider", "mode", "dtype",
            "N", "V", "D", "ms", "gbps", "copy_gbps", "peak_mem_mb")
 INT_COLUMNS = ("N", "V", "D")
-FLOAT_COLUMNS = ("ms", "gbps", "copy_gbps", "peak_mem_mb")  # peak_mem_mb may be empty (CPU)
+FLOAT_COLUMNS = ("ms", "gbps", "copy_gbps", "peak_mem_mb")  # peak_mem_mb may be empty
 
 GB = 1e9  # bytes
 MB = 1e6  # bytes
@@ -81,7 +84,9 @@ def announce(info: dict, device: torch.device, out: str, providers: Iterable[str
     print(f"device: {info['device']} ({device.type}); torch {info['torch']}, "
           f"triton {info['triton'] or '-'}; writing {out}")
     if device.type == "cpu":
-        print("note: CPU run, a smoke test of the script only; peak_mem_mb is left empty")
+        mem = ("peak RSS above the RSS before the call" if cpu_peak_supported()
+               else "left empty (no /proc/self/clear_refs here)")
+        print(f"note: CPU run; peak_mem_mb: {mem}")
         if "triton_xent" in providers:
             path = ("Triton kernels through the interpreter"
                     if os.environ.get("TRITON_INTERPRET") == "1" else "its PyTorch fallback")
@@ -160,14 +165,65 @@ def median_ms(fn: Callable[[], object], device: torch.device, *,
     return statistics.median(times) * 1e3
 
 
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def cpu_peak_supported() -> bool:
+    """Whether this process can reset its peak RSS (Linux: writing 5 to /proc/self/clear_refs
+    resets VmHWM in /proc/self/status to the current RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_bytes("VmHWM")
+    except OSError:
+        return False
+    return True
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def _release_freed_memory() -> None:
+    """Hands memory that is free but still mapped back to the OS (glibc's malloc_trim), so
+    the next call's allocations show in RSS instead of reusing pages RSS already counts."""
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    """Peak RSS of one call of fn() above the RSS just before it, in MB (Linux), after
+    returning freed memory to the OS and resetting the peak (cpu_peak_supported). What the
+    call leaves alive counts. None where the peak cannot be reset."""
+    _release_freed_memory()
+    if not cpu_peak_supported():
+        return None
+    before = _proc_status_bytes("VmRSS")
+    out = fn()
+    peak = _proc_status_bytes("VmHWM")
+    del out
+    return (peak - before) / MB
+
+
 def peak_mem_mb(fn: Callable[[], object], device: torch.device, *,
                 grad_to_none: list[torch.Tensor] | None = None) -> float | None:
     """Peak memory of one call of fn() above what was allocated just before it (the inputs),
-    in MB: (torch.cuda.max_memory_allocated() after reset_peak_memory_stats() - the
-    memory_allocated() before the call) / 1e6. Whatever the call leaves behind (the input's
-    .grad after a backward) counts. None on CPU, where PyTorch keeps no such statistic."""
+    in MB. CUDA: (torch.cuda.max_memory_allocated() after reset_peak_memory_stats() - the
+    memory_allocated() before the call) / 1e6. CPU: cpu_peak_mb, the peak RSS above the RSS
+    before the call (None where it cannot be measured). Gradients in `grad_to_none` are
+    cleared first; whatever the call leaves behind (the input's .grad after a backward)
+    counts."""
     if device.type != "cuda":
-        return None
+        _clear_grads(grad_to_none)
+        peak = cpu_peak_mb(fn)
+        _clear_grads(grad_to_none)
+        return peak
     _clear_grads(grad_to_none)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

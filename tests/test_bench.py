@@ -1,7 +1,8 @@
 """Smoke test of the benchmark scripts: `bench/bench_xent.py --quick` and
 `bench/bench_linear.py --quick` write well-formed CSVs (the linear one with
-op = linear_cross_entropy, D filled in, matmul_floor rows) and `bench/plot.py` turns them
-into PNGs. Nothing here looks at how fast anything is."""
+op = linear_cross_entropy, D filled in, matmul_floor rows), `bench/plot.py` turns them
+into PNGs, and `bench/cpu_report.py --quick` (the CPU cases, peak RSS filled in) writes its
+CSVs, PNGs and tables. Nothing here looks at how fast anything is."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import common  # noqa: E402
 HEADER = ["device", "torch", "triton", "date", "op", "provider", "mode", "dtype",
           "N", "V", "D", "ms", "gbps", "copy_gbps", "peak_mem_mb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CPU_PEAK = common.cpu_peak_supported()  # Linux: peak RSS can be reset, so it is measured
 
 
 def _run(args):
@@ -70,7 +72,7 @@ def test_quick_csv_is_well_formed(quick_csv):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
         assert r["torch"] == torch.__version__
         assert r["date"].endswith("+00:00")
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() or CPU_PEAK:
             assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
         else:
             assert r["peak_mem_mb"] is None
@@ -91,7 +93,7 @@ def test_plot_writes_pngs(quick_csv, tmp_path):
     stdout = _run([os.path.join(BENCH, "plot.py"), str(quick_csv), "--out-dir", str(tmp_path)])
     _assert_png(tmp_path / "quick_bandwidth.png")
     _assert_png(tmp_path / "quick_speedup.png")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or CPU_PEAK:
         _assert_png(tmp_path / "quick_memory.png")
     else:
         assert "skipping the memory plot" in stdout
@@ -169,9 +171,9 @@ def test_linear_quick_csv_is_well_formed(linear_quick_run):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
         assert r["torch"] == torch.__version__
         assert r["date"].endswith("+00:00")
-        if torch.cuda.is_available() and r["provider"] != "matmul_floor":
+        if (torch.cuda.is_available() or CPU_PEAK) and r["provider"] != "matmul_floor":
             assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
-        else:  # no allocator statistics on CPU; the floor is a time floor only
+        else:  # no peak to reset on this CPU; the floor is a time floor only
             assert r["peak_mem_mb"] is None
         seen.add((r["provider"], r["mode"], r["N"], r["D"], r["V"]))
         # gbps: x and W read (N + V) * D * elem bytes once, d_x and d_W written once (fwd_bwd)
@@ -186,7 +188,7 @@ def test_linear_plot_writes_time_bars(linear_quick_run, tmp_path):
     stdout = _run([os.path.join(BENCH, "plot.py"), str(path), "--out-dir", str(tmp_path)])
     _assert_png(tmp_path / "quick-linear_time.png")
     assert not (tmp_path / "quick-linear_bandwidth.png").exists()  # the GEMMs bound this op
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or CPU_PEAK:
         _assert_png(tmp_path / "quick-linear_memory.png")
     else:
         assert "skipping the memory plot" in stdout
@@ -253,3 +255,70 @@ def test_linear_check_rejects_a_wrong_provider(capsys):
         assert bl.measure(bad, "fwd_bwd", N, D, V, torch.float32, device, ref, 0.01) is None
         out = capsys.readouterr().out
         assert f"skip {bad.name} fwd_bwd" in out and why in out, out
+
+
+# --- the CPU report (bench/cpu_report.py) -----------------------------------------------
+
+
+def test_cpu_peak_mb_sees_an_allocation():
+    """The CPU peak is the RSS high-water mark above the RSS before the call: 64 MB written
+    inside the call show, what was allocated before it does not."""
+    if not CPU_PEAK:
+        pytest.skip("peak RSS cannot be reset here (no /proc/self/clear_refs)")
+    before = torch.ones(16 * 2**20)  # 64 MiB, alive before the call
+    peak = common.cpu_peak_mb(lambda: torch.ones(16 * 2**20).sum())
+    assert 60 < peak < 100, peak
+    assert common.cpu_peak_mb(lambda: before.sum()) < 30
+    del before
+
+
+@pytest.fixture(scope="module")
+def cpu_report(tmp_path_factory):
+    """(output folder, stdout) of one `cpu_report.py --quick` run."""
+    out = tmp_path_factory.mktemp("cpu_report")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_report.py"), "--quick",
+                           "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"cpu_report failed:\n{proc.stdout}\n{proc.stderr}"
+    return out, proc.stdout
+
+
+def test_cpu_report_quick(cpu_report):
+    """The CPU quick run: both CSVs with the CPU cases and providers (the fallback, not the
+    interpreter), a peak for every provider, the PNGs, and the two tables with one line per
+    case and the goals line. The figures themselves are not looked at."""
+    import bench_linear
+    import bench_xent
+
+    MODES = ("fwd", "fwd_bwd")
+    out, stdout = cpu_report
+    stem = common.slug(common.cpu_model()) + "-cpu-quick"
+    assert "triton_xent runs its PyTorch fallback on CPU tensors" in stdout
+    assert "skip " not in stdout.replace("skip provider torch_chunked", "")
+    xent = common.read_csv(out / f"{stem}.csv")
+    expected = {(p, m, d, n, v) for d, n, v in bench_xent.CPU_QUICK_CASES
+                for p, modes in (("triton_xent", MODES), ("torch", MODES),
+                                 (bench_xent.INPLACE, ("fwd_bwd",)))
+                for m in modes}
+    assert {(r["provider"], r["mode"], r["dtype"], r["N"], r["V"]) for r in xent} == expected
+    linear = common.read_csv(out / f"{stem}-linear.csv")
+    providers = {"triton_xent", "torch", "matmul_floor"} | (
+        {"torch_chunked"} if HAS_TORCH_CHUNKED else set())
+    assert {(r["provider"], r["mode"], r["dtype"], r["N"], r["D"], r["V"]) for r in linear} == {
+        (p, "fwd_bwd", "float32", *case) for p in providers
+        for case in bench_linear.CPU_QUICK_CASES}
+    for r in xent + linear:
+        assert r["device"] == common.cpu_model() and r["ms"] > 0
+        if CPU_PEAK and r["provider"] != "matmul_floor":
+            assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
+    for name in ("bandwidth", "speedup", "memory"):
+        _assert_png(out / f"{stem}_{name}.png")
+    _assert_png(out / f"{stem}-linear_time.png")
+    assert f"Measured on {common.cpu_model()}" in stdout
+    for d, n, v in bench_xent.CPU_QUICK_CASES:
+        assert sum(line.startswith(f"| {d} N={n} V={v} (") for line in stdout.splitlines()) == 1
+    for n, d, v in bench_linear.CPU_QUICK_CASES:
+        assert sum(line.startswith(f"| float32 N={n} D={d} V={v} |")
+                   for line in stdout.splitlines()) == 1
+    assert "\ngoals: " in stdout

@@ -191,11 +191,16 @@ def test_memory_budget_sets_the_chunk(backend, device, monkeypatch):
         (1100, 2, dict(), 576),  # 1024 + 76 evened out to 2 x 550, up to 576 (a multiple of 64)
         (10, 2, dict(memory_budget_bytes=1), 1),  # a budget below one row: one row per chunk
         (10, 2, dict(memory_budget_bytes=3 * 128256 * 2), 3),  # under 64 rows: not rounded
+        (10**6, 4, dict(cpu=True), 128),  # on a CPU: LINEAR_CPU_CHUNK_ROWS, whatever V
+        (1100, 2, dict(cpu=True), 128),  # 9 chunks: 123 rows evened out, up to 128
+        (100, 4, dict(cpu=True), 100),  # fewer rows than a CPU chunk
+        (10**6, 4, dict(cpu=True, memory_budget_bytes=3 * 128256 * 4), 3),  # a budget wins
     ],
 )
 def test_plan_chunk_rows(n_rows, itemsize, kwargs, expected):
     assert config.LINEAR_CHUNK_BUDGET_BYTES == 256 * 2**20
-    kwargs = dict(dict(chunk_size=None, memory_budget_bytes=None), **kwargs)
+    assert config.LINEAR_CPU_CHUNK_ROWS == 128
+    kwargs = dict(dict(chunk_size=None, memory_budget_bytes=None, cpu=False), **kwargs)
     assert plan_chunk_rows(n_rows, 128256, itemsize, **kwargs) == expected
 
 

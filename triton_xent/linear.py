@@ -64,7 +64,8 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
     plan = _Plan(
         problem=problem, rows=rows,
         chunk_rows=plan_chunk_rows(n_compute, V, x.element_size(), chunk_size=chunk_size,
-                                   memory_budget_bytes=memory_budget_bytes),
+                                   memory_budget_bytes=memory_budget_bytes,
+                                   cpu=x.device.type == "cpu"),
         accum_dtype=torch.promote_types(accum_dtype, x.dtype),
         active=active, weight_sum=weight_sum, count=count, scale=scale,
     )

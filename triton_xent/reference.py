@@ -1,35 +1,56 @@
 """The plain-PyTorch backend: the CPU fallback and the readable statement of the semantics.
 
-It computes exactly what the Triton kernel computes (see kernels/xent.py for the math), row
-chunk by row chunk, so that it never holds more than about four float32 copies of one chunk
-(config.TORCH_CHUNK_ELEMENTS elements), whatever the batch size:
+It computes what the Triton kernel computes (kernels/xent.py), one row at a time in the
+math below. For a row of logits x, z = softcap * tanh(x / softcap) / T (no tanh without
+softcap; T the temperature), and, all in float32 (float64 for float64 input):
 
-    z     = softcap * tanh(x / softcap) / T          (no tanh without softcap; T the temperature)
-    log p = log_softmax(z)
-    ce    = a * (-log p_y) + b * sum_c u_c * (-log p_c)
-    H     = -sum_c p_c log p_c                        (the entropy; p log p = 0 where p = 0)
-    dz    = r * (p * (a + b * U) - b * u - a * onehot(y)) + e * dH/dz,  dH/dz = -p (log p + H)
-    grad  = dz * (1 - tanh^2) / T                     (the softcap's slope and the temperature's)
-with a = (1 - eps) w_y, b = eps / V, u = w for class indices; a = 0, b = 1,
-u = w * ((1 - eps) t + eps / V) for class probabilities; U = sum_c u_c; r the row weight
-(row_weight, also on the z-loss term) and e the entropy's gradient weight of each row.
+    m = max_c z_c,   d_c = z_c - m,   s = sum_c exp(d_c),   lse = m + log s
+    -log p_c = log s - d_c                                     (p = exp(d) / s = softmax(z))
+    ce   = a (log s - d_y) + b (U log s - sum_c u_c d_c)  = -a log p_y - b sum_c u_c log p_c
+    H    = lse - sum_c p_c z_c = log s - Q / s,   Q = sum_c exp(d_c) d_c <= 0    (the entropy)
+    dz   = r (p coef - s_ce (b u + a onehot(y))) + e dH/dz,   dH/dz_c = p_c (Q / s - d_c)
+    coef = s_ce (a + b U) + 2 lse_square_scale s_z lse
+    grad = dz (1 - tanh^2) / T                    (the softcap's slope and the temperature's)
+with a = (1 - eps) w_y, b = eps / V, u = w (ones without weights) for class indices, a = 0 on
+ignored rows (whose gradient is 0); a = 0, b = 1, u = w ((1 - eps) t + eps / V) for class
+probabilities; U = sum_c u_c; s_ce, s_z the "mean" factors of the two terms (1 otherwise);
+r the row weight (row_weight) and e the entropy's weight in the gradient of each row.
+Every difference is taken relative to the row's max, so huge equal logits cancel exactly;
+both terms of H are >= 0 (s >= 1, Q <= 0), so H is never negative, and a -inf logit adds
+exp(d) d = 0 to Q (never 0 * inf).
+
+How, on a CPU: rows go a chunk at a time through one float32 buffer of
+config.TORCH_CHUNK_ELEMENTS elements that is reused for every chunk and small enough to stay
+in the CPU's cache. Per chunk: a bf16/fp16 chunk is widened into the buffer (never the whole
+tensor), the row max (one read of the logits from memory), d = z - m in the buffer, then
+2^(d log2 e) = exp(d) in place (the only exponential of an element: the gradient reuses it;
+exp2 is about twice as fast as exp on a CPU), the row sums; with a gradient, the buffer is
+scaled to the gradient and written once into the output (which may be the logits
+themselves: inplace_backward). No (N, V) temporary, no log_softmax tensor. Each torch op
+is threaded over the chunk's rows by PyTorch (at::parallel_for), so every core is busy.
+The entropy needs exp(d) d beside exp(d): one more chunk-sized temporary, only when asked.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 
 from . import config
 
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
 
 def _row_chunks(N: int, D: int, V: int) -> Iterator[tuple[int, int, int, int]]:
     """(n0, n1, d0, d1) blocks of rows of a (N, V, D) tensor, each a contiguous range of the
-    flat row index n * D + d, holding about config.TORCH_CHUNK_ELEMENTS logits."""
+    flat row index n * D + d, holding at most config.TORCH_CHUNK_ELEMENTS logits (or one
+    row, if a row is longer)."""
     if N * D == 0:
         return
-    rows = max(1, config.TORCH_CHUNK_ELEMENTS // max(V, 1))
+    rows = _chunk_rows(V)
     if D >= rows:
         for n in range(N):
             for d0 in range(0, D, rows):
@@ -38,6 +59,10 @@ def _row_chunks(N: int, D: int, V: int) -> Iterator[tuple[int, int, int, int]]:
         per = max(1, rows // D)
         for n0 in range(0, N, per):
             yield n0, min(N, n0 + per), 0, D
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, config.TORCH_CHUNK_ELEMENTS // max(V, 1))
 
 
 def _tempered(x: torch.Tensor, softcap: float | None, temperature: float):
@@ -53,114 +78,15 @@ def _tempered(x: torch.Tensor, softcap: float | None, temperature: float):
     return z, tanh
 
 
-def _entropy(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """H = -sum_c p_c log p_c per row (R,), with p log p = 0 where p = 0 (a -inf logit):
-    every term is >= 0 (log p <= 0, as log_softmax computes it), so H never goes negative."""
-    return -torch.where(logp == float("-inf"), 0.0, p * logp).sum(-1)
-
-
-def _chunk(
-    x: torch.Tensor,  # (R, V) logits of R rows
-    target: torch.Tensor,  # (R,) class indices, or (R, V) probabilities
-    weight: torch.Tensor | None,  # (V,)
-    scale: torch.Tensor | None,  # (2,) gradient factors of the CE and z-loss terms
-    row_weight: torch.Tensor | None,  # (R,) factor of each row's CE (and z-loss) gradient
-    entropy_weight: torch.Tensor | None,  # (R,) factor of each row's entropy gradient
-    *,
-    prob_target: bool,
-    ignore_index: int,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-    temperature: float,
-    entropy: bool,
-    argmax: bool,
-    compute_grad: bool,
-) -> tuple:
-    """ce (R,), lse (R,), H (R,) or None, argmax (R,) or None and the gradient (R, V) or None
-    of one chunk, in the accumulation dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    R, V = x.shape
-    z, tanh = _tempered(x, softcap, temperature)
-    logp = torch.log_softmax(z, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
-    w = weight.to(acc) if weight is not None else None
-
-    if prob_target:
-        active = torch.ones(R, dtype=torch.bool, device=x.device)
-        bad = None
-        q = target.to(acc)
-        if label_smoothing > 0:
-            q = (1.0 - label_smoothing) * q + label_smoothing / V
-        u = q * w if w is not None else q
-        a = torch.zeros(R, dtype=acc, device=x.device)
-        b = 1.0
-        ce = -(logp * u).sum(-1)
-        U = u.sum(-1)
-    else:
-        bad = (target != ignore_index) & ((target < 0) | (target >= V))
-        active = (target != ignore_index) & ~bad
-        y = torch.where(active, target, 0).long()
-        w_y = w[y] if w is not None else torch.ones(R, dtype=acc, device=x.device)
-        a = torch.where(active, (1.0 - label_smoothing) * w_y, 0.0)
-        ce = a * -logp.gather(1, y[:, None]).squeeze(1)
-        b = label_smoothing / V if V > 0 else 0.0
-        u = w if w is not None else torch.ones(V, dtype=acc, device=x.device)
-        U = u.sum()
-        if label_smoothing > 0:
-            ce = ce + b * -(logp * u).sum(-1)
-        ce = torch.where(active, ce, 0.0)
-        # An out-of-range target reaches here only with checks off: NaN, like the kernel.
-        ce = torch.where(bad, float("nan"), ce)
-
-    H = idx = None
-    if entropy:
-        H = _entropy(logp.exp(), logp)
-        if bad is not None:
-            H = torch.where(bad, float("nan"), torch.where(active, H, 0.0))
-    if argmax:
-        idx = z.argmax(-1)  # the first index on ties, as torch.argmax
-        if not prob_target:
-            idx = torch.where(active, idx, -1)
-
-    grad = None
-    if compute_grad:
-        dH = None
-        if entropy_weight is not None:  # dH/dz = -p (log p + H), 0 where p = 0
-            p = logp.exp()
-            H_rows = H if H is not None else _entropy(p, logp)
-            dH = -torch.where(logp == float("-inf"), 0.0, p * (logp + H_rows[:, None]))
-            dH *= entropy_weight.to(acc)[:, None]
-        s_ce, s_z = (scale[0], scale[1]) if scale is not None else (1.0, 1.0)
-        r = row_weight.to(acc) if row_weight is not None else 1.0
-        coef = (a + b * U) * s_ce
-        if lse_square_scale != 0.0:
-            coef = coef + 2.0 * lse_square_scale * lse * s_z
-        grad = logp.exp_().mul_((coef * r)[:, None])  # logp is spent: p, in place
-        if prob_target or label_smoothing > 0:
-            grad -= (b * s_ce) * u * (r[:, None] if row_weight is not None else 1.0)
-        if not prob_target:
-            grad.scatter_add_(1, y[:, None], -(a * s_ce * r)[:, None])
-        if dH is not None:
-            grad += dH
-        if not prob_target:
-            grad = torch.where(active[:, None], grad, 0.0)
-            grad = torch.where(bad[:, None], float("nan"), grad)
-        if tanh is not None:
-            grad *= 1.0 - tanh * tanh
-        if temperature != 1.0:
-            grad /= temperature
-    return ce, lse, H, idx, grad
-
 
 def xent_rows_torch(
     logits: torch.Tensor,  # (N, V, D), any float dtype, any strides
     target: torch.Tensor,  # (N*D,) integer class indices, or (N, V, D) float probabilities
     weight: torch.Tensor | None,  # (V,)
-    scale: torch.Tensor | None,  # (2,) float32: gradient factors of the CE and z-loss terms
+    scale: torch.Tensor | None,  # (2,): the gradient factors s_ce, s_z ("mean"), or None
     grad: torch.Tensor | None,  # (N, V, D) gradient output (may alias logits), or None
-    row_weight: torch.Tensor | None = None,  # (N*D,) or (1,): factor of the CE gradient
-    entropy_weight: torch.Tensor | None = None,  # (N*D,) or (1,): factor of dH in the gradient
+    row_weight: torch.Tensor | None = None,  # (N*D,) or (1,): r, factor of the CE gradient
+    entropy_weight: torch.Tensor | None = None,  # (N*D,) or (1,): e, factor of dH/dz
     *,
     prob_target: bool,
     ignore_index: int,
@@ -172,40 +98,152 @@ def xent_rows_torch(
     argmax: bool = False,
 ) -> tuple:
     """Same contract as kernels.xent.xent_rows: (ce, lse, H, argmax) of shape (N*D,) (H and
-    argmax None unless asked for), `grad` filled."""
+    argmax None unless asked for; argmax -1 on ignored rows), `grad` filled."""
     N, V, D = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     M = N * D
-    ce = torch.empty(M, dtype=acc, device=logits.device)
-    lse = torch.empty(M, dtype=acc, device=logits.device)
-    H = torch.empty(M, dtype=acc, device=logits.device) if entropy else None
-    idx = torch.empty(M, dtype=torch.int64, device=logits.device) if argmax else None
-    rw = row_weight.reshape(-1).expand(M) if row_weight is not None else None
-    ew = entropy_weight.reshape(-1).expand(M) if entropy_weight is not None else None
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dev = logits.device
+    eps = label_smoothing
+    smoothing = prob_target or eps > 0  # the b (U log s - sum_c u_c d_c) term is there
     x_rows = logits.movedim(1, 2)  # (N, D, V) view
     g_rows = grad.movedim(1, 2) if grad is not None else None
-    t_rows = target.movedim(1, 2) if prob_target else target.view(N, D)
+    w = weight.to(acc) if weight is not None else None
+    s_ce, s_z = (scale[0], scale[1]) if scale is not None else (1.0, 1.0)
+    rw = row_weight.reshape(-1).to(acc).expand(M) if row_weight is not None else None
+    ew = entropy_weight.reshape(-1).to(acc).expand(M) if entropy_weight is not None else None
+    need_q = entropy or (ew is not None and g_rows is not None)
+
+    # Per-row statistics, filled chunk by chunk; the loss is assembled from them at the end.
+    m = torch.empty(M, dtype=acc, device=dev)
+    s = torch.empty(M, dtype=acc, device=dev)
+    S = torch.empty(M, dtype=acc, device=dev) if smoothing else None  # sum_c u_c d_c
+    Q = torch.empty(M, dtype=acc, device=dev) if need_q else None  # sum_c exp(d_c) d_c
+    idx = torch.empty(M, dtype=torch.int64, device=dev) if argmax else None
+    if prob_target:
+        t_rows = target.movedim(1, 2)
+        U = torch.empty(M, dtype=acc, device=dev)
+        b = 1.0
+    else:
+        bad = (target != ignore_index) & ((target < 0) | (target >= V))
+        active = (target != ignore_index) & ~bad
+        y = torch.where(active, target, 0).long()
+        a = (torch.where(active, (1.0 - eps) * w[y], 0.0) if w is not None
+             else active.to(acc) * (1.0 - eps))
+        b = eps / V
+        U = w.sum() if w is not None else float(V)
+        d_y = torch.empty(M, dtype=acc, device=dev)
+        # Host checks, once (no cost on a CPU): are there rows whose gradient is 0 or NaN?
+        masked = bool((~active).any()) if g_rows is not None else False
+        has_bad = bool(bad.any()) if masked else False
+
+    rows = min(_chunk_rows(V), M)
+    buf = torch.empty((rows, V), dtype=acc, device=dev)  # d, then exp(d), then the gradient
+    capped = softcap is not None
+    tempered = temperature != 1.0
+    tbuf = torch.empty((rows, V), dtype=acc, device=dev) if capped else None  # tanh(x / c)
+    cast = prob_target and target.dtype != acc
+    ubuf = torch.empty((rows, V), dtype=acc, device=dev) if cast else None  # t in acc
+    if not prob_target and eps > 0 and g_rows is not None:
+        bu = (b * s_ce) * (w if w is not None else torch.ones(V, dtype=acc, device=dev))
+
     for n0, n1, d0, d1 in _row_chunks(N, D, V):
         flat = slice(n0 * D + d0, (n1 - 1) * D + d1)
-        t = t_rows[n0:n1, d0:d1]
-        c_ce, c_lse, c_H, c_idx, c_grad = _chunk(
-            x_rows[n0:n1, d0:d1].reshape(-1, V),
-            t.reshape(-1, V) if prob_target else t.reshape(-1),
-            weight, scale, rw[flat] if rw is not None else None,
-            ew[flat] if ew is not None else None,
-            prob_target=prob_target, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-            softcap=softcap, temperature=temperature, entropy=entropy, argmax=argmax,
-            compute_grad=g_rows is not None,
-        )
-        ce[flat] = c_ce
-        lse[flat] = c_lse
-        if entropy:
-            H[flat] = c_H
-        if argmax:
-            idx[flat] = c_idx
-        if g_rows is not None:
-            g_rows[n0:n1, d0:d1] = c_grad.view(n1 - n0, d1 - d0, V)
+        x = x_rows[n0:n1, d0:d1].reshape(-1, V)  # (R, V): a view unless D > 1
+        R = x.shape[0]
+        if capped:
+            th = torch.tanh(tbuf[:R].copy_(x).div_(softcap), out=tbuf[:R])
+            z = torch.mul(th, softcap, out=buf[:R])
+        elif x.dtype != acc or tempered:
+            z = buf[:R].copy_(x)  # widened into the buffer (faster than mixed-dtype ops)
+        else:
+            z = x
+        if tempered:
+            z.div_(temperature)
+        m[flat] = z.amax(-1)
+        if argmax:  # the first index of the row's max, as torch.argmax
+            first = z.argmax(-1)
+            idx[flat] = first if prob_target else torch.where(active[flat], first, -1)
+        # The buffer holds d * log2(e): exp2 is about twice as fast as exp on a CPU, and
+        # sum_c 2^(d_c log2 e) = s. Differences in base 2 (d2) are scaled back to e below.
+        d2 = (z.sub_(m[flat, None]) if z is not x
+              else torch.sub(x, m[flat, None], out=buf[:R])).mul_(_LOG2E)
+        if prob_target:
+            t = t_rows[n0:n1, d0:d1].reshape(-1, V)
+            u = ubuf[:R].copy_(t) if cast else t  # (R, V) in acc
+            if eps > 0:
+                u = u.mul(1.0 - eps).add_(eps / V)  # not in place: t may be the target
+            if w is not None:
+                u = u * w
+            U[flat] = u.sum(-1)
+            S[flat] = (d2 * u).sum(-1)
+        else:
+            y_c = y[flat, None]
+            d_y[flat] = d2.gather(1, y_c).squeeze(1)
+            if eps > 0:
+                S[flat] = torch.mv(d2, w) if w is not None else d2.sum(-1)
+        e = d2.exp2_()
+        s[flat] = e.sum(-1)
+        if need_q:
+            ed = torch.xlogy(e, e)  # exp(d) d, 0 where exp(d) = 0 (a -inf logit)
+            Q[flat] = ed.sum(-1)
+        if g_rows is None:
+            continue
+
+        s_c = s[flat]
+        r_c = rw[flat] if rw is not None else None
+        if prob_target:
+            coef = s_ce * U[flat]
+        else:
+            a_c = a[flat]
+            coef = torch.where(active[flat], s_ce * (a_c + b * U), 0.0)
+        if lse_square_scale != 0.0:
+            lse_c = m[flat] + s_c.log()
+            coef = coef + (2.0 * lse_square_scale * s_z) * lse_c
+        if r_c is not None:
+            coef = coef * r_c
+        if ew is not None:  # + e dH/dz = e p (Q / s - d)
+            e_c = ew[flat]
+            coef = coef + e_c * Q[flat] / s_c
+        e.mul_((coef / s_c)[:, None])  # p * coef
+        if ew is not None:
+            e.sub_(ed.mul_((e_c / s_c)[:, None]))
+        if prob_target:
+            e.sub_(u * (s_ce if r_c is None else (s_ce * r_c)[:, None]))
+        else:
+            target_term = -s_ce * a_c if r_c is None else -s_ce * a_c * r_c
+            e.scatter_add_(1, y_c, target_term[:, None])
+            if eps > 0:
+                if r_c is None:
+                    e.sub_(bu)
+                else:
+                    e.addr_(r_c, bu, alpha=-1.0)  # - r b u, with no (R, V) temporary
+        if capped:
+            e.mul_(th.square_().neg_().add_(1.0))  # dz/dx = 1 - tanh(x / c)^2
+        if tempered:
+            e.div_(temperature)
+        if not prob_target and masked:  # ignored rows (NaN ones too) get 0, bad targets NaN
+            e.masked_fill_(~active[flat, None], 0.0)
+            if has_bad:
+                e.masked_fill_(bad[flat, None], float("nan"))
+        block = g_rows[n0:n1, d0:d1]
+        block.copy_(e.view(block.shape))
+
+    log_s = s.log()
+    if smoothing:
+        S.mul_(_LN2)
+    lse = torch.where(m.isinf(), m, m + log_s)  # a row of -inf: lse = -inf, as logsumexp
+    H = log_s - Q / s if entropy else None
+    if prob_target:
+        ce = U * log_s - S
+    else:
+        ce = a * (log_s - _LN2 * d_y)
+        if eps > 0:
+            ce = ce + b * (U * log_s - S)
+        ce = torch.where(active, ce, 0.0)
+        # An out-of-range target reaches here only with checks off: NaN, like the kernel.
+        ce = torch.where(bad, float("nan"), ce)
+        if H is not None:
+            H = torch.where(bad, float("nan"), torch.where(active, H, 0.0))
     return ce, lse, H, idx
 
 
@@ -213,9 +251,12 @@ def scale_rows_torch_(
     grad: torch.Tensor,  # (N, V, D), scaled in place
     grad_output: torch.Tensor,  # (N*D,) per row, or a single value
 ) -> torch.Tensor:
-    """grad[n, :, d] *= grad_output[n * D + d] in place (plain PyTorch)."""
+    """grad[n, :, d] *= grad_output[n * D + d] in place (plain PyTorch); nothing to do when
+    every factor is 1 (a loss.backward() of a reduced loss), as the kernel skips such rows."""
     N, V, D = grad.shape
     go = grad_output.reshape(-1)
+    if bool((go == 1).all()):
+        return grad
     factor = go.view(N, 1, D) if go.numel() == N * D and go.numel() != 1 else go.reshape(())
     return grad.mul_(factor)
 

@@ -31,17 +31,24 @@ def plan_chunk_rows(
     *,
     chunk_size: int | None,
     memory_budget_bytes: int | None,
+    cpu: bool,  # the rows live on a CPU
 ) -> int:
-    """Rows per chunk: `chunk_size` if given, else budget / (V * itemsize) rows, rounded down
-    to a multiple of LINEAR_CHUNK_ROW_MULTIPLE, then evened out so that the last chunk is not
-    a sliver (N rows in ceil(N / rows) chunks of about equal size). Always >= 1."""
+    """Rows per chunk: `chunk_size` if given; else budget / (V * itemsize) rows for the
+    `memory_budget_bytes` given, rounded down to a multiple of LINEAR_CHUNK_ROW_MULTIPLE;
+    else the device's default: LINEAR_CPU_CHUNK_ROWS rows on a CPU (where the head's gradient
+    update per chunk, not the chunk's bytes, sets the size), the LINEAR_CHUNK_BUDGET_BYTES
+    budget elsewhere. Then evened out so that the last chunk is not a sliver (N rows in
+    ceil(N / rows) chunks of about equal size). Always >= 1."""
     if chunk_size is not None:
         return chunk_size
-    budget = memory_budget_bytes or config.LINEAR_CHUNK_BUDGET_BYTES
     multiple = config.LINEAR_CHUNK_ROW_MULTIPLE
-    rows = max(1, budget // max(1, n_classes * itemsize))
-    if rows >= multiple:
-        rows -= rows % multiple
+    if cpu and memory_budget_bytes is None:
+        rows = config.LINEAR_CPU_CHUNK_ROWS
+    else:
+        budget = memory_budget_bytes or config.LINEAR_CHUNK_BUDGET_BYTES
+        rows = max(1, budget // max(1, n_classes * itemsize))
+        if rows >= multiple:
+            rows -= rows % multiple
     if n_rows <= rows:
         return max(1, n_rows)
     n_chunks = -(-n_rows // rows)
@@ -127,6 +134,9 @@ def linear_xent_chunks(
         return t[start:stop] if idx_c is None else t.index_select(0, idx_c)
 
     n_compute = N if rows is None else rows.numel()
+    # One (chunk_rows, V) buffer for every chunk's logits (and then their gradient): a fresh
+    # product per chunk would be allocated while the previous chunk is still referenced.
+    chunk_buf = x.new_empty((min(chunk_rows, n_compute), V))
     for start in range(0, n_compute, chunk_rows):
         stop = min(start + chunk_rows, n_compute)
         if rows is None:  # contiguous rows: views, and results written straight into place
@@ -138,8 +148,9 @@ def linear_xent_chunks(
             x_c = x.index_select(0, sel)
             t_c = target.index_select(0, sel)
 
-        logits = (torch.addmm(linear_bias, x_c, w_t) if linear_bias is not None
-                  else torch.mm(x_c, w_t))  # (R, V)
+        out = chunk_buf[:stop - start]
+        logits = (torch.addmm(linear_bias, x_c, w_t, out=out) if linear_bias is not None
+                  else torch.mm(x_c, w_t, out=out))  # (R, V)
         logits3 = logits.unsqueeze(-1)  # (R, V, 1): the row kernel's (N, V, D) view
         results = rows_fn(
             logits3, t_c.unsqueeze(-1) if problem.prob_target else t_c, weight, scale,
