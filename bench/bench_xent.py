@@ -318,9 +318,9 @@ def main(argv=None) -> int:
 
     providers = common.available_providers(args.providers,
                                            lambda name: make_provider(name, device))
-    providers += common.available_providers([f"triton_xent[{v}]" for v in args.sweep],
-                                            lambda name: sweep_provider(name[len("triton_xent["):-1],
-                                                                         device))
+    variants = dict((f"triton_xent[{v}]", v) for v in args.sweep)
+    providers += common.available_providers(variants,
+                                            lambda name: sweep_provider(variants[name], device))
 
     cpu_budget_s = 0.2 if args.quick else 1.0
     copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)

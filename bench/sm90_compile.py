@@ -36,7 +36,7 @@ and reads off:
                            4096), so the table shows how it grows with P
 
     python bench/sm90_compile.py            # a table of every case
-    python bench/sm90_compile.py --json     # one JSON object per launch (tests/test_compile_sm90.py)
+    python bench/sm90_compile.py --json     # one JSON object a launch (test_compile_sm90.py)
     python bench/sm90_compile.py --only lm_V128256_bf16 small_V10_bf16
 
 TRITON_INTERPRET must be unset: under the interpreter @triton.jit gives no compilable kernel.
@@ -61,7 +61,6 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from triton_xent import config
 from triton_xent.kernels import xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
