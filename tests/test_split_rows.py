@@ -152,11 +152,11 @@ def _deferral_flags(monkeypatch, x, t, compute_grad):
             return launch
 
     monkeypatch.setattr(xent, "_finish_kernel", Spy())
-    N, V = x.shape
     grad = torch.empty_like(x) if compute_grad else None
-    ce, *_ = xent.xent_rows(x.unsqueeze(-1), t, None, None, grad.unsqueeze(-1) if compute_grad else None,
-                           prob_target=False, ignore_index=-100, label_smoothing=0.0,
-                           lse_square_scale=0.0, softcap=None)
+    ce, *_ = xent.xent_rows(x.unsqueeze(-1), t, None, None,
+                            grad.unsqueeze(-1) if compute_grad else None, prob_target=False,
+                            ignore_index=-100, label_smoothing=0.0,
+                            lse_square_scale=0.0, softcap=None)
     ref_loss, ref_grad = reference(x, t, reduction="none")
     assert_close(ce, ref_loss, torch.float32, "loss")
     if compute_grad:
