@@ -6,11 +6,14 @@ installed. Writes one CSV row per (case, provider, mode); see bench/README.md.
     python bench/bench_xent.py                 # full run (GPU)
     python bench/bench_xent.py --quick         # tiny CPU smoke test of the script
     python bench/bench_xent.py --cpu           # the CPU cases (bench/cpu_report.py runs it)
+    python bench/bench_xent.py --small-vocab   # classifier rows: V = 2 .. 1000, N = 2^20
+    python bench/bench_xent.py --sweep         # also triton_xent with config values changed
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import os
@@ -43,6 +46,9 @@ VOCAB = (32000, 50304, 128256, 151936, 256000)
 TOKENS = (4096, 16384)
 QUICK_VOCAB = (1000, 4099)
 QUICK_TOKENS = (64,)
+# --small-vocab: an image classifier's rows, many and short.
+SMALL_VOCAB = (2, 10, 100, 1000)
+SMALL_TOKENS = (1 << 20,)
 
 # Extra memory a provider needs beyond the logits, in units of the logits' size (N*V*elem),
 # used to skip what would not fit before allocating anything. Estimates from what each one
@@ -127,6 +133,61 @@ def make_provider(name: str, device: torch.device) -> Provider:
     raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS + (INPLACE,)}")
 
 
+# --- config sweep (--sweep) -------------------------------------------------------------------
+
+# triton_xent with triton_xent/config.py values overridden, one provider each, named
+# "triton_xent[<name>]" in the CSV: the candidates for the values config.py marks "not yet
+# measured" (slice width and warps of split rows, persistent or not, spin limit, whole-row
+# tile size). spin0 makes every early slice wait for the finish launch: its cost.
+SWEEP = {
+    "slice8192_w16": dict(ROW_SLICE_MAX_V=8192, SPLIT_NUM_WARPS=16),
+    "slice4096_w8": dict(ROW_SLICE_MAX_V=4096, SPLIT_NUM_WARPS=8),
+    "slice2048_w4": dict(ROW_SLICE_MAX_V=2048, SPLIT_NUM_WARPS=4),
+    "slice2048_w8": dict(ROW_SLICE_MAX_V=2048, SPLIT_NUM_WARPS=8),
+    "persistent2": dict(PERSISTENT=True, PERSISTENT_PROGRAMS_PER_SM=2),
+    "persistent4": dict(PERSISTENT=True, PERSISTENT_PROGRAMS_PER_SM=4),
+    "spin1k": dict(SLICE_SPIN_LIMIT=1 << 10),
+    "spin0": dict(SLICE_SPIN_LIMIT=0),
+    "tile1024": dict(ROWS_TILE_ELEMENTS=1024),
+    "tile4096": dict(ROWS_TILE_ELEMENTS=4096),
+}
+
+
+@contextlib.contextmanager
+def config_values(values: dict):
+    """triton_xent.config with `values` set, restored on exit."""
+    from triton_xent import config
+
+    saved = {k: getattr(config, k) for k in values}  # AttributeError names a stale entry
+    try:
+        for k, v in values.items():
+            setattr(config, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
+def sweep_provider(variant: str, device: torch.device) -> Provider:
+    """triton_xent under SWEEP[variant]; the values are read when the kernels launch, all in
+    the forward (the backward only scales the saved gradient)."""
+    values = SWEEP[variant]
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Unavailable("config variants need the Triton kernels (a GPU or "
+                          "TRITON_INTERPRET=1); here triton_xent runs its PyTorch fallback")
+    import triton_xent
+
+    def fn(x, t):
+        with config_values(values):
+            return triton_xent.cross_entropy(x, t)
+    return Provider(f"triton_xent[{variant}]", fn)
+
+
+def base_provider(name: str) -> str:
+    """'triton_xent[persistent2]' -> 'triton_xent'."""
+    return name.split("[", 1)[0]
+
+
 # --- inputs and the reference ---------------------------------------------------------------
 
 def make_inputs(N: int, V: int, dtype: torch.dtype, device: torch.device, *,
@@ -187,7 +248,7 @@ def measure(provider: Provider, mode: str, N: int, V: int, dtype: torch.dtype,
     printed message, when the provider is skipped for this case."""
     label = f"{provider.name} {mode} {dtype_name(dtype)} N={N} V={V}"
     elem = torch.finfo(dtype).bits // 8
-    need = N * V * elem * (1 + WORKSPACE[provider.name][mode]) + HEADROOM_BYTES
+    need = N * V * elem * (1 + WORKSPACE[base_provider(provider.name)][mode]) + HEADROOM_BYTES
     free = common.free_bytes(device)
     if need > free:
         print(f"  skip {label}: needs about {need / common.GB:.1f} GB, "
@@ -247,10 +308,17 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: fwd fwd_bwd")
     p.add_argument("--vocab", nargs="+", type=int, help=f"V values; default {VOCAB}")
     p.add_argument("--tokens", nargs="+", type=int, help=f"N values; default {TOKENS}")
+    p.add_argument("--small-vocab", action="store_true",
+                   help=f"classifier cases: V={SMALL_VOCAB}, N={SMALL_TOKENS} (--vocab and "
+                        "--tokens still override)")
+    p.add_argument("--sweep", nargs="*", choices=SWEEP, metavar="VARIANT",
+                   help="also time triton_xent with config values overridden (bare: every "
+                        f"variant): {', '.join(SWEEP)}")
     p.add_argument("--out", help="CSV path; default bench/results/<device-slug>[-cpu][-quick].csv")
     p.add_argument("--append", action="store_true",
                    help="add rows to an existing --out CSV instead of overwriting it")
     args = p.parse_args(argv)
+    args.sweep = list(SWEEP) if args.sweep == [] else (args.sweep or [])
     if args.cpu:
         if args.dtypes or args.vocab or args.tokens:
             p.error("--cpu has its own cases: no --dtypes, --vocab or --tokens")
@@ -262,8 +330,10 @@ def parse_args(argv=None):
     args.providers = args.providers or (QUICK_PROVIDERS if args.quick else PROVIDERS)
     args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16", "float32"))]
     args.modes = args.modes or MODES
-    args.vocab = args.vocab or (QUICK_VOCAB if args.quick else VOCAB)
-    args.tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    args.vocab = args.vocab or (SMALL_VOCAB if args.small_vocab else
+                                QUICK_VOCAB if args.quick else VOCAB)
+    args.tokens = args.tokens or (SMALL_TOKENS if args.small_vocab else
+                                  QUICK_TOKENS if args.quick else TOKENS)
     args.cases = [(dtype, N, V) for dtype in args.dtypes for N in args.tokens
                   for V in args.vocab]
     return args
@@ -285,6 +355,9 @@ def main(argv=None) -> int:
 
     providers = common.available_providers(args.providers,
                                            lambda name: make_provider(name, device))
+    variants = dict((f"triton_xent[{v}]", v) for v in args.sweep)
+    providers += common.available_providers(variants,
+                                            lambda name: sweep_provider(variants[name], device))
 
     cpu_budget_s = 0.2 if args.quick else (CPU_BUDGET_S if args.cpu else 1.0)
     copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)

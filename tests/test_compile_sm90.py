@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-LM = ("lm_V32000_bf16", "lm_V128256_bf16", "lm_V151936_bf16", "lm_V256000_bf16")
+LM = ("lm_V32000_bf16", "lm_V128256_bf16", "lm_V256000_bf16")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,9 @@ def test_second_launch_costs_a_non_deferred_program_its_flag_only(report, case):
 
 
 def test_merge_round_trips_do_not_grow_with_the_slices(report):
-    merges = {P: report[(f"merge_P{P}", "_split_kernel")] for P in (4, 16, 64)}
-    assert all(r["constexprs"]["P_PAD"] == P for P, r in merges.items())
+    merges = {report[(case, "_split_kernel")]["constexprs"]["P_PAD"]:
+              report[(case, "_split_kernel")] for case in LM}
+    assert sorted(merges) == [8, 32, 64]
     # One arrival atomic, one block of record loads; none inside a loop over slices.
     assert {r["merge_round_trips"] for r in merges.values()} == {2}
     assert all(r["record_loads_in_loops"] == 0 for r in merges.values())

@@ -144,18 +144,19 @@ def _deferral_flags(monkeypatch, x, t, compute_grad):
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                sync, n_rows, n_slices = args[8], args[9], args[12]
+                named = dict(zip(finish.arg_names, args))
+                sync, n_rows, n_slices = named["sync_ptr"], named["n_rows"], named["n_slices"]
                 seen["arrivals"] = sync[:n_rows].clone()
                 seen["flags"] = sync[n_rows:].view(n_rows, n_slices).clone()
                 finish[grid](*args, **kwargs)
             return launch
 
     monkeypatch.setattr(xent, "_finish_kernel", Spy())
-    N, V = x.shape
     grad = torch.empty_like(x) if compute_grad else None
-    ce, _ = xent.xent_rows(x.unsqueeze(-1), t, None, None, grad.unsqueeze(-1) if compute_grad else None,
-                           prob_target=False, ignore_index=-100, label_smoothing=0.0,
-                           lse_square_scale=0.0, softcap=None)
+    ce, *_ = xent.xent_rows(x.unsqueeze(-1), t, None, None,
+                            grad.unsqueeze(-1) if compute_grad else None, prob_target=False,
+                            ignore_index=-100, label_smoothing=0.0,
+                            lse_square_scale=0.0, softcap=None)
     ref_loss, ref_grad = reference(x, t, reduction="none")
     assert_close(ce, ref_loss, torch.float32, "loss")
     if compute_grad:

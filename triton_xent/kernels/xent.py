@@ -38,7 +38,9 @@ even by rounding, and needs no clamp.
 
 Whole rows (_rows_kernel). A program holds a (ROWS, BLOCK_V) tile, ROWS whole rows, in
 registers: one read of the logits, one write of the gradient. Short rows (V = 2 .. 1000) are
-many rows per program, so the lanes of a warp spread over rows instead of idling on padding.
+many rows per program, so the lanes of a warp spread over rows instead of idling on padding,
+and ROW_ALIGN (row_align()) tells the compiler how far apart aligned row starts are, so
+that V = 1000 in bf16 (2000-byte rows) still gets 16-byte loads.
 
 Split rows, read once (_split_kernel, _finish_kernel). A row of V > config.ROW_SLICE_MAX_V
 columns is cut into P slices of equal width (a multiple of 16, so slices start aligned).
@@ -52,7 +54,12 @@ Program (row, j) holds slice j in registers and
   4. writes the gradient of its slice from its registers (and slice 0 the loss and lse).
 The merge is one atomic and one vector load whatever P (plus the polls of a program that
 arrives early), so its dependent global round trips do not grow with P; the audit
-(bench/sm90_compile.py) counts them in the compiled code at several P.
+(bench/sm90_compile.py) counts them in the compiled code at several P. One counter rather
+than P flags: the arrival's acq_rel atomic both publishes and tells the last program that
+it need not poll at all, and a poll is one scalar acquire load whatever P. Records are
+stored and loaded at L2 (.cg): other SMs wrote them, and L1 is not coherent. Each program
+reads all P records (32 P bytes, from L2), 1/4 of its bf16 slice's bytes at P = 63. Without
+a gradient only slice 0, the loss's writer, waits for the others; the rest publish and exit.
 
 Deferral and the second launch. A program whose siblings have not all arrived after
 `spin_limit` polls writes nothing, sets its deferral flag and moves on. After the first
@@ -64,16 +71,22 @@ slice, so the gradient may overwrite the logits (inplace_backward, the linear op
 
 Deadlock freedom, and persistent or not. Every program publishes before it waits and waits
 a bounded number of polls, so each finishes whatever the scheduler does: siblings need not
-be co-resident for the kernel to be correct, only for it to be fast. config.PERSISTENT picks
-the schedule: False launches one program per slice (sized so that several programs fit on
-an SM: the siblings of a row, launched next to each other, are then mostly resident
-together); True launches config.PERSISTENT_PROGRAMS_PER_SM programs per SM that walk the
+be co-resident for the kernel to be correct, only for it to be fast. A persistent program
+publishes slice k before it waits on it and then goes on to slice k + grid, so the same
+argument holds for it. config.PERSISTENT picks the schedule: False launches one program a
+slice; True launches config.PERSISTENT_PROGRAMS_PER_SM programs per SM that walk the
 slices in grid-stride order (item = row * P + j), so the siblings of a row are taken by
 neighbouring programs in the same round. Both run the same kernels (a grid-stride loop that
-runs once when the grid covers every item); which is faster is for bench_xent.py --sweep to
-say on a GPU. Triton's interpreter runs programs one after another, with
-config.INTERPRET_SLICE_SPIN_LIMIT polls (0 by default): there every program of a row but
-its last is deferred, so tests run both paths on CPU.
+runs once when the grid covers every item). The default is one program a slice: the grid
+is dispatched in order, so a row's P siblings (neighbouring program ids) start together
+but for the few rows cut by the edge of a wave, and slices of 4096 columns at 16 warps
+(48 registers, no spills in the sm_90 audit) keep 2 programs resident per SM, one
+exchanging while the other streams; the persistent schedule saves dispatching hundreds of
+thousands of short programs, and all its programs are resident at once when that many fit
+on an SM, but a program's slices then run one after another. Which is faster is for bench_xent.py --sweep to say on a GPU. Triton's interpreter
+runs programs one after another, with config.INTERPRET_SLICE_SPIN_LIMIT polls (0 by
+default): there every program of a row but its last arrival is deferred, so tests run both
+paths on CPU.
 
 Records. float32, RECORD_WIDTH fields a slice (32 bytes, aligned for vector loads), at
 record_ptr + (row * P + j) * RECORD_WIDTH, fields by name: REC_M, REC_SUM_EXP, REC_S, REC_U,
