@@ -164,7 +164,8 @@ def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs
 # with class weights, ignored targets, label smoothing passed as a float argument (symbolic
 # under dynamic=True), the z-loss as a 0-dim tensor argument, softcap and return_lse;
 # (b) class probabilities with reduction "none" (for the linear op with a trainable head:
-# the recomputing backward op). Batch and sequence sizes change between calls. Dynamo's
+# the recomputing backward op); (c) the RL extras (temperature, row and entropy weights,
+# return_entropy, return_argmax). Batch and sequence sizes change between calls. Dynamo's
 # counters tell graphs apart: a new graph break fails fullgraph=True, a new
 # recompile fails the count.
 
@@ -172,9 +173,10 @@ C, D_MODEL = 13, 8
 
 
 def _all_entries_step(backend, device):
-    """step(x, h, t, p, label_smoothing, z_loss) -> (loss, lse of each entry point) and the
-    parameters it trains (the head of the linear ops). The modules are built outside, as a
-    training loop builds them: their options are attributes."""
+    """step(x, h, t, p, label_smoothing, z_loss) -> (loss, lse of each entry point and the
+    entropy and argmax of the RL calls) and the parameters it trains (the head of the linear
+    ops). The modules are built outside, as a training loop builds them: their options are
+    attributes."""
     torch.manual_seed(2)
     head = nn.Linear(D_MODEL, C).to(device)
     w = torch.rand(C, device=device) + 0.5
@@ -197,9 +199,18 @@ def _all_entries_step(backend, device):
             h[:, 0], head.weight, p, linear_bias=head.bias, reduction="none",
             label_smoothing=ls, **linear_common)
         loss_d, lse_d = linear_criterion(h, head.weight, t, head.bias)
+        # (c) the RL extras: temperature, row and entropy weights, the entropy (its own
+        # gradient flows) and the argmax, on logits and through the linear op.
+        rl = dict(temperature=0.7, row_weight=p[:, 0] + 0.5, entropy_weight=-0.05,
+                  return_entropy=True, return_argmax=True, reduction="sum")
+        rl_a = triton_xent.cross_entropy(x[:, :, 0], t[:, 0], **rl, **common)
+        rl_c = triton_xent.linear_cross_entropy(h[:, 0], head.weight, t[:, 0],
+                                                linear_bias=head.bias, **rl, **linear_common)
         loss = (loss_a + none_a.sum() + 2 * loss_b + 3 * loss_c + 4 * none_c.sum()
-                + 5 * loss_d)
-        return loss, (lse_a, lse_b, lse_c, lse_d)
+                + 5 * loss_d + rl_a.loss + rl_a.entropy.sum() + rl_c.loss
+                + rl_c.entropy.sum())
+        return loss, (lse_a, lse_b, lse_c, lse_d, rl_a.entropy, rl_a.argmax, rl_c.entropy,
+                      rl_c.argmax)
 
     return step, list(head.parameters())
 
