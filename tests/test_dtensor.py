@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton_xent
 from helpers import assert_close
 from test_distributed import CASES, LINEAR_CASES, V, _grad_output, _linear_problem, _problem
+from test_distributed import _backward as _distributed_backward
 
 pytest.importorskip("torch.distributed.tensor")
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
@@ -49,10 +50,28 @@ def _replicated(t, mesh):
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def _backward(loss, mesh):
-    """loss.backward with test_distributed's grad_output, as a replicated DTensor."""
+def _parts(out):
+    """(loss, entropy, argmax) of a result; None for what it does not hold (the RL extras
+    come in a CrossEntropyOutput)."""
+    if isinstance(out, triton_xent.CrossEntropyOutput):
+        return out.loss, out.entropy, out.argmax
+    return out, None, None
+
+
+def _entropy_grad(entropy):
+    """The entropy's upstream gradient, as test_distributed._backward gives it."""
+    return torch.linspace(-1, 1, entropy.numel()).view(entropy.shape)
+
+
+def _backward(out, mesh):
+    """Backward with test_distributed's grad_output (and the entropy's upstream gradient,
+    when it is returned), as replicated DTensors."""
+    loss, entropy, _ = _parts(out)
     go = _grad_output(loss.to_local())
-    loss.backward(None if go is None else _replicated(go, mesh))
+    total = loss if go is None else (loss * _replicated(go, mesh)).sum()
+    if entropy is not None:
+        total = total + (entropy * _replicated(_entropy_grad(entropy.to_local()), mesh)).sum()
+    total.backward()
 
 
 def _kind(t):
@@ -61,10 +80,15 @@ def _kind(t):
     return type(t).__name__
 
 
-def _record(loss, x):
-    """What the parent compares: the loss's and the gradient's kind, and their values."""
+def _record(out, x):
+    """What the parent compares: the loss's and the gradient's kind, and their values (and
+    the entropy's and argmax's, where returned)."""
+    loss, entropy, argmax = _parts(out)
+    extras = {name: (_kind(v), v.to_local().detach()) for name, v in
+              (("entropy", entropy), ("argmax", argmax)) if v is not None}
     return dict(kind=_kind(loss), loss=loss.to_local().detach(), grad_kind=_kind(x.grad),
-                grad=x.grad.full_tensor())
+                grad=x.grad.full_tensor() if isinstance(x.grad, DTensor) else x.grad,
+                extras=extras)
 
 
 def _error(fn):
@@ -149,13 +173,12 @@ def _linear_cases(mesh, class_mesh_dim, results):
             hidden = h
             if how == "colwise_dtensor_input":
                 hidden = _replicated(h, mesh if mesh.ndim == 1 else sub)
-            loss = triton_xent.linear_cross_entropy(hidden, head.weight, t,
-                                                    linear_bias=head.bias,
-                                                    backend=backend, **kwargs)
-            _backward(loss, loss.device_mesh)
+            out = triton_xent.linear_cross_entropy(hidden, head.weight, t,
+                                                   linear_bias=head.bias,
+                                                   backend=backend, **kwargs)
+            _backward(out, _parts(out)[0].device_mesh)
             results[(backend, case, how)] = dict(
-                kind=_kind(loss), loss=loss.to_local().detach(), grad_kind=_kind(h.grad),
-                grad=h.grad, weight_grad_kind=_kind(head.weight.grad),
+                _record(out, h), weight_grad_kind=_kind(head.weight.grad),
                 weight_grad=head.weight.grad.full_tensor(),
                 bias_grad=head.bias.grad.full_tensor())
 
@@ -380,11 +403,14 @@ def _run_group(shape, tmp_path):
 
 
 def _expected_cross_entropy(case, shape):
+    """(loss, input gradient, {entropy, argmax where returned}) of the single process."""
     x, t, kwargs = _cross_entropy_problem(case, shape)
     full = x.clone().requires_grad_(True)
-    loss = triton_xent.cross_entropy(full, t, backend="torch", **kwargs)
-    loss.backward(_grad_output(loss))
-    return loss.detach(), full.grad
+    loss, entropy, argmax = _distributed_backward(
+        triton_xent.cross_entropy(full, t, backend="torch", **kwargs))
+    extras = {name: v for name, v in (("entropy", entropy), ("argmax", argmax))
+              if v is not None}
+    return loss, full.grad, extras
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
@@ -398,8 +424,12 @@ def test_dtensor_matches_single_process_and_loss_parallel(layout, tmp_path):
         for backend, case, shape_name in _runs(_CROSS_ENTROPY_RUNS, shape):
             what = f"rank {rank} {backend} {case} {shape_name}"
             got = res[(backend, case, shape_name)]
-            loss, grad = _expected_cross_entropy(case, shape_name)
+            loss, grad, extras = _expected_cross_entropy(case, shape_name)
             assert got["kind"] == replicated, what
+            assert set(got["extras"]) == set(extras), what
+            for name, (kind, value) in got["extras"].items():
+                assert kind == replicated, (what, name, kind)
+                assert_close(value, extras[name], torch.float32, f"{what} {name}")
             # the input's placements; DTensor may keep Shard(-1) as given or normalise it
             class_dims = (-1, 1) if shape_name == "shard_minus_one" else (1,)
             assert got["grad_kind"] in [
@@ -419,9 +449,10 @@ def test_dtensor_matches_single_process_and_loss_parallel(layout, tmp_path):
         for backend, case in _runs(_LINEAR_RUNS, shape):
             h, w, b, t, kwargs = _linear_problem(case)
             h, w, b = (p.clone().requires_grad_(True) for p in (h, w, b))
-            loss = triton_xent.linear_cross_entropy(h, w, t, linear_bias=b,
-                                                    backend="torch", **kwargs)
-            loss.backward(_grad_output(loss))
+            loss, entropy, argmax = _distributed_backward(triton_xent.linear_cross_entropy(
+                h, w, t, linear_bias=b, backend="torch", **kwargs))
+            extras = {name: v for name, v in (("entropy", entropy), ("argmax", argmax))
+                      if v is not None}
             for how in ("colwise", "colwise_dtensor_input", "mesh_head"):
                 if (backend, case, how) not in res:
                     continue
@@ -430,7 +461,11 @@ def test_dtensor_matches_single_process_and_loss_parallel(layout, tmp_path):
                 assert got["kind"].startswith("DTensor(Replicate()"), what
                 assert "Shard(dim=0)" in got["weight_grad_kind"], what
                 assert got["grad_kind"] == "Tensor", what  # h, plain (from_local's input)
-                assert_close(got["loss"], loss.detach(), torch.float32, f"{what} loss")
+                assert_close(got["loss"], loss, torch.float32, f"{what} loss")
+                assert set(got["extras"]) == set(extras), what
+                for name, (kind, value) in got["extras"].items():
+                    assert kind.startswith("DTensor(Replicate()"), (what, name, kind)
+                    assert_close(value, extras[name], torch.float32, f"{what} {name}")
                 assert_close(got["grad"], h.grad, torch.float32, f"{what} d_input")
                 assert_close(got["weight_grad"], w.grad, torch.float32, f"{what} d_weight")
                 assert_close(got["bias_grad"], b.grad, torch.float32, f"{what} d_bias")
@@ -492,7 +527,7 @@ def _check_errors(results, shape):
 
 def _check_single_layout_cases(results):
     x, t, kwargs = _problem("everything")
-    loss, grad = _expected_cross_entropy("everything", "2d")
+    loss, grad, _ = _expected_cross_entropy("everything", "2d")
     for rank, res in enumerate(results):
         got = res["replicated"]
         assert got["kind"] == got["grad_kind"] == "DTensor(Replicate(),)", rank
