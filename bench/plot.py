@@ -31,7 +31,7 @@ import common  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROVIDER_ORDER = ("triton_xent", "torch", "torch_compile", "torch_chunked", "liger", "cce",
-                  "cce_exact", "quack")
+                  "cce_exact", "quack", "triton_xent_inplace", "triton_xent_entropy")
 LINEAR_OP = "linear_cross_entropy"
 FLOOR = "matmul_floor"  # bench_linear.py's time floor: the op's three GEMMs alone
 # One colour per provider in every panel and figure (a provider skipped in one panel must
