@@ -1,6 +1,9 @@
-"""The one reference (PyTorch in float64) and the per-dtype tolerances of every test."""
+"""The one reference (PyTorch in float64) and the per-dtype tolerances of every test, and
+the spawning of the distributed tests' ranks."""
 
 from __future__ import annotations
+
+import multiprocessing
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +92,24 @@ def entropy_reference(x, target=None, ignore_index=-100, softcap=None, temperatu
 def assert_close(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
                                equal_nan=True, msg=lambda m: f"{what}: {m}", **TOL[dtype])
+
+
+def spawn_ranks(worker, args: tuple, world: int, tmp_path, timeout: float) -> list:
+    """Runs worker(rank, *args) in `world` spawned processes, waiting at most `timeout`
+    seconds for each. A worker's saved traceback (tmp_path / f"rank{r}.err") or a hang fails
+    the test; returns the processes."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = {r: (tmp_path / f"rank{r}.err").read_text()
+              for r in range(world) if (tmp_path / f"rank{r}.err").exists()}
+    assert not errors, f"worker failures: {errors}"
+    assert not hung, f"ranks {hung} did not finish"
+    return procs

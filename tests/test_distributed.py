@@ -8,7 +8,6 @@ teardown keeps the test about the work. A real failure still fails the test: a w
 raises writes its traceback (and exits 1), and the parent requires every rank's results.
 """
 
-import multiprocessing
 import os
 import traceback
 
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import triton_xent
-from helpers import assert_close
+from helpers import assert_close, spawn_ranks
 
 V = 37
 N = 9
@@ -186,22 +185,8 @@ def test_vocab_parallel_matches_single_process(backend, layout, transport, tmp_p
         pytest.skip(f"needs {world} GPUs")
     if transport == "gloo" and backend == "triton" and torch.cuda.is_available():
         pytest.skip("on a GPU machine the kernels want CUDA tensors: the nccl case runs them")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, slices, str(tmp_path / "rdzv"),
-                                                str(tmp_path), backend, transport))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = {r: (tmp_path / f"rank{r}.err").read_text()
-              for r in range(world) if (tmp_path / f"rank{r}.err").exists()}
-    assert not errors, f"worker failures: {errors}"
-    assert not hung, f"ranks {hung} did not finish"
+    procs = spawn_ranks(_worker, (slices, str(tmp_path / "rdzv"), str(tmp_path), backend,
+                                  transport), world, tmp_path, timeout=240)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]

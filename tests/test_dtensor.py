@@ -11,7 +11,6 @@ save the results, then os._exit (see its docstring).
 
 import importlib.util
 import math
-import multiprocessing
 import os
 import traceback
 import warnings
@@ -22,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import triton_xent
-from helpers import assert_close
+from helpers import assert_close, spawn_ranks
 from test_distributed import CASES, LINEAR_CASES, V, _grad_output, _linear_problem, _problem
 from test_distributed import _backward as _distributed_backward
 
@@ -384,21 +383,8 @@ def _worker(rank, shape, rendezvous, out_dir):
 
 def _run_group(shape, tmp_path):
     world = math.prod(shape)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, shape, str(tmp_path / "rdzv"), str(tmp_path)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=400)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = {r: (tmp_path / f"rank{r}.err").read_text()
-              for r in range(world) if (tmp_path / f"rank{r}.err").exists()}
-    assert not errors, f"worker failures: {errors}"
-    assert not hung, f"ranks {hung} did not finish"
+    spawn_ranks(_worker, (shape, str(tmp_path / "rdzv"), str(tmp_path)), world, tmp_path,
+                timeout=400)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 

@@ -162,32 +162,42 @@ def func_grads(grads: tuple) -> tuple:
     return tuple(None if isinstance(g, list) else g for g in grads)
 
 
-class CrossEntropyFuncFunction(torch.autograd.Function):
-    """The custom op with its autograd, for torch.func transforms (grad, vjp, vmap, jacrev).
+def func_function(op, setup_context, backward) -> type:
+    """A custom op with its registered autograd as a torch.autograd.Function, for torch.func
+    transforms (grad, vjp, vmap, jacrev).
 
     On this torch (2.13) the autograd that register_autograd generates has no separate
     setup_context, which torch.func requires (pytorch/pytorch#170834), so under a transform
-    cross_entropy calls the op through this Function: the same setup_context and backward,
-    vmap rule generated (the op itself runs per sample, torch's fallback for an op without a
-    batching rule). Forward-mode AD (jvp, jacfwd, hessian) is not implemented."""
+    the public functions call the op through this Function: the same setup_context and
+    backward, vmap rule generated (the op itself runs per sample, as register_vmap_by_samples
+    says). Forward-mode AD (jvp, jacfwd, hessian) is not implemented."""
 
-    generate_vmap_rule = True
+    class FuncFunction(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(*inputs):
-        return cross_entropy_op(*inputs)
+        @staticmethod
+        def forward(*inputs):
+            return op(*inputs)
 
-    setup_context = staticmethod(_setup_context)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            return setup_context(ctx, inputs, output)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return func_grads(_backward(ctx, *grads))
+        @staticmethod
+        def backward(ctx, *grads):
+            return func_grads(backward(ctx, *grads))
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
-            "reverse mode (torch.func.grad, vjp, jacrev) or F.cross_entropy")
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise NotImplementedError(
+                "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
+                "reverse mode (torch.func.grad, vjp, jacrev) or F.cross_entropy")
+
+    FuncFunction.__name__ = FuncFunction.__qualname__ = f"{op._name.split('::')[-1]}_func"
+    return FuncFunction
+
+
+CrossEntropyFuncFunction = func_function(cross_entropy_op, _setup_context, _backward)
 
 
 @torch.library.custom_op("triton_xent::refuse_under_compile", mutates_args=())

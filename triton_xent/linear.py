@@ -17,7 +17,7 @@ from torch import nn
 import torch.distributed as dist
 
 from . import core, distributed, dtensor
-from .autograd import func_grads, option_list_grad, register_vmap_by_samples
+from .autograd import func_function, option_list_grad, register_vmap_by_samples
 from .functional import (_check_options, _check_row_extras, _check_target, _check_temperature,
                          _check_weight, _class_indices, _func_op, _refuse_eager_only,
                          _results, _transformed, _use_triton, loss_dtype, op_options)
@@ -318,28 +318,9 @@ register_vmap_by_samples(linear_cross_entropy_op)
 register_vmap_by_samples(linear_cross_entropy_backward_op)
 
 
-class LinearCrossEntropyFuncFunction(torch.autograd.Function):
-    """The forward op with its autograd, for torch.func transforms: as
-    autograd.CrossEntropyFuncFunction (the autograd that register_autograd generates cannot
-    run under torch.func on this torch)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return linear_cross_entropy_op(*inputs)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return func_grads(_backward(ctx, *grads))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "triton_xent has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use "
-            "reverse mode (torch.func.grad, vjp, jacrev)")
+# torch.func's door to the forward op (see autograd.func_function)
+LinearCrossEntropyFuncFunction = func_function(linear_cross_entropy_op, _setup_context,
+                                               _backward)
 
 
 # --- vocab parallelism (eager: collectives) --------------------------------------------------
