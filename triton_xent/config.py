@@ -50,6 +50,13 @@ PERSISTENT_PROGRAMS_PER_SM = 2
 SCALE_BLOCK_V = 4096
 SCALE_NUM_WARPS = 8
 
+# Floating-point contraction (a * b + c as one fused multiply-add) in every kernel we compile,
+# passed to each launch as `enable_fp_fusion`, so that our numerics do not follow Triton's
+# default (which Triton 3.9 warns will change in 3.10). On: one rounding instead of two in the
+# exponent arguments and the gradient's products, and the code the offline sm_90 audit
+# (bench/sm90_compile.py) read. A numerics choice, not a speed setting.
+FP_FUSION = True
+
 # --- linear + cross-entropy (triton_xent/kernels/linear_xent.py) -------------------------
 
 # Bytes of one (chunk_rows, V) logits chunk when the caller gives neither `chunk_size` nor
