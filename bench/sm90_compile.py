@@ -1,4 +1,5 @@
 """Static audit of the row kernels' compiled code for the H100/H200 (sm_90), without a GPU.
+Both long-row paths (config.LONG_ROWS) are audited: the "two_pass_*" cases.
 
 Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
 the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
@@ -27,6 +28,11 @@ and reads off:
                            control-flow graph from the entry through the deferral flag's
                            load to the exit: what a program that was not deferred reads (1:
                            its flag only)
+  timed_wait               (split kernel) whether the wait reads %globaltimer (config.py:
+                           SLICE_WAIT_NS); the launcher on CPU tensors says no, so the audit
+                           sets it as a launch on an NVIDIA GPU would
+  assumed_programs_per_sm  (split kernel) what the launcher's capacity rule assumes of
+                           this launch (kernels/xent.py split_programs_per_sm, config.py)
   merge_round_trips        (split kernel) the atomics outside the poll loop plus the basic
                            blocks holding record loads (ld.global.cg): the dependent trips to
                            L2 of a program whose siblings have all arrived; with
@@ -61,12 +67,14 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from triton_xent import config
 from triton_xent.kernels import xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SM90 = GPUTarget("cuda", 90, 32)
-KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
-           "_slice_grad_kernel", "_scale_rows_kernel")
+KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_two_pass_stats_kernel",
+           "_two_pass_finish_kernel", "_slice_stats_kernel", "_slice_grad_kernel",
+           "_scale_rows_kernel")
 
 # sm_90 per-SM limits (CUDA occupancy calculator, compute capability 9.0).
 SM90_REGISTERS = 65536
@@ -84,12 +92,19 @@ ROWS = 16  # rows of each case: a multiple of 16, as a training batch is; few, t
 
 def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=False,
                smoothing=0.0, softcap=None, zloss=0.0, n_rows=ROWS, rl=False,
-               argmax=None) -> Callable[[], None]:
+               argmax=None, long_rows="exchange") -> Callable[[], None]:
     """xent_rows on (n_rows, V) logits as core.forward calls it (class indices, mean); rl:
     with the RL extras (temperature, entropy, row and entropy weights, and the argmax
-    unless argmax=False)."""
+    unless argmax=False); long_rows: config.LONG_ROWS for the call."""
     argmax = rl if argmax is None else argmax
     def call():
+        saved, config.LONG_ROWS = config.LONG_ROWS, long_rows
+        try:
+            launch()
+        finally:
+            config.LONG_ROWS = saved
+
+    def launch():
         x = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1)
         t = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1) if prob \
             else torch.zeros(n_rows, dtype=torch.int64)
@@ -146,6 +161,14 @@ def cases() -> dict[str, Callable[[], None]]:
         "whole_V4096_rl": _rows_call(4096, rl=True),
         "vocab_parallel_V32064_rl": _slice_calls(32064, 128256, rl=True),
         "scale_rows_V128256": _scale_call(128256),
+        # LONG_ROWS = "two_pass" (issue 19): no program waits on another
+        "two_pass_V256000_bf16": _rows_call(256000, long_rows="two_pass"),
+        "two_pass_V128256_forward": _rows_call(128256, grad=False, long_rows="two_pass"),
+        "two_pass_V128256_every_option": _rows_call(128256, weight=True, smoothing=0.1,
+                                                    softcap=30.0, zloss=1e-4, rl=True,
+                                                    long_rows="two_pass"),
+        "two_pass_V128256_prob_target": _rows_call(128256, prob=True, weight=True,
+                                                   smoothing=0.1, long_rows="two_pass"),
     })
     # Short rows at a classifier's batch (enough rows for full tiles).
     for V in (2, 10, 100, 1000):
@@ -390,6 +413,8 @@ def occupancy(registers: int, num_warps: int, shared: int) -> tuple[int, str]:
 
 
 def audit(kernel, grid, args, kwargs) -> dict:
+    if "TIMED_WAIT" in kwargs:  # the launcher saw CPU tensors; sm_90 has %globaltimer
+        kwargs = dict(kwargs, TIMED_WAIT=True)
     signature, constexprs, attrs, options, bound = specialise(kernel, args, kwargs)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                               target=SM90, options=options)
@@ -424,6 +449,9 @@ def audit(kernel, grid, args, kwargs) -> dict:
         out["second_launch_loads"] = second_launch_loads(ptx)
     if kernel.fn.__name__ == "_split_kernel":
         out.update(merge_trips(ptx))
+        out["timed_wait"] = "%globaltimer" in ptx
+        out["assumed_programs_per_sm"] = xent.split_programs_per_sm(
+            bound["logits_ptr"].element_size(), out["constexprs"])
     return out
 
 
@@ -451,7 +479,8 @@ def main() -> int:
                 continue
             extra = "".join(f" {k}={r[k]}" for k in (
                 "logits_coverage", "threads_per_row", "columns_per_thread", "lane_use",
-                "second_launch_loads", "merge_round_trips", "record_loads_in_loops")
+                "second_launch_loads", "merge_round_trips", "record_loads_in_loops",
+                "timed_wait")
                 if k in r)
             print(f"{name:25s} {r['kernel']:19s} warps={r['num_warps']:2d} "
                   f"regs={r['registers']:3d} stack={r['stack_bytes']}B "
