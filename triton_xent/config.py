@@ -11,7 +11,7 @@ command when that happens.
 # A row is cut into slices of at most this many columns, one program each, held in
 # registers: one read of the logits and one write of the gradient for any V (see
 # kernels/xent.py). Rows of at most this many classes are whole-row tiles, with no exchange.
-# From the offline sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU): 4096 columns at
+# From the offline sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU): 4096 columns at
 # SPLIT_NUM_WARPS = 16 take 48 registers a thread, no spills, 2 programs an SM (8192 at 16
 # warps: 102 registers, 1 an SM; 2048 at 4 warps: 80, 6 an SM, but P^2 record reads grow:
 # each of a row's P programs reads all P records). Speed not yet measured on a GPU:
@@ -54,7 +54,7 @@ SCALE_NUM_WARPS = 8
 # passed to each launch as `enable_fp_fusion`, so that our numerics do not follow Triton's
 # default (which Triton 3.9 warns will change in 3.10). On: one rounding instead of two in the
 # exponent arguments and the gradient's products, and the code the offline sm_90 audit
-# (bench/sm90_compile.py) read. A numerics choice, not a speed setting.
+# (bench/compile_audit.py) read. A numerics choice, not a speed setting.
 FP_FUSION = True
 
 # --- linear + cross-entropy (triton_xent/kernels/linear_xent.py) -------------------------
