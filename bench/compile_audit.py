@@ -1,4 +1,5 @@
 """Static audit of the kernels' compiled code for NVIDIA and AMD GPUs, without a GPU.
+Both long-row paths (config.LONG_ROWS) are audited: the "two_pass_*" cases.
 
 Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
 the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
@@ -35,6 +36,11 @@ from the PTX (every NVIDIA target):
                            control-flow graph from the entry through the deferral flag's
                            load to the exit: what a program that was not deferred reads (1:
                            its flag only)
+  timed_wait               (split kernel) whether the wait reads %globaltimer (config.py:
+                           SLICE_WAIT_NS); the launcher on CPU tensors says no, so the audit
+                           sets it as a launch on an NVIDIA GPU would
+  assumed_programs_per_sm  (split kernel) what the launcher's capacity rule assumes of
+                           this launch (kernels/xent.py split_programs_per_sm, config.py)
   merge_round_trips        (split kernel) the atomics outside the poll loop plus the basic
                            blocks holding record loads (ld.global.cg): the dependent trips to
                            L2 of a program whose siblings have all arrived; with
@@ -71,6 +77,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from triton_xent import config
 from triton_xent.kernels import xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -84,8 +91,9 @@ TARGETS = {
     "gfx942": GPUTarget("hip", "gfx942", 64),
     "gfx950": GPUTarget("hip", "gfx950", 64),
 }
-KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
-           "_slice_grad_kernel", "_scale_rows_kernel")
+KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_two_pass_stats_kernel",
+           "_two_pass_finish_kernel", "_slice_stats_kernel", "_slice_grad_kernel",
+           "_scale_rows_kernel")
 
 # Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical Specifications
 # per Compute Capability"): 65536 registers allocated per warp in units of 256 on all three;
@@ -108,12 +116,19 @@ ROWS = 16  # rows of each case: a multiple of 16, as a training batch is; few, t
 
 def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=False,
                smoothing=0.0, softcap=None, zloss=0.0, n_rows=ROWS, rl=False,
-               argmax=None) -> Callable[[], None]:
+               argmax=None, long_rows="exchange") -> Callable[[], None]:
     """xent_rows on (n_rows, V) logits as core.forward calls it (class indices, mean); rl:
     with the RL extras (temperature, entropy, row and entropy weights, and the argmax
-    unless argmax=False)."""
+    unless argmax=False); long_rows: config.LONG_ROWS for the call."""
     argmax = rl if argmax is None else argmax
     def call():
+        saved, config.LONG_ROWS = config.LONG_ROWS, long_rows
+        try:
+            launch()
+        finally:
+            config.LONG_ROWS = saved
+
+    def launch():
         x = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1)
         t = torch.zeros(n_rows, V, dtype=dtype).unsqueeze(-1) if prob \
             else torch.zeros(n_rows, dtype=torch.int64)
@@ -170,6 +185,14 @@ def cases() -> dict[str, Callable[[], None]]:
         "whole_V4096_rl": _rows_call(4096, rl=True),
         "vocab_parallel_V32064_rl": _slice_calls(32064, 128256, rl=True),
         "scale_rows_V128256": _scale_call(128256),
+        # LONG_ROWS = "two_pass" (issue 19): no program waits on another
+        "two_pass_V256000_bf16": _rows_call(256000, long_rows="two_pass"),
+        "two_pass_V128256_forward": _rows_call(128256, grad=False, long_rows="two_pass"),
+        "two_pass_V128256_every_option": _rows_call(128256, weight=True, smoothing=0.1,
+                                                    softcap=30.0, zloss=1e-4, rl=True,
+                                                    long_rows="two_pass"),
+        "two_pass_V128256_prob_target": _rows_call(128256, prob=True, weight=True,
+                                                   smoothing=0.1, long_rows="two_pass"),
     })
     # Short rows at a classifier's batch (enough rows for full tiles).
     for V in (2, 10, 100, 1000):
@@ -435,6 +458,8 @@ def hip_resources(amdgcn: str) -> tuple[int, int]:
 
 
 def audit(kernel, grid, args, kwargs, target: str = "sm_90") -> dict:
+    if "TIMED_WAIT" in kwargs:  # the launcher saw CPU tensors; NVIDIA has %globaltimer
+        kwargs = dict(kwargs, TIMED_WAIT=TARGETS[target].backend == "cuda")
     signature, constexprs, attrs, options, bound = specialise(kernel, args, kwargs)
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
@@ -471,6 +496,9 @@ def audit(kernel, grid, args, kwargs, target: str = "sm_90") -> dict:
         out["second_launch_loads"] = second_launch_loads(ptx)
     if kernel.fn.__name__ == "_split_kernel":
         out.update(merge_trips(ptx))
+        out["timed_wait"] = "%globaltimer" in ptx
+        out["assumed_programs_per_sm"] = xent.split_programs_per_sm(
+            bound["logits_ptr"].element_size(), out["constexprs"])
     return out
 
 
@@ -493,7 +521,8 @@ def line(r: dict) -> str:
                  f"other={r['loads']}/{r['stores']}")
     return text + "".join(f" {k}={r[k]}" for k in (
         "logits_coverage", "threads_per_row", "columns_per_thread", "lane_use",
-        "second_launch_loads", "merge_round_trips", "record_loads_in_loops") if k in r)
+        "second_launch_loads", "merge_round_trips", "record_loads_in_loops", "timed_wait")
+        if k in r)
 
 
 def main() -> int:

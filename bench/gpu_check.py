@@ -9,17 +9,20 @@ the checkout's git-ignored .wheels/ folder (from ../shared/wheels): the machine 
 network, and the check installs them with `pip --no-deps --no-index`.
 
 Steps, each in its own subprocess with its own time limit, all inside one overall budget
-(TOTAL_S), so that a hang costs its step and no more:
+(TOTAL_S), so that a hang (of the exchange, say) costs its step and no more: the log is
+written as each step ends, and the CSVs row by row:
   1. device and versions (python, torch, triton, the GPU);
   2. pip-install the wheels in .wheels/ (liger's and CCE's kernels for the benchmarks);
-  3. the cuda tests of CUDA_TESTS, then a GPU parity subset (PARITY_TESTS: split rows, row
-     tiles, the shapes test in bf16), chosen for few kernel variants: a cold start compiles
-     every distinct one (`python bench/compile_count.py` counts them all, bench/README.md);
-  4. compute-sanitizer memcheck and racecheck on a small split-row case, both launches:
-     once with the configured spin limit, once with spin limit 0 so that the early slices
-     are deferred and the finish launch does the work;
-  5. bench_xent.py: bf16 N = 16384 at V = 32000, 128256, 256000 (triton_xent, torch,
-     torch_compile, liger); the config sweep at V = 128256; one float32 case; the small
+  3. the exchange-free long rows first (LONG_ROWS = "two_pass": its split-row tests and
+     the parity subset's long rows), then the cuda tests of CUDA_TESTS and the GPU parity
+     subset (PARITY_TESTS) on the default path, the exchange, chosen for few kernel
+     variants (`python bench/compile_count.py` counts them all, bench/README.md);
+  4. compute-sanitizer memcheck and racecheck on a small split-row case: "two_pass", then
+     both launches of the exchange, once with the configured spin limit, once with spin
+     limit 0 so that the early slices are deferred and the finish launch does the work;
+  5. bench_xent.py: bf16 N = 16384 at V = 32000, 128256, 256000, first "two_pass" (the
+     sweep's provider triton_xent[two_pass]) and torch, then triton_xent (the exchange),
+     torch_compile and liger; the config sweep at V = 128256; one float32 case; the small
      vocabularies V = 10 and 1000 at N = 2^20 with the whole-row tile variants;
   6. bench_linear.py at N = 8192, D = 2304, V = 256000 in bf16;
   7. plot.py on both CSVs.
@@ -135,17 +138,19 @@ def sanitize_case() -> int:
     x = torch.randn(SANITIZE_ROWS, V, device=device, generator=g).to(torch.bfloat16)
     t = torch.randint(0, V, (SANITIZE_ROWS,), device=device, generator=g)
     ref = torch.nn.functional.cross_entropy(x.double(), t)
-    for spin in (config.SLICE_SPIN_LIMIT, 0):
-        config.SLICE_SPIN_LIMIT = spin
+    for path, spin in (("two_pass", 0), ("exchange", config.SLICE_SPIN_LIMIT),
+                       ("exchange", 0)):
+        config.LONG_ROWS, config.SLICE_SPIN_LIMIT = path, spin
+        smoothing = 0.1 if spin else 0.0
         xg = x.clone().requires_grad_(True)
-        loss = triton_xent.cross_entropy(xg, t, label_smoothing=0.1 if spin else 0.0)
+        loss = triton_xent.cross_entropy(xg, t, label_smoothing=smoothing)
         loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        if spin == 0 and abs(float(loss) - float(ref)) > 2e-2 * max(1.0, abs(float(ref))):
-            print(f"spin 0: loss {float(loss)} differs from {float(ref)}")
+        if not smoothing and abs(float(loss) - float(ref)) > 2e-2 * max(1.0, abs(float(ref))):
+            print(f"{path}, spin {spin}: loss {float(loss)} differs from {float(ref)}")
             return 1
-        print(f"spin limit {spin}: loss {float(loss):.5f}, grad norm "
+        print(f"{path}, spin limit {spin}: loss {float(loss):.5f}, grad norm "
               f"{float(xg.grad.float().norm()):.5f}")
     return 0
 
@@ -197,7 +202,7 @@ def main(argv=None) -> int:
     py = sys.executable
     xent_csv = os.path.join(args.out_dir, f"{slug}.csv")
     linear_csv = os.path.join(args.out_dir, f"{slug}-linear.csv")
-    steps = Steps(log, steps_left=13, total_s=TOTAL_S)
+    steps = Steps(log, steps_left=15, total_s=TOTAL_S)
 
     # 2. The other kernels' wheels.
     wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
@@ -208,8 +213,13 @@ def main(argv=None) -> int:
         steps.note("install wheels", f"skipped: no wheels in {WHEELS} (copy them there from "
                                      "../shared/wheels)")
 
-    # 3. Correctness on the device.
+    # 3. Correctness on the device: the exchange-free path first.
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    two_pass = (["tests/test_split_rows.py", "-k", "two_pass and not exchange and V33"] if dry
+                else ["tests/test_split_rows.py", "tests/test_parity.py", "-k",
+                      "(two_pass and not exchange) or (test_parity and split)"])
+    steps.run("GPU parity subset, two_pass", pytest + two_pass, 50,
+              dict(env, TRITON_XENT_LONG_ROWS="two_pass"))
     steps.run("pytest -m cuda", pytest + ["-m", "cuda", *(["tests/test_cuda.py"] if dry
                                                           else CUDA_TESTS)], 40, env)
     parity = ["tests/test_row_tiles.py", "-k", "row_align"] if dry else PARITY_TESTS
@@ -239,10 +249,15 @@ def main(argv=None) -> int:
         ["--tokens", str(1 << 20), "--vocab", "10", "1000"])
     split_sweep = ["spin0"] if dry else ["slice8192_w16", "slice4096_w8", "slice2048_w4",
                                          "slice2048_w8", "persistent2", "persistent4",
-                                         "spin1k", "spin0"]
+                                         "spin1k", "spin0", "wait5us", "wait100us"]
     tile_sweep = ["tile1024"] if dry else ["tile1024", "tile4096", "persistent2"]
+    # The exchange-free path and torch first, so that a hang of the exchange loses neither.
+    steps.run("bench_xent bf16 LM vocabularies, two_pass",
+              bench + tiny + ["--dtypes", "bf16"] + lm + ["--providers", "torch", "--sweep",
+                                                          "two_pass"], 40, env)
     steps.run("bench_xent bf16 LM vocabularies",
-              bench + tiny + ["--dtypes", "bf16"] + lm + others, 100, env)
+              bench + tiny + ["--append", "--dtypes", "bf16"] + lm
+              + [p for p in others if p != "torch"], 80, env)
     steps.run("bench_xent config sweep",
               bench + tiny + ["--append", "--dtypes", "bf16"] + (lm if dry else [
                   "--tokens", "16384", "--vocab", "128256"]) + ["--providers", "triton_xent",

@@ -37,6 +37,7 @@ FLOOR = "matmul_floor"  # bench_linear.py's time floor: the op's three GEMMs alo
 # One colour per provider in every panel and figure (a provider skipped in one panel must
 # not shift the others' colours there); the floor light gray.
 COLORS = {p: f"C{i}" for i, p in enumerate(PROVIDER_ORDER)} | {FLOOR: "lightgray"}
+COLORS["triton_xent[two_pass]"] = "darkred"  # the exchange-free long rows (config.LONG_ROWS)
 
 
 def _providers(rows):

@@ -1,7 +1,8 @@
 """The kernels compile without a GPU for every target we claim (sm_80, sm_90, sm_100,
 sm_120, gfx942, gfx950), and their compiled code for the H100 (sm_90) has the properties
 kernels/xent.py promises: read once, a merge that does not grow with P, a second launch that
-costs a non-deferred program one load, vector loads, and no spills.
+costs a non-deferred program one load, a wait bounded by the global timer, vector loads, and
+no spills; on the "two_pass" path no atomics, and two reads.
 
 The interpreter that runs the other tests on CPU never calls Triton's compiler, which
 rejects things the interpreter accepts; bench/compile_audit.py compiles each launch the
@@ -28,7 +29,8 @@ TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950")
 # Split rows with weights, smoothing, softcap and z-loss; whole rows with the RL extras; many
 # short rows a program; a vocab-parallel rank with the RL extras; the gradient scaling.
 TARGET_CASES = ("lm_V128256_every_option", "whole_V4096_rl", "small_V10_bf16",
-                "vocab_parallel_V32064_rl", "scale_rows_V128256")
+                "vocab_parallel_V32064_rl", "scale_rows_V128256",
+                "two_pass_V128256_every_option")
 
 
 def run_audit(*args) -> list[dict]:
@@ -68,7 +70,8 @@ def sizes(histogram: dict) -> set:
 def test_every_kernel_compiles_to_a_cubin(report):
     kernels = {kernel for _, kernel in report}
     assert kernels == {"_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
-                       "_slice_grad_kernel", "_scale_rows_kernel"}
+                       "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
+                       "_two_pass_finish_kernel"}
     assert all(r["registers"] > 0 for r in report.values())
 
 
@@ -103,6 +106,47 @@ def test_second_launch_costs_a_non_deferred_program_its_flag_only(report, case):
     assert report[(case, "_finish_kernel")]["second_launch_loads"] == 1
 
 
+@pytest.mark.parametrize("case", LM)
+def test_exchange_wait_is_bounded_by_the_global_timer(report, case):
+    assert report[(case, "_split_kernel")]["timed_wait"] is True
+
+
+def test_capacity_rule_never_assumes_more_programs_than_the_audit_finds(report):
+    # config.SPLIT_PROGRAMS_PER_SM*: the exchange is taken only where a row's slices fit.
+    splits = [r for (_, kernel), r in report.items() if kernel == "_split_kernel"]
+    assert len(splits) >= 9
+    short = {r["case"]: (r["assumed_programs_per_sm"], r["programs_per_sm"]) for r in splits
+             if r["assumed_programs_per_sm"] > r["programs_per_sm"]}
+    assert not short, short
+
+
+TWO_PASS = ("two_pass_V256000_bf16", "two_pass_V128256_every_option",
+            "two_pass_V128256_prob_target")
+
+
+@pytest.mark.parametrize("case", TWO_PASS + ("two_pass_V128256_forward",))
+def test_two_pass_waits_on_no_other_program(report, case):
+    # No atomics at all: no counter, no poll; the launch boundary orders the passes.
+    for kernel in ("_two_pass_stats_kernel", "_two_pass_finish_kernel"):
+        assert report[(case, kernel)]["atomics"] == 0, report[(case, kernel)]
+
+
+@pytest.mark.parametrize("case", TWO_PASS)
+def test_two_pass_reads_each_logit_twice_and_writes_once_with_16_byte_vectors(report, case):
+    stats = report[(case, "_two_pass_stats_kernel")]
+    finish = report[(case, "_two_pass_finish_kernel")]
+    assert sizes(stats["logits_loads"]) == {16} and not stats["grad_stores"], stats
+    assert stats["logits_coverage"] == 1.0 and stats["programs_per_sm"] >= 2, stats
+    assert sizes(finish["logits_loads"]) == sizes(finish["grad_stores"]) == {16}, finish
+    assert finish["logits_coverage"] == 1.0, finish
+
+
+def test_two_pass_forward_reads_the_logits_once(report):
+    # Without a gradient the second launch merges records and reads no logit.
+    finish = report[("two_pass_V128256_forward", "_two_pass_finish_kernel")]
+    assert finish["logits_loads"] == {} and finish["grid"] == [16], finish
+
+
 def test_merge_round_trips_do_not_grow_with_the_slices(report):
     merges = {report[(case, "_split_kernel")]["constexprs"]["P_PAD"]:
               report[(case, "_split_kernel")] for case in LM}
@@ -125,7 +169,8 @@ def test_every_kernel_compiles_for_every_target(targets_report):
     launches = {(case, kernel) for case, kernel, _ in targets_report}
     assert {kernel for _, kernel in launches} == {
         "_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
-        "_slice_grad_kernel", "_scale_rows_kernel"}
+        "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
+        "_two_pass_finish_kernel"}
     for case, kernel in launches:
         compiled = {t for c, k, t in targets_report if (c, k) == (case, kernel)}
         assert compiled == set(TARGETS), (case, kernel, compiled)
@@ -142,4 +187,4 @@ def test_every_launch_fits_on_an_sm(targets_report, target):
     # The per-SM limits are known for these three: a launch that fits none could not run.
     fits = {(c, k): r["programs_per_sm"] for (c, k, t), r in targets_report.items()
             if t == target}
-    assert len(fits) == 7 and min(fits.values()) >= 1, fits
+    assert len(fits) == 9 and min(fits.values()) >= 1, fits

@@ -1,23 +1,30 @@
-"""Rows cut into slices (kernels/xent.py): each program publishes its slice's record, merges
-all of them once its row's arrival counter reads P, and a program whose siblings are late
-defers its slice to the second (finish) launch.
+"""Rows cut into slices (kernels/xent.py), on both long-row paths (config.LONG_ROWS).
+
+"exchange": each program publishes its slice's record, merges all of them once its row's
+arrival counter reads P, and a program whose siblings are late defers its slice to the
+second (finish) launch. Under the interpreter (programs run one after another) every program
+of a row but its last arrival is deferred, so both the direct and the deferred paths run,
+and both schedules: one program a slice, and persistent programs that walk the slices in
+grid-stride order. On a GPU the default spin limit exercises the exchange, and a spin limit
+of 0 mostly the deferral.
+
+"two_pass": one launch writes every slice's record, a second merges them and writes the
+loss and gradient; no program waits on another. It must match the reference with every
+option, and launch no exchange kernel. Under "exchange" a call takes "two_pass" where a row's
+slices would not all be resident on the device (faked here with small SM counts).
 
 The slice size is shrunk here so that small rows take the split path with many slices.
-Under the interpreter (programs run one after another) every program of a row but its last
-arrival is deferred, so both the direct and the deferred paths run, and both schedules:
-one program a slice, and persistent programs that walk the slices in grid-stride order.
-On a GPU the default spin limit exercises the exchange, and a spin limit of 0 mostly the
-deferral.
 """
 
 import pytest
 import torch
 
 import triton_xent
-from helpers import assert_close, reference
+from helpers import assert_close, entropy_reference, reference
 from triton_xent import config
 
 pytest.importorskip("triton")
+from triton_xent.kernels import xent  # noqa: E402
 
 # On a GPU: the tuned limit (siblings meet) and 0 (mostly deferral). Under the interpreter,
 # whose programs run one after another: 0 (the default there) and 3, which runs the polling
@@ -29,17 +36,43 @@ else:
 # Persistent: 3 programs an SM (the interpreter counts as one SM), fewer than the slices of
 # the rows below, so programs take several slices each, siblings among them.
 SCHEDULES = {"one_per_slice": (False, 1), "persistent": (True, 3)}
+EXCHANGE_KERNELS = ("_split_kernel", "_finish_kernel")
+TWO_PASS_KERNELS = ("_two_pass_stats_kernel", "_two_pass_finish_kernel")
 
 
-@pytest.fixture(params=[(SPIN_LIMITS[0], "one_per_slice"), (SPIN_LIMITS[1], "one_per_slice"),
-                        (SPIN_LIMITS[1], "persistent")], ids=lambda p: f"spin{p[0]}-{p[1]}")
+# Each path, and on the exchange each spin setting and schedule; "two_pass" has no spin.
+@pytest.fixture(params=[("exchange", SPIN_LIMITS[0], "one_per_slice"),
+                        ("exchange", SPIN_LIMITS[1], "one_per_slice"),
+                        ("exchange", SPIN_LIMITS[1], "persistent"),
+                        ("two_pass", None, "one_per_slice")],
+                ids=lambda p: p[0] + (f"-spin{p[1]}" if p[1] is not None else "") + f"-{p[2]}")
 def small_slices(request, monkeypatch):
-    spin, schedule = request.param
+    path, spin, schedule = request.param
+    monkeypatch.setattr(config, "LONG_ROWS", path)
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
-    monkeypatch.setattr(config, SPIN_SETTING, spin)
+    if spin is not None:
+        monkeypatch.setattr(config, SPIN_SETTING, spin)
     persistent, per_sm = SCHEDULES[schedule]
     monkeypatch.setattr(config, "PERSISTENT", persistent)
     monkeypatch.setattr(config, "PERSISTENT_PROGRAMS_PER_SM", per_sm)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the split-row kernels launched, in order (the kernels still run)."""
+    names = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(xent, name)
+
+        def __getitem__(self, grid):
+            names.append(self.name)
+            return self.kernel[grid]
+
+    for name in EXCHANGE_KERNELS + TWO_PASS_KERNELS:
+        monkeypatch.setattr(xent, name, Spy(name))
+    return names
 
 
 OPTIONS = {
@@ -107,7 +140,9 @@ def test_split_rows_edge_values_stay_in_their_row(small_slices, device):
         assert_close(xg.grad[r], ref_grad[r], torch.float32, f"grad row {r}")
 
 
-def test_split_and_unsplit_rows_agree(device, monkeypatch):
+@pytest.mark.parametrize("path", config.LONG_ROWS_CHOICES)
+def test_split_and_unsplit_rows_agree(device, monkeypatch, path):
+    monkeypatch.setattr(config, "LONG_ROWS", path)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 300, generator=g).to(device)
     t = torch.randint(0, 300, (3,), generator=g).to(device)
@@ -136,8 +171,6 @@ def test_split_rows_with_gradient_written_over_the_logits(small_slices, device):
 def _deferral_flags(monkeypatch, x, t, compute_grad):
     """Runs xent_rows and returns (arrival counters, deferral flags (rows, P)) as the finish
     launch found them."""
-    from triton_xent.kernels import xent
-
     seen = {}
     finish = xent._finish_kernel
 
@@ -170,6 +203,7 @@ def test_interpreter_defers_every_slice_but_the_last_arrival(monkeypatch, comput
     # Programs run in order, so slice j of a row arrives j-th: with a gradient, slices
     # 0 .. P-2 find the counter short and defer, the last merges at once; without one only
     # slice 0 (the loss's writer) waits, and defers.
+    monkeypatch.setattr(config, "LONG_ROWS", "exchange")
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
     monkeypatch.setattr(config, "PERSISTENT", False)
     g = torch.Generator().manual_seed(1)
@@ -179,3 +213,175 @@ def test_interpreter_defers_every_slice_but_the_last_arrival(monkeypatch, comput
     assert arrivals.tolist() == [4, 4, 4]
     expected = [1, 1, 1, 0] if compute_grad else [1, 0, 0, 0]
     assert flags.tolist() == [expected] * 3
+
+
+# --- "two_pass": every option, no exchange ----------------------------------------------------
+
+# Every option the exchange takes, with the RL extras (temperature, row and entropy weights,
+# the returned entropy with an upstream gradient of its own, the argmax) at once; the
+# forward alone and the linear op's chunks apart (the in-place gradient: the small_slices
+# tests above). V = 100: 4 slices of 32 (the last of 4 classes).
+TWO_PASS_CASES = {
+    "indices_weight_smoothing_softcap_zloss_ignore_mean": dict(
+        weighted=True, label_smoothing=0.2, softcap=4.0, lse_square_scale=1e-2,
+        ignore_index=2),
+    "probabilities_weight_smoothing_softcap_zloss_sum": dict(
+        prob_target=True, weighted=True, label_smoothing=0.1, softcap=4.0,
+        lse_square_scale=1e-2, reduction="sum"),
+    "indices_none": dict(reduction="none"),
+}
+
+
+def _two_pass_problem(case, device, n=4, v=100):
+    kwargs = dict(TWO_PASS_CASES[case])
+    g = torch.Generator().manual_seed(7)
+    x = 3 * torch.randn(n, v, generator=g)
+    x[1, 64:] = 40.0  # the row's max, and its first column (the argmax), in slice 2
+    if kwargs.pop("prob_target", False):
+        t = torch.rand(n, v, generator=g).softmax(1)
+    else:
+        t = torch.randint(0, v, (n,), generator=g)
+        t[0], t[3] = kwargs.get("ignore_index", 0), v - 1
+    if kwargs.pop("weighted", False):
+        kwargs["weight"] = (torch.rand(v, generator=g) + 0.5).to(device)
+    rw = torch.randn(n, generator=g).to(device)
+    ew = -0.1 * torch.rand(n, generator=g).to(device)
+    eg = torch.randn(n, generator=g).to(device)
+    return x.to(device), t.to(device), kwargs, rw, ew, eg
+
+
+@pytest.fixture
+def two_pass(monkeypatch):
+    monkeypatch.setattr(config, "LONG_ROWS", "two_pass")
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+
+
+@pytest.mark.parametrize("case", TWO_PASS_CASES)
+def test_two_pass_matches_the_reference_with_every_option(
+        two_pass, launches, device, case):
+    x, t, kwargs, rw, ew, eg = _two_pass_problem(case, device)
+    xg = x.clone().requires_grad_(True)
+    out = triton_xent.cross_entropy(xg, t, temperature=0.8, row_weight=rw, entropy_weight=ew,
+                                    return_entropy=True, return_argmax=True, backend="triton",
+                                    **kwargs)
+    go = torch.linspace(0.5, 1.5, 4, device=device) if out.loss.dim() else None
+    (out.loss * (go if go is not None else 1.0)).sum().add((out.entropy * eg).sum()).backward()
+    ref_loss, ref_grad = reference(x, t, temperature=0.8, row_weight=rw, entropy_weight=ew,
+                                   entropy_grad=eg, grad_output=go, **kwargs)
+    assert set(launches) == set(TWO_PASS_KERNELS)  # the entropy's gradient: a second call
+    assert_close(out.loss, ref_loss, torch.float32, "loss")
+    assert_close(xg.grad, ref_grad, torch.float32, "grad")
+    H = entropy_reference(x, t, ignore_index=kwargs.get("ignore_index", -100),
+                          softcap=kwargs.get("softcap"), temperature=0.8)
+    assert_close(out.entropy, H, torch.float32, "entropy")
+    argmax = x.argmax(1)
+    if not t.is_floating_point():
+        argmax[t == kwargs.get("ignore_index", -100)] = -1
+    assert out.argmax.tolist() == argmax.tolist()
+
+
+def test_two_pass_forward_alone_writes_every_row(two_pass, launches, device):
+    # Without a gradient the second launch runs one program a row (slice 0's).
+    x, t, kwargs, *_ = _two_pass_problem("indices_none", device)
+    with torch.no_grad():
+        out = triton_xent.cross_entropy(x, t, return_entropy=True, return_argmax=True,
+                                        backend="triton", **kwargs)
+    assert launches == list(TWO_PASS_KERNELS)
+    assert_close(out.loss, reference(x, t, **kwargs)[0], torch.float32, "loss")
+    assert_close(out.entropy, entropy_reference(x, t), torch.float32, "entropy")
+    assert out.argmax.tolist() == x.argmax(1).tolist()
+
+
+def test_two_pass_through_the_linear_op_in_chunks(two_pass, launches, device):
+    # 6 rows in chunks of 4 and 2: each chunk's logits are overwritten by their gradient.
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 8, generator=g).to(device)
+    w = torch.randn(100, 8, generator=g).to(device)
+    t = torch.randint(0, 100, (6,), generator=g).to(device)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = triton_xent.linear_cross_entropy(xg, wg, t, label_smoothing=0.1, chunk_size=4,
+                                            backend="triton")
+    loss.backward()
+    logits = (x.double() @ w.double().T).requires_grad_(True)
+    ref_loss, d_logits = reference(logits, t, label_smoothing=0.1)
+    assert launches == list(TWO_PASS_KERNELS) * 2
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(xg.grad, d_logits @ w.double(), torch.float32, "d_x")
+    assert_close(wg.grad, d_logits.T @ x.double(), torch.float32, "d_W")
+
+
+# --- the switch: environment, checks, and the device's capacity -----------------------------
+
+
+@pytest.mark.parametrize("environ, hip, expected", [
+    ({}, None, "exchange"), ({}, "6.2.4", "two_pass"),
+    ({"TRITON_XENT_LONG_ROWS": "exchange"}, "6.2.4", "exchange"),
+    ({"TRITON_XENT_LONG_ROWS": "two_pass"}, None, "two_pass"),
+], ids=["cuda_default", "rocm_default", "env_exchange_on_rocm", "env_two_pass"])
+def test_long_rows_initial_value(environ, hip, expected):
+    assert config.initial_long_rows(environ, hip) == expected
+
+
+def test_long_rows_bad_environment_value_names_the_variable():
+    with pytest.raises(ValueError, match="TRITON_XENT_LONG_ROWS='twopass'.*'exchange', "
+                                         "'two_pass'"):
+        config.initial_long_rows({"TRITON_XENT_LONG_ROWS": "twopass"}, None)
+
+
+def test_long_rows_bad_value_in_code_fails_the_next_call(monkeypatch, device):
+    monkeypatch.setattr(config, "LONG_ROWS", "fast")
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+    x = torch.randn(2, 40, device=device)
+    with pytest.raises(ValueError, match="LONG_ROWS = 'fast'.*'exchange', 'two_pass'"):
+        triton_xent.cross_entropy(x, torch.tensor([0, 1], device=device), backend="triton")
+
+
+# P slices against SPLIT_RESIDENT_MARGIN x SMs x programs per SM: an 8-SM GPU holds 8
+# slices of a lean row with the margin (4 of another), a 16-SM MIG slice 16 (8).
+@pytest.mark.parametrize("sms, n_slices, lean, expected", [
+    (8, 8, True, "exchange"), (8, 9, True, "two_pass"), (8, 4, False, "exchange"),
+    (8, 5, False, "two_pass"), (16, 16, True, "exchange"), (16, 63, True, "two_pass"),
+    (16, 9, False, "two_pass"), (132, 63, True, "exchange"), (132, 63, False, "exchange"),
+    (114, 63, False, "two_pass"),
+])
+def test_exchange_only_where_a_rows_slices_fit_the_device(monkeypatch, sms, n_slices, lean,
+                                                           expected):
+    monkeypatch.setattr(config, "LONG_ROWS", "exchange")
+    monkeypatch.setattr(xent, "_sm_count", lambda device: sms)
+    per_sm = config.SPLIT_PROGRAMS_PER_SM_LEAN if lean else config.SPLIT_PROGRAMS_PER_SM
+    assert xent.long_rows_path(n_slices, torch.device("cuda"), per_sm) == expected
+    monkeypatch.setattr(config, "LONG_ROWS", "two_pass")
+    assert xent.long_rows_path(n_slices, torch.device("cuda"), per_sm) == "two_pass"
+
+
+@pytest.mark.parametrize("element_size, switches, lean", [
+    (2, dict(COMPUTE_GRAD=True, ENTROPY=True, HAS_ROW_WEIGHT=True), True),
+    (4, dict(COMPUTE_GRAD=True), False), (2, dict(ARGMAX=True), False),
+    (2, dict(HAS_WEIGHT=True), False), (2, dict(PROB_TARGET=True), False),
+], ids=["bf16_rl_extras", "fp32", "argmax", "class_weights", "probabilities"])
+def test_programs_per_sm_assumed_of_the_exchange(element_size, switches, lean):
+    expected = config.SPLIT_PROGRAMS_PER_SM_LEAN if lean else config.SPLIT_PROGRAMS_PER_SM
+    assert xent.split_programs_per_sm(element_size, switches) == expected
+
+
+@pytest.mark.parametrize("sms, kernels", [(8, TWO_PASS_KERNELS), (132, EXCHANGE_KERNELS)],
+                         ids=["8_sms_two_pass", "132_sms_exchange"])
+def test_exchange_on_a_small_device_runs_two_pass(monkeypatch, launches, device, sms,
+                                                  kernels):
+    # V = 257: 9 slices of 32 (float32: 1 program an SM), more than an 8-SM device holds
+    # with the margin; a 132-SM device holds them.
+    monkeypatch.setattr(config, "LONG_ROWS", "exchange")
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+    monkeypatch.setattr(xent, "_sm_count", lambda device: sms)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 257, generator=g).to(device)
+    t = torch.tensor([3, 256], device=device)
+    loss = triton_xent.cross_entropy(x, t, reduction="none", backend="triton")
+    assert launches == list(kernels)
+    assert_close(loss, reference(x, t, reduction="none")[0], torch.float32, "loss")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter has no SMs")
+def test_interpreter_takes_the_exchange_when_asked(monkeypatch, launches):
+    monkeypatch.setattr(config, "LONG_ROWS", "exchange")
+    assert xent.long_rows_path(10**6, torch.device("cpu"), 1) == "exchange"

@@ -1,10 +1,14 @@
-"""Every tuning number of triton_xent, in one place.
+"""Every tuning number of triton_xent, and the one path switch (LONG_ROWS), in one place.
 
 Each value says where it was measured. "Not yet measured" means it is a first choice made
 from the kernel's arithmetic (registers per thread, bytes per row) and still has to be
 measured on a GPU with `bench/bench_xent.py`; replace the note with the device and the
 command when that happens.
 """
+
+import os
+
+import torch
 
 # --- cross-entropy row kernel (triton_xent/kernels/xent.py) -------------------------------
 
@@ -19,10 +23,73 @@ command when that happens.
 ROW_SLICE_MAX_V = 4096
 SPLIT_NUM_WARPS = 16
 
-# How many times a program polls its row's arrival counter before it stops waiting, defers
-# its slice to the second (finish) launch and moves on. Not yet measured on a GPU:
-# `python bench/bench_xent.py --sweep` times the candidates.
+# How rows longer than ROW_SLICE_MAX_V are computed (kernels/xent.py), read at each call:
+#   "exchange"  one read of the logits: a row's P slice programs publish their statistics
+#               and wait, a bounded while, for their siblings' (split rows, read once);
+#   "two_pass"  no program waits on another: one launch writes each slice's statistics,
+#               a second merges them and writes the loss and gradient, reading the row again.
+# Under "exchange" a call still takes "two_pass" where a row's slices could not all be
+# resident at once (see SPLIT_PROGRAMS_PER_SM below). The environment variable
+# TRITON_XENT_LONG_ROWS sets the initial value; without it ROCm builds of torch get
+# "two_pass": an MI300X has 8 XCDs, each with its own L2, and the exchange publishes its
+# records with .cg stores (to L2) and reads them after an acquire on the row's counter, which
+# is correct where L2 is the point of coherence of all SMs (NVIDIA). Whether Triton's HIP
+# lowering of the same code makes a record written on another XCD visible is unchecked, and
+# no AMD GPU has run the exchange yet.
+LONG_ROWS_CHOICES = ("exchange", "two_pass")
+LONG_ROWS_ENV = "TRITON_XENT_LONG_ROWS"
+
+
+def initial_long_rows(environ=os.environ, hip: str | None = torch.version.hip) -> str:
+    """LONG_ROWS at import: TRITON_XENT_LONG_ROWS if set (ValueError naming it and the
+    choices if it holds anything else), else "two_pass" on ROCm and "exchange" elsewhere."""
+    value = environ.get(LONG_ROWS_ENV)
+    if value is None:
+        return "two_pass" if hip else "exchange"
+    if value not in LONG_ROWS_CHOICES:
+        raise ValueError(f"environment variable {LONG_ROWS_ENV}={value!r}: choose one of "
+                         f"{', '.join(map(repr, LONG_ROWS_CHOICES))}")
+    return value
+
+
+LONG_ROWS = initial_long_rows()
+
+
+def long_rows() -> str:
+    """LONG_ROWS as it is now, checked (it may be set in code at any time)."""
+    if LONG_ROWS not in LONG_ROWS_CHOICES:
+        raise ValueError(f"triton_xent.config.LONG_ROWS = {LONG_ROWS!r}: choose one of "
+                         f"{', '.join(map(repr, LONG_ROWS_CHOICES))}")
+    return LONG_ROWS
+
+
+# Resident programs per SM of the exchange's first launch (_split_kernel), from the offline
+# sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU; registers bind in every case, at
+# 16 warps a program): 2 for "lean" rows, 16-bit logits with class-index targets and none
+# of class weights, smoothing, softcap, z-loss or the argmax (40 to 62 registers a thread;
+# temperature, the entropy and row weights keep it), and 1 otherwise (72 to 84 registers:
+# float32 logits, the options' per-column terms, the argmax's (value, index) reduction).
+# tests/test_compile_sm90.py checks that no audited case holds fewer than assumed here.
+# Under "exchange" a call takes the exchange only if a row's P slices fit in
+# SPLIT_RESIDENT_MARGIN of the device's resident programs, P <= MARGIN x SMs x programs per
+# SM; else "two_pass" for that call. The margin leaves room for rows cut by the edge of a
+# wave and for SMs taken by concurrent kernels (NCCL's): V = 256000 (P = 63) takes the
+# exchange on 63 SMs or more for lean rows (126 otherwise: an H100 SXM's 132, not an H100
+# PCIe's 114), never on a 16-SM MIG slice. A first choice, not yet measured on a GPU.
+SPLIT_PROGRAMS_PER_SM_LEAN = 2
+SPLIT_PROGRAMS_PER_SM = 1
+SPLIT_RESIDENT_MARGIN = 0.5
+
+# A program of the exchange polls its row's arrival counter at most this many times, and on
+# NVIDIA for at most SLICE_WAIT_NS nanoseconds of the GPU's %globaltimer (whichever ends
+# first), before it stops waiting, defers its slice to the second (finish) launch and moves
+# on. The time bound is the one that binds on NVIDIA (a poll is an L2 round trip, about a
+# microsecond at most, so 16384 polls are milliseconds); elsewhere (ROCm) the count alone
+# bounds the wait. SLICE_WAIT_NS is about ten times our estimate (not a measurement) of the
+# microseconds a 4096-column slice takes to load. Not yet measured on a GPU:
+# `python bench/bench_xent.py --sweep` times the candidates (wait5us, wait100us, spin*).
 SLICE_SPIN_LIMIT = 1 << 14
+SLICE_WAIT_NS = 20_000
 
 # The same under Triton's interpreter (TRITON_INTERPRET=1), which runs a grid's programs one
 # after another: a sibling can never publish while a program polls, so polling only costs

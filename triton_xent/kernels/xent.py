@@ -5,6 +5,8 @@ One kernel per job, sharing the @triton.jit helpers at the top:
     _rows_kernel         whole rows (V <= config.ROW_SLICE_MAX_V), a tile of ROWS rows each
     _split_kernel        longer rows cut into P slices, one program a slice, first launch
     _finish_kernel       the second launch: only the slices deferred by the first
+    _two_pass_stats_kernel   longer rows without the exchange: each slice's statistics
+    _two_pass_finish_kernel  then each slice's loss and gradient from all of its row's
     _slice_stats_kernel  per-row statistics of a vocab-parallel rank's classes
     _slice_grad_kernel   a rank's gradient from the merged statistics of the whole rows
     _scale_rows_kernel   grad[row] *= grad_output[row] (backward)
@@ -42,13 +44,27 @@ many rows per program, so the lanes of a warp spread over rows instead of idling
 and ROW_ALIGN (row_align()) tells the compiler how far apart aligned row starts are, so
 that V = 1000 in bf16 (2000-byte rows) still gets 16-byte loads.
 
-Split rows, read once (_split_kernel, _finish_kernel). A row of V > config.ROW_SLICE_MAX_V
-columns is cut into P slices of equal width (a multiple of 16, so slices start aligned).
-Program (row, j) holds slice j in registers and
+Long rows: two paths, config.LONG_ROWS. A row of V > config.ROW_SLICE_MAX_V columns is cut
+into P slices of equal width (a multiple of 16, so slices start aligned), one program a
+slice, so that even a few rows fill the GPU. The slices' statistics are merged by the
+formulas above; the paths differ in how a slice learns the merged row:
+  "exchange"  one read of the logits: the slices of a row exchange their statistics through
+              global memory while they hold their logits in registers (below);
+  "two_pass"  no program waits on another: a first launch writes each slice's record, a
+              second reads the slice again, merges the records and writes the loss and
+              gradient (below). 1.5x the exchange's bytes with a gradient (read, read, write).
+A call under "exchange" takes "two_pass" where a row's P slices might not all be resident at
+once (long_rows_path(): P > config.SPLIT_RESIDENT_MARGIN x SMs x programs per SM), since
+the exchange is fast only when a row's siblings run together. Vocab parallelism uses neither:
+its rank slices go through _slice_stats_kernel and _slice_grad_kernel.
+
+Split rows, read once (_split_kernel, _finish_kernel; LONG_ROWS = "exchange"). Program
+(row, j) holds slice j in registers and
   1. stores its record (the statistics of its slice and z_y if the target is one of its
      columns, else 0), a barrier, then adds 1 to the row's arrival counter (acq_rel);
   2. if the counter's old value was P - 1 it is the row's last, and every record is visible;
-     else it polls the counter (acquire) at most `spin_limit` times until it reads P;
+     else it polls the counter (acquire) until it reads P, at most `spin_limit` times and,
+     on NVIDIA, at most config.SLICE_WAIT_NS nanoseconds of %globaltimer;
   3. loads all P records at once, one (P_PAD, RECORD_WIDTH) tile, and merges them with
      tl.max / tl.sum: the same merge in every program, so every slice uses the same lse;
   4. writes the gradient of its slice from its registers (and slice 0 the loss and lse).
@@ -61,8 +77,28 @@ stored and loaded at L2 (.cg): other SMs wrote them, and L1 is not coherent. Eac
 reads all P records (32 P bytes, from L2), 1/4 of its bf16 slice's bytes at P = 63. Without
 a gradient only slice 0, the loss's writer, waits for the others; the rest publish and exit.
 
-Deferral and the second launch. A program whose siblings have not all arrived after
-`spin_limit` polls writes nothing, sets its deferral flag and moves on. After the first
+Why a record is visible to a sibling that saw P arrivals (NVIDIA, PTX memory model).
+Program k stores its record with st.global.cg: cached at L2 only, and L2 is the point of
+coherence of every SM on NVIDIA GPUs. The barrier (bar.sync) orders all of the program's
+threads' stores before the one thread's arrival, whose atom.add.acq_rel.gpu is a release
+at GPU scope: every write before it in the program (made cumulative by the barrier) is
+visible to any thread that later reads the counter with acquire semantics at GPU scope and
+sees the value it wrote or a later one. The last arrival's own atomic is that acquire; a
+waiting program's poll (an atomic add of 0, acquire) is the other. Read-modify-writes
+extend release sequences, so an acquire that reads P synchronizes with all P arrivals, and
+the record loads come after it in program order, with ld.global.cg (L2, never a stale L1
+line). On ROCm the same code's lowering across an MI300X's XCDs (each with its own L2) is
+unchecked; config.py makes "two_pass" the default there.
+
+How long a program waits. On NVIDIA the wait is bounded in time: SLICE_WAIT_NS of the
+global timer (TIMED_WAIT, a constexpr the launcher sets on NVIDIA GPUs only, so the
+interpreter and AMD compiles never see the PTX), with the poll count as a backstop. A
+program whose siblings are not coming soon (not resident: a small or shared GPU) so gives
+up after microseconds, not after 16384 polls (milliseconds), and the capacity rule above
+keeps such rows off the exchange in the first place. Elsewhere only the count bounds it.
+
+Deferral and the second launch. A program whose siblings have not all arrived when its
+wait runs out writes nothing, sets its deferral flag and moves on. After the first
 launch ends every record exists; _finish_kernel's program (row, j) reads its flag, and only
 if it was deferred re-reads its own slice, loads the records and does steps 3-4. A program
 that was not deferred reads one int32 and nothing else. No program ever reads another
@@ -70,7 +106,7 @@ slice's logits (the target logit travels in the records), and each writes only i
 slice, so the gradient may overwrite the logits (inplace_backward, the linear op's chunks).
 
 Deadlock freedom, and persistent or not. Every program publishes before it waits and waits
-a bounded number of polls, so each finishes whatever the scheduler does: siblings need not
+at most `spin_limit` polls, so each finishes whatever the scheduler does: siblings need not
 be co-resident for the kernel to be correct, only for it to be fast. A persistent program
 publishes slice k before it waits on it and then goes on to slice k + grid, so the same
 argument holds for it. config.PERSISTENT picks the schedule: False launches one program a
@@ -87,6 +123,16 @@ on an SM, but a program's slices then run one after another. Which is faster is 
 runs programs one after another, with config.INTERPRET_SLICE_SPIN_LIMIT polls (0 by
 default): there every program of a row but its last arrival is deferred, so tests run both
 paths on CPU.
+
+Two passes (_two_pass_stats_kernel, _two_pass_finish_kernel; LONG_ROWS = "two_pass"). The
+first launch's program (row, j) reads slice j and stores its record, exactly the exchange's
+record (per slice: m_j, s_j = sum exp(z - m_j), S_j, U_j, Q_j, z_y if the target is in the
+slice, and the slice's first argmax), with a plain store: the kernel's end publishes it.
+The second launch's program (row, j) reads slice j again, loads the row's P records and
+merges them as the exchange does (m = max m_j, s = sum s_j exp(m_j - m), ...: the same
+_merge_records), then writes the gradient of slice j (and slice 0 the row's loss). Every
+record is written before any gradient, so the gradient may overwrite the logits. Without a
+gradient only slice 0 of each row runs in the second launch, and reads no logits.
 
 Records. float32, RECORD_WIDTH fields a slice (32 bytes, aligned for vector loads), at
 record_ptr + (row * P + j) * RECORD_WIDTH, fields by name: REC_M, REC_SUM_EXP, REC_S, REC_U,
@@ -366,6 +412,24 @@ def _pack_record(m, s, S, U, z_y, Q, idx):
 
 
 @triton.jit
+def _slice_record(z, u, cols, mask, y, row_ok, j, slice_width, TRACK_U: tl.constexpr,
+                  ENTROPY: tl.constexpr, ARGMAX: tl.constexpr):
+    """(1, RECORD_WIDTH) record of slice j of a row from its (1, BLOCK_V) tile: the slice's
+    statistics, the target's z if it is one of the slice's columns (else 0), and the row's
+    column of the slice's first max."""
+    m, s, S, U, Q, idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
+    return _pack_record(m, s, S, U, _target_logit(z, cols, mask, y, row_ok), Q,
+                        idx + j * slice_width)
+
+
+@triton.jit
+def _clock_ns():
+    """The GPU's global nanosecond timer (%globaltimer, NVIDIA only: PTX)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _field(rec, name):
     """(P_PAD,) column `name` of a (P_PAD, RECORD_WIDTH) tile of records."""
     k = tl.arange(0, RECORD_WIDTH)[None, :]
@@ -538,15 +602,18 @@ def _split_kernel(
     stride_g_n, stride_g_c, stride_g_d,
     stride_t_n, stride_t_c, stride_t_d,
     # options
-    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature, spin_limit,
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature,
+    # the wait's bounds: polls, and nanoseconds if TIMED_WAIT
+    spin_limit, wait_ns,
     # compile-time switches
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
     HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
-    BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, P_PAD: tl.constexpr, TIMED_WAIT: tl.constexpr,
 ):
-    """First launch of split rows: publish, merge (bounded wait), write or defer."""
+    """First launch of split rows: publish, merge (bounded wait), write or defer.
+    TIMED_WAIT (NVIDIA only) also bounds the wait by wait_ns of the GPU's global timer."""
     TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     for item in range(tl.program_id(0).to(tl.int64), n_rows * n_slices, tl.num_programs(0)):
         row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
@@ -556,9 +623,8 @@ def _split_kernel(
             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
         # 1. Publish: the record, a barrier (all the program's stores come first), then the
         # arrival, whose release makes the record visible to whoever acquires the counter.
-        m, s, S, U, Q, idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
-        idx += j * slice_width
-        rec = _pack_record(m, s, S, U, _target_logit(z, cols, mask, y, row_ok), Q, idx)
+        rec = _slice_record(z, u, cols, mask, y, row_ok, j, slice_width, TRACK_U, ENTROPY,
+                            ARGMAX)
         tl.store(record_ptr + item * RECORD_WIDTH + tl.arange(0, RECORD_WIDTH)[None, :], rec,
                  cache_modifier=".cg")
         tl.debug_barrier()
@@ -567,9 +633,14 @@ def _split_kernel(
         if (j == 0) | COMPUTE_GRAD:
             # 2. A bounded wait for the siblings that have not arrived yet.
             polls = 0
-            while (arrived < n_slices) & (polls < spin_limit):
+            in_time = True  # stays so without the timer
+            if TIMED_WAIT:
+                deadline = _clock_ns() + wait_ns
+            while (arrived < n_slices) & (polls < spin_limit) & in_time:
                 arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
                 polls += 1
+                if TIMED_WAIT:
+                    in_time = _clock_ns() < deadline
             if arrived < n_slices:  # a sibling is late: finish in the second launch
                 tl.store(sync_ptr + n_rows + item, 1)
             else:  # 3-4. Merge and write.
@@ -618,6 +689,76 @@ def _finish_kernel(
                           stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap,
                           inv_temperature, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD,
                           TRACK_U, ENTROPY, ARGMAX, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT, P_PAD)
+
+
+@triton.jit
+def _two_pass_stats_kernel(
+    # pointers
+    logits_ptr, target_ptr, weight_ptr, record_ptr,
+    # sizes: rows of n_cols columns, cut into n_slices slices of slice_width
+    n_rows, n_cols, n_inner, n_slices, slice_width,
+    # strides (sample, class, position) of logits and targets
+    stride_x_n, stride_x_c, stride_x_d,
+    stride_t_n, stride_t_c, stride_t_d,
+    # options
+    ignore_index, label_smoothing, softcap, inv_temperature,
+    # compile-time switches
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """First pass of LONG_ROWS = "two_pass": the record of each slice (row, j), as the
+    exchange publishes it, stored and nothing more (the second launch reads it)."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    for item in range(tl.program_id(0).to(tl.int64), n_rows * n_slices, tl.num_programs(0)):
+        row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
+            item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices, slice_width,
+            stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c, stride_t_d,
+            ignore_index, label_smoothing, softcap, inv_temperature,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
+        rec = _slice_record(z, u, cols, mask, y, row_ok, j, slice_width, TRACK_U, ENTROPY,
+                            ARGMAX)
+        tl.store(record_ptr + item * RECORD_WIDTH + tl.arange(0, RECORD_WIDTH)[None, :], rec)
+
+
+@triton.jit
+def _two_pass_finish_kernel(
+    # pointers
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
+    entropy_ptr, argmax_ptr, row_weight_ptr, entropy_weight_ptr, record_ptr,
+    # sizes
+    n_rows, n_cols, n_inner, n_slices, slice_width,
+    # strides (sample, class, position) of logits, gradient and targets
+    stride_x_n, stride_x_c, stride_x_d,
+    stride_g_n, stride_g_c, stride_g_d,
+    stride_t_n, stride_t_c, stride_t_d,
+    # options
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature,
+    # compile-time switches
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr, P_PAD: tl.constexpr,
+):
+    """Second pass of "two_pass": steps 3-4 of the exchange for every slice, all records
+    present. Without a gradient only slice 0 of each row runs (it writes the loss), and its
+    logits are not read: nothing uses them."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    n_items = n_rows * n_slices if COMPUTE_GRAD else n_rows
+    for k in range(tl.program_id(0).to(tl.int64), n_items, tl.num_programs(0)):
+        item = k if COMPUTE_GRAD else k * n_slices
+        row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u = _split_slice(
+            item, logits_ptr, target_ptr, weight_ptr, n_cols, n_inner, n_slices, slice_width,
+            stride_x_n, stride_x_c, stride_x_d, stride_t_n, stride_t_c, stride_t_d,
+            ignore_index, label_smoothing, softcap, inv_temperature,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
+        _finish_slice(row, j, rows, cols, mask, y, row_ok, row_nan, a, b, z, t, u,
+                      grad_ptr, scale_ptr, ce_ptr, lse_ptr, entropy_ptr, argmax_ptr,
+                      row_weight_ptr, entropy_weight_ptr, record_ptr, n_inner, n_slices,
+                      stride_g_n, stride_g_c, stride_g_d, lse_square_scale, softcap,
+                      inv_temperature, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, COMPUTE_GRAD,
+                      TRACK_U, ENTROPY, ARGMAX, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT, P_PAD)
 
 
 @triton.jit
@@ -773,14 +914,47 @@ def split_plan(n_cols: int) -> tuple[int, int, int, int]:
     return n_slices, slice_width, block_v, config.SPLIT_NUM_WARPS
 
 
+def _sm_count(device: torch.device) -> int | None:
+    """The GPU's SMs (CUs on ROCm; a MIG slice's own), None off a GPU (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _grid(n_items: int, device: torch.device) -> tuple[int]:
     """One program an item, or, persistent, config.PERSISTENT_PROGRAMS_PER_SM per SM (the
     interpreter counts as one SM) walking the items in grid-stride order."""
     if not config.PERSISTENT:
         return (n_items,)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 1
+    sms = _sm_count(device) or 1
     return (max(1, min(n_items, sms * config.PERSISTENT_PROGRAMS_PER_SM)),)
+
+
+def split_programs_per_sm(element_size: int, switches: dict) -> int:
+    """Resident programs per SM assumed of the exchange's first launch for logits of
+    `element_size` bytes and the launch's constexpr `switches` (config.py: the audit's)."""
+    heavy = ("PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_ZLOSS", "ARGMAX")
+    if element_size <= 2 and not any(switches.get(name) for name in heavy):
+        return config.SPLIT_PROGRAMS_PER_SM_LEAN
+    return config.SPLIT_PROGRAMS_PER_SM
+
+
+def long_rows_path(n_slices: int, device: torch.device, programs_per_sm: int) -> str:
+    """The path of rows cut into n_slices slices: config.LONG_ROWS, except that "exchange"
+    falls back to "two_pass" where a row's slices might not all be resident at once, P >
+    SPLIT_RESIDENT_MARGIN x SMs x programs_per_sm (config.py). Under the interpreter (no
+    SMs: one program at a time) "exchange" stays: deferral covers it, and tests run it."""
+    path = config.long_rows()
+    sms = _sm_count(device)
+    if path == "two_pass" or sms is None:
+        return path
+    fits = n_slices <= config.SPLIT_RESIDENT_MARGIN * sms * programs_per_sm
+    return "exchange" if fits else "two_pass"
+
+
+def timed_wait(device: torch.device) -> bool:
+    """Whether the exchange's wait is also bounded in time (%globaltimer): NVIDIA GPUs."""
+    return device.type == "cuda" and torch.version.hip is None
 
 
 def _target_strides(target, prob_target, D):
@@ -817,6 +991,7 @@ def xent_rows(
     out-of-range target), without the z-loss, which the caller adds from `lse`; so are the
     row weights and the entropy term (they enter the gradient only).
     """
+    config.long_rows()  # a bad LONG_ROWS fails every call, not only those of long rows
     N, V, D = logits.shape
     n_rows = N * D
     device = logits.device
@@ -831,34 +1006,51 @@ def xent_rows(
     with_grad = grad is not None
     pointers = (logits, g, target, weight, scale, ce, lse, H, idx,
                 row_weight if with_grad else None, entropy_weight if with_grad else None)
-    strides = (*logits.stride(), *g.stride(), *_target_strides(target, prob_target, D))
-    options = (ignore_index, float(label_smoothing), float(lse_square_scale),
-               float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature))
-    switches = dict(PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
-                    HAS_SMOOTHING=label_smoothing > 0.0, HAS_SOFTCAP=softcap is not None,
-                    HAS_ZLOSS=lse_square_scale != 0.0, HAS_SCALE=scale is not None,
-                    COMPUTE_GRAD=with_grad, ENTROPY=entropy, ARGMAX=argmax,
-                    HAS_ROW_WEIGHT=with_grad and row_weight is not None,
+    t_strides = _target_strides(target, prob_target, D)
+    strides = (*logits.stride(), *g.stride(), *t_strides)
+    softcap_value = float(softcap) if softcap is not None else 1.0
+    options = (ignore_index, float(label_smoothing), float(lse_square_scale), softcap_value,
+               1.0 / float(temperature))
+    load_switches = dict(PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+                         HAS_SMOOTHING=label_smoothing > 0.0, HAS_SOFTCAP=softcap is not None)
+    switches = dict(**load_switches, HAS_ZLOSS=lse_square_scale != 0.0,
+                    HAS_SCALE=scale is not None, COMPUTE_GRAD=with_grad, ENTROPY=entropy,
+                    ARGMAX=argmax, HAS_ROW_WEIGHT=with_grad and row_weight is not None,
                     HAS_ENTROPY_WEIGHT=with_grad and entropy_weight is not None)
+    fusion = config.FP_FUSION
     if V <= config.ROW_SLICE_MAX_V:
         rows, block_v, warps = row_tile(V, n_rows)
         _rows_kernel[_grid(triton.cdiv(n_rows, rows), device)](
             *pointers, n_rows, V, D, *strides, *options, **switches, ROWS=rows,
-            BLOCK_V=block_v, ROW_ALIGN=row_align(V, logits, g), num_warps=warps)
+            BLOCK_V=block_v, ROW_ALIGN=row_align(V, logits, g), num_warps=warps,
+            enable_fp_fusion=fusion)
         return ce, lse, H, idx
     if argmax and V >= ARGMAX_MAX_COLS.value:
         raise ValueError(f"return_argmax takes at most {ARGMAX_MAX_COLS.value - 1} classes on "
                          f"the kernel path, got {V}")
     n_slices, slice_width, block_v, warps = split_plan(V)
+    path = long_rows_path(n_slices, device,
+                          split_programs_per_sm(logits.element_size(), switches))
     records = torch.empty(n_rows * n_slices * RECORD_WIDTH.value, device=device,
                           dtype=torch.float32)
-    sync = torch.zeros(n_rows * (1 + n_slices), device=device, dtype=torch.int32)
-    spin = config.INTERPRET_SLICE_SPIN_LIMIT if _interpreting() else config.SLICE_SPIN_LIMIT
     grid = _grid(n_rows * n_slices, device)
     sizes = (n_rows, V, D, n_slices, slice_width)
     common = dict(**switches, BLOCK_V=block_v, P_PAD=triton.next_power_of_2(n_slices),
-                  num_warps=warps)
-    _split_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, spin, **common)
+                  num_warps=warps, enable_fp_fusion=fusion)
+    if path == "two_pass":
+        _two_pass_stats_kernel[grid](
+            logits, target, weight, records, *sizes, *logits.stride(), *t_strides,
+            ignore_index, float(label_smoothing), softcap_value, 1.0 / float(temperature),
+            **load_switches, ENTROPY=entropy, ARGMAX=argmax, BLOCK_V=block_v,
+            num_warps=warps, enable_fp_fusion=fusion)
+        second = grid if with_grad else _grid(n_rows, device)  # forward: slice 0 of a row
+        _two_pass_finish_kernel[second](*pointers, records, *sizes, *strides, *options,
+                                        **common)
+        return ce, lse, H, idx
+    sync = torch.zeros(n_rows * (1 + n_slices), device=device, dtype=torch.int32)
+    spin = config.INTERPRET_SLICE_SPIN_LIMIT if _interpreting() else config.SLICE_SPIN_LIMIT
+    _split_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, spin,
+                        config.SLICE_WAIT_NS, **common, TIMED_WAIT=timed_wait(device))
     _finish_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, **common)
     return ce, lse, H, idx
 
@@ -894,7 +1086,7 @@ def xent_slice_stats(
         float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_SOFTCAP=softcap is not None, ENTROPY=entropy, ARGMAX=argmax, ROWS=rows,
-        BLOCK_V=block_v, num_warps=warps)
+        BLOCK_V=block_v, num_warps=warps, enable_fp_fusion=config.FP_FUSION)
     return stats, idx
 
 
@@ -931,7 +1123,7 @@ def xent_slice_grad(
         HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=lse_square_scale != 0.0,
         HAS_SCALE=scale is not None, HAS_ROW_WEIGHT=row_weight is not None,
         HAS_ENTROPY_WEIGHT=entropy_weight is not None, ROWS=rows, BLOCK_V=block_v,
-        num_warps=warps)
+        num_warps=warps, enable_fp_fusion=config.FP_FUSION)
 
 
 def scale_rows_(
@@ -948,6 +1140,6 @@ def scale_rows_(
     _scale_rows_kernel[(rows,)](
         grad, go, V, D, *grad.stride(), go_stride,
         BLOCK_V=min(config.SCALE_BLOCK_V, triton.next_power_of_2(V)),
-        num_warps=config.SCALE_NUM_WARPS,
+        num_warps=config.SCALE_NUM_WARPS, enable_fp_fusion=config.FP_FUSION,
     )
     return grad
