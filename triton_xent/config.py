@@ -64,12 +64,12 @@ def long_rows() -> str:
 
 
 # Resident programs per SM of the exchange's first launch (_split_kernel), from the offline
-# sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU; registers bind in every case, at
+# sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU; registers bind in every case, at
 # 16 warps a program): 2 for "lean" rows, 16-bit logits with class-index targets and none
 # of class weights, smoothing, softcap, z-loss or the argmax (40 to 62 registers a thread;
 # temperature, the entropy and row weights keep it), and 1 otherwise (72 to 84 registers:
 # float32 logits, the options' per-column terms, the argmax's (value, index) reduction).
-# tests/test_compile_sm90.py checks that no audited case holds fewer than assumed here.
+# tests/test_compile_audit.py checks that no audited case holds fewer than assumed here.
 # Under "exchange" a call takes the exchange only if a row's P slices fit in
 # SPLIT_RESIDENT_MARGIN of the device's resident programs, P <= MARGIN x SMs x programs per
 # SM; else "two_pass" for that call. The margin leaves room for rows cut by the edge of a
