@@ -467,7 +467,8 @@ def audit(kernel, grid, args, kwargs, target: str = "sm_90") -> dict:
     seconds = time.perf_counter() - start
     warps = options.get("num_warps", 4)
     out = dict(kernel=kernel.fn.__name__, target=target, compile_s=round(seconds, 3),
-               grid=list(grid), num_warps=warps)
+               grid=list(grid), num_warps=warps,
+               enable_fp_fusion=options.get("enable_fp_fusion"))  # None: Triton's default
     constants = {k: v for k, v in bound.items() if k.isupper()}
     out["constexprs"] = {k: v for k, v in constants.items() if isinstance(v, (bool, int))}
     if TARGETS[target].backend == "hip":

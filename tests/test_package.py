@@ -106,8 +106,8 @@ def test_import_and_first_call_of_each_op_warn_nothing():
 
 def test_first_compile_of_a_kernel_warns_nothing():
     # What a GPU does at the first call: Triton's compiler, here offline for sm_90 through the
-    # audit (Triton warns once a process, so one launch tells whether the launchers set what
-    # Triton otherwise warns about, such as floating-point fusion).
+    # audit. Triton warns once a process, so this is one launch; that every launch names what
+    # Triton would otherwise warn about (floating-point fusion) is test_compile_audit.py's.
     triton = pytest.importorskip("triton")
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
