@@ -207,10 +207,12 @@ def counting_command(cmd: list[str], env: dict | None, keys: str):
     script = os.path.basename(cmd[1]) if len(cmd) > 1 else ""
     if script == "bench_xent.py":
         args = _replace(cmd[2:], "--tokens", [str(BENCH_TOKENS)])
-        if "--providers" in args:
-            i = args.index("--providers") + 1
-            kept = [p for p in args[i:] if p.startswith("triton_xent") or p.startswith("--")]
-            args = _replace(args, "--providers", [p for p in kept if not p.startswith("--")])
+        if "--providers" in args:  # torch where none of ours is left (--sweep adds them)
+            i = j = args.index("--providers") + 1
+            while j < len(args) and not args[j].startswith("--"):
+                j += 1
+            ours = [p for p in args[i:j] if p.startswith("triton_xent")]
+            args = _replace(args, "--providers", ours or ["torch"])
         return [py, __file__, "--record", cmd[1], *args], env
     if script == "bench_linear.py":
         i = cmd.index("--shapes") + 1
@@ -267,8 +269,9 @@ def count(workdir: str) -> list[dict]:
             subprocess.run([sys.executable, __file__, "--cuda-tests", *nodes], cwd=ROOT,
                            env=counting_command(["", "-m", "pytest"], env, path)[1], check=True)
         keys = {line for line in open(path) if line.strip() and not line.startswith("#")}
-        steps.append(dict(name=name, limit_s=limit_s, keys=keys, status=status))
-        print(f"{name:34s} {len(keys):4d} launches ({status})", flush=True)
+        failed = counted is not None and out.returncode != 0
+        steps.append(dict(name=name, limit_s=limit_s, keys=keys, status=status, failed=failed))
+        print(f"{name:44s} {len(keys):4d} launches ({status})", flush=True)
         self.results.append((name, "ok"))
         return True
 
@@ -282,14 +285,14 @@ def report(steps: list[dict], seconds: dict[str, float]) -> tuple[int, float]:
     seen: set = set()
     total_s = 0.0
     kinds = collections.Counter()
-    print(f"\n{'step':34s} {'limit':>6s} {'new':>4s} {'est. s':>7s}")
+    print(f"\n{"step":44s} {'limit':>6s} {'new':>4s} {'est. s':>7s}")
     for step in steps:
         new = step["keys"] - seen
         seen |= new
         est = sum(seconds.get(json.loads(k)["kernel"], seconds["*"]) for k in new)
         total_s += est
         kinds.update(json.loads(k)["kernel"] for k in new)
-        print(f"{step['name']:34s} {step['limit_s']:5.0f}s {len(new):4d} {est:7.1f}")
+        print(f"{step["name"]:44s} {step['limit_s']:5.0f}s {len(new):4d} {est:7.1f}")
     print(f"\n{len(seen)} distinct compilations, about {total_s:.0f} s of compiling on this "
           f"CPU ({seconds['*']:.2f} s a compile on average in the sm_90 audit)")
     print("by kernel: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
@@ -311,7 +314,7 @@ def main(argv=None) -> int:
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as e:
-            return 0 if args.record else (e.code or 0)
+            return e.code or 0
         return 0
     if args.cuda_tests:
         install("record", os.environ[OUT_ENV])
@@ -325,11 +328,15 @@ def main(argv=None) -> int:
         steps = count(workdir)
         seconds = audit_seconds()
         report(steps, seconds)
+        failed = [s["name"] for s in steps if s["failed"]]
+        if failed:
+            print(f"counting failed in: {', '.join(failed)} (their output is above)",
+                  file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
                 for key in sorted(set().union(*(s["keys"] for s in steps))):
                     f.write(key if key.endswith("\n") else key + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
