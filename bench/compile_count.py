@@ -285,14 +285,14 @@ def report(steps: list[dict], seconds: dict[str, float]) -> tuple[int, float]:
     seen: set = set()
     total_s = 0.0
     kinds = collections.Counter()
-    print(f"\n{"step":44s} {'limit':>6s} {'new':>4s} {'est. s':>7s}")
+    print(f"\n{'step':44s} {'limit':>6s} {'new':>4s} {'est. s':>7s}")
     for step in steps:
         new = step["keys"] - seen
         seen |= new
         est = sum(seconds.get(json.loads(k)["kernel"], seconds["*"]) for k in new)
         total_s += est
         kinds.update(json.loads(k)["kernel"] for k in new)
-        print(f"{step["name"]:44s} {step['limit_s']:5.0f}s {len(new):4d} {est:7.1f}")
+        print(f"{step['name']:44s} {step['limit_s']:5.0f}s {len(new):4d} {est:7.1f}")
     print(f"\n{len(seen)} distinct compilations, about {total_s:.0f} s of compiling on this "
           f"CPU ({seconds['*']:.2f} s a compile on average in the sm_90 audit)")
     print("by kernel: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
