@@ -31,7 +31,7 @@ The estimate is the sum over the distinct launches of the mean compile time of t
 in the sm_90 audit (bench/compile_audit.py, run here from an empty cache; a kernel the audit
 has no case for gets the mean of all). It is this CPU's time for triton.compile; the GPU
 machine's CPU, Triton's own launch overhead, torch.compile's inductor (the torch_compile
-provider, the reduce-overhead test) and the time the steps take to run are not in it.
+provider) and the time the steps take to run are not in it.
 
     python bench/compile_count.py                # the table per step and the estimate
     python bench/compile_count.py --json OUT     # also the distinct launches, as JSON lines
@@ -54,7 +54,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-OUT_ENV, MODE_ENV = "COMPILE_COUNT_OUT", "COMPILE_COUNT_MODE"
+OUT_ENV = "COMPILE_COUNT_OUT"  # the file the launches are appended to
 BENCH_TOKENS = 256  # rows of the benchmarks' cases here (the check's: 16384 and 2^20)
 
 
