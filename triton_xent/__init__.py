@@ -12,4 +12,5 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "triton_available",
 ]
-__version__ = "0.1.0"
+# The version, in this one place (pyproject.toml reads it; CHANGELOG.md says what each brought).
+__version__ = "0.2.0.dev0"

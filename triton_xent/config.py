@@ -15,7 +15,7 @@ import torch
 # A row is cut into slices of at most this many columns, one program each, held in
 # registers: one read of the logits and one write of the gradient for any V (see
 # kernels/xent.py). Rows of at most this many classes are whole-row tiles, with no exchange.
-# From the offline sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU): 4096 columns at
+# From the offline sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU): 4096 columns at
 # SPLIT_NUM_WARPS = 16 take 48 registers a thread, no spills, 2 programs an SM (8192 at 16
 # warps: 102 registers, 1 an SM; 2048 at 4 warps: 80, 6 an SM, but P^2 record reads grow:
 # each of a row's P programs reads all P records). Speed not yet measured on a GPU:
@@ -64,12 +64,12 @@ def long_rows() -> str:
 
 
 # Resident programs per SM of the exchange's first launch (_split_kernel), from the offline
-# sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU; registers bind in every case, at
+# sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU; registers bind in every case, at
 # 16 warps a program): 2 for "lean" rows, 16-bit logits with class-index targets and none
 # of class weights, smoothing, softcap, z-loss or the argmax (40 to 62 registers a thread;
 # temperature, the entropy and row weights keep it), and 1 otherwise (72 to 84 registers:
 # float32 logits, the options' per-column terms, the argmax's (value, index) reduction).
-# tests/test_compile_sm90.py checks that no audited case holds fewer than assumed here.
+# tests/test_compile_audit.py checks that no audited case holds fewer than assumed here.
 # Under "exchange" a call takes the exchange only if a row's P slices fit in
 # SPLIT_RESIDENT_MARGIN of the device's resident programs, P <= MARGIN x SMs x programs per
 # SM; else "two_pass" for that call. The margin leaves room for rows cut by the edge of a
@@ -121,7 +121,7 @@ SCALE_NUM_WARPS = 8
 # passed to each launch as `enable_fp_fusion`, so that our numerics do not follow Triton's
 # default (which Triton 3.9 warns will change in 3.10). On: one rounding instead of two in the
 # exponent arguments and the gradient's products, and the code the offline sm_90 audit
-# (bench/sm90_compile.py) read. A numerics choice, not a speed setting.
+# (bench/compile_audit.py) read. A numerics choice, not a speed setting.
 FP_FUSION = True
 
 # --- linear + cross-entropy (triton_xent/kernels/linear_xent.py) -------------------------

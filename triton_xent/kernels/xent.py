@@ -70,7 +70,7 @@ Split rows, read once (_split_kernel, _finish_kernel; LONG_ROWS = "exchange"). P
   4. writes the gradient of its slice from its registers (and slice 0 the loss and lse).
 The merge is one atomic and one vector load whatever P (plus the polls of a program that
 arrives early), so its dependent global round trips do not grow with P; the audit
-(bench/sm90_compile.py) counts them in the compiled code at several P. One counter rather
+(bench/compile_audit.py) counts them in the compiled code at several P. One counter rather
 than P flags: the arrival's acq_rel atomic both publishes and tells the last program that
 it need not poll at all, and a poll is one scalar acquire load whatever P. Records are
 stored and loaded at L2 (.cg): other SMs wrote them, and L1 is not coherent. Each program

@@ -1,20 +1,28 @@
-"""Static audit of the row kernels' compiled code for the H100/H200 (sm_90), without a GPU.
+"""Static audit of the kernels' compiled code for NVIDIA and AMD GPUs, without a GPU.
 Both long-row paths (config.LONG_ROWS) are audited: the "two_pass_*" cases.
 
 Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
 the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
 warps the launcher would launch with. It then specialises them as Triton's JIT does at run
 time (an int equal to 1 becomes the constexpr 1; ints divisible by 16 and 16-byte aligned
-pointers get the `tt.divisibility` 16 attribute; None becomes a constexpr), compiles each
-launch through the real pipeline to PTX and a cubin for sm_90 with Triton's bundled ptxas,
-and reads off:
+pointers get the `tt.divisibility` 16 attribute; None becomes a constexpr) and compiles each
+launch through the real pipeline for a target (TARGETS: sm_80, sm_90, sm_100, sm_120,
+gfx942, gfx950; sm_90 by default): to PTX and a cubin with Triton's bundled ptxas for
+NVIDIA, to AMDGCN and a code object for AMD. For every target it reads off:
 
-  registers, stack_bytes   per thread (cuobjdump); stack is where spilled registers live
+  compile_s                seconds the compile took on this machine (no cache: a cold start)
+  registers, stack_bytes   per thread (cuobjdump; AMD: the VGPRs and the scratch bytes of the
+                           code object's metadata); stack or scratch is where spilled
+                           registers live
+
+and for the NVIDIA targets whose per-SM limits are in SM_LIMITS (sm_80, sm_90, sm_100), and
+from the PTX (every NVIDIA target):
+
   shared_bytes, programs_per_sm
-                           resident programs an SM holds, the least of its limits: 65536
-                           registers (allocated per warp in units of 256), 64 warps
-                           (2048 threads), 32 blocks, 228 KB shared memory (1 KB of it
-                           reserved per block); `occupancy_limit` names the binding one
+                           resident programs an SM holds, the least of its limits (on
+                           sm_90: 65536 registers allocated per warp in units of 256, 64
+                           warps, 32 blocks, 228 KB shared memory with 1 KB reserved per
+                           block); `occupancy_limit` names the binding one
   loads, stores            global loads and stores of the PTX by bytes per instruction (16 =
                            ld.global.v4.b32) and `vector_coverage`: the bytes that 16-byte
                            instructions move, over all threads, divided by the bytes of the
@@ -41,9 +49,10 @@ and reads off:
                            have P = 8, 32 and 63 (V = 32000, 128256, 256000 in slices of
                            4096), so the table shows how it grows with P
 
-    python bench/sm90_compile.py            # a table of every case
-    python bench/sm90_compile.py --json     # one JSON object a launch (test_compile_sm90.py)
-    python bench/sm90_compile.py --only lm_V128256_bf16 small_V10_bf16
+    python bench/compile_audit.py                   # a table of every case, for sm_90
+    python bench/compile_audit.py --target all      # every case for the six targets
+    python bench/compile_audit.py --target sm_100 gfx942 --only lm_V128256_bf16
+    python bench/compile_audit.py --json            # one JSON object a launch (the tests)
 
 TRITON_INTERPRET must be unset: under the interpreter @triton.jit gives no compilable kernel.
 """
@@ -59,6 +68,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
@@ -71,18 +81,32 @@ from triton_xent import config
 from triton_xent.kernels import xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-SM90 = GPUTarget("cuda", 90, 32)
+# A100, H100/H200, B200, RTX 50xx; MI300X, MI355X. The warp is 32 threads on NVIDIA, a
+# wavefront of 64 on these AMD parts.
+TARGETS = {
+    "sm_80": GPUTarget("cuda", 80, 32),
+    "sm_90": GPUTarget("cuda", 90, 32),
+    "sm_100": GPUTarget("cuda", 100, 32),
+    "sm_120": GPUTarget("cuda", 120, 32),
+    "gfx942": GPUTarget("hip", "gfx942", 64),
+    "gfx950": GPUTarget("hip", "gfx950", 64),
+}
 KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_two_pass_stats_kernel",
            "_two_pass_finish_kernel", "_slice_stats_kernel", "_slice_grad_kernel",
            "_scale_rows_kernel")
 
-# sm_90 per-SM limits (CUDA occupancy calculator, compute capability 9.0).
-SM90_REGISTERS = 65536
-SM90_REGISTER_UNIT = 256  # registers are allocated per warp in units of this many
-SM90_WARPS = 64
-SM90_BLOCKS = 32
-SM90_SHARED_BYTES = 228 * 1024
-SM90_SHARED_RESERVED = 1024  # per block
+# Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical Specifications
+# per Compute Capability"): 65536 registers allocated per warp in units of 256 on all three;
+# resident warps, resident blocks, shared memory per SM and the shared memory reserved per
+# block. sm_120 is left out until its row of the table is checked against a device.
+SM_LIMITS = {
+    "sm_80": dict(warps=64, blocks=32, shared=164 * 1024),
+    "sm_90": dict(warps=64, blocks=32, shared=228 * 1024),
+    "sm_100": dict(warps=64, blocks=32, shared=228 * 1024),
+}
+SM_REGISTERS = 65536
+SM_REGISTER_UNIT = 256  # registers are allocated per warp in units of this many
+SM_SHARED_RESERVED = 1024  # per block
 
 ROWS = 16  # rows of each case: a multiple of 16, as a training batch is; few, to stay small
 
@@ -400,43 +424,67 @@ def tile_layout(ttgir: str, rows: int, block_v: int, n_cols: int) -> dict:
     return {}
 
 
-def occupancy(registers: int, num_warps: int, shared: int) -> tuple[int, str]:
-    per_warp = -(-registers * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+def occupancy(registers: int, num_warps: int, shared: int,
+              target: str = "sm_90") -> tuple[int, str]:
+    """(programs an SM holds, the name of the binding limit) on an NVIDIA target."""
+    sm = SM_LIMITS[target]
+    per_warp = -(-registers * 32 // SM_REGISTER_UNIT) * SM_REGISTER_UNIT
     limits = {
-        "registers": SM90_REGISTERS // per_warp // num_warps,
-        "warps": SM90_WARPS // num_warps,
-        "blocks": SM90_BLOCKS,
-        "shared": SM90_SHARED_BYTES // (shared + SM90_SHARED_RESERVED),
+        "registers": SM_REGISTERS // per_warp // num_warps,
+        "warps": sm["warps"] // num_warps,
+        "blocks": sm["blocks"],
+        "shared": sm["shared"] // (shared + SM_SHARED_RESERVED),
     }
     name = min(limits, key=limits.get)
     return limits[name], name
 
 
-def audit(kernel, grid, args, kwargs) -> dict:
-    if "TIMED_WAIT" in kwargs:  # the launcher saw CPU tensors; sm_90 has %globaltimer
-        kwargs = dict(kwargs, TIMED_WAIT=True)
-    signature, constexprs, attrs, options, bound = specialise(kernel, args, kwargs)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                              target=SM90, options=options)
+def cuda_resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of a cubin, from cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
         usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage",
                                 f.name], capture_output=True, text=True, check=True).stdout
     line = next(x for x in usage.splitlines() if "REG:" in x)
     field = lambda key: int(line.split(key + ":")[1].split()[0])  # noqa: E731
+    return field("REG"), field("STACK")
+
+
+def hip_resources(amdgcn: str) -> tuple[int, int]:
+    """(VGPRs, scratch bytes) per work item, from the AMDGCN's code-object metadata."""
+    field = lambda key: int(re.search(r"\.%s:\s+(\d+)" % key, amdgcn).group(1))  # noqa: E731
+    return field("vgpr_count"), field("private_segment_fixed_size")
+
+
+def audit(kernel, grid, args, kwargs, target: str = "sm_90") -> dict:
+    if "TIMED_WAIT" in kwargs:  # the launcher saw CPU tensors; NVIDIA has %globaltimer
+        kwargs = dict(kwargs, TIMED_WAIT=TARGETS[target].backend == "cuda")
+    signature, constexprs, attrs, options, bound = specialise(kernel, args, kwargs)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                              target=TARGETS[target], options=options)
+    seconds = time.perf_counter() - start
     warps = options.get("num_warps", 4)
-    regs, shared = field("REG"), compiled.metadata.shared
-    programs, limit = occupancy(regs, warps, shared)
+    out = dict(kernel=kernel.fn.__name__, target=target, compile_s=round(seconds, 3),
+               grid=list(grid), num_warps=warps,
+               enable_fp_fusion=options.get("enable_fp_fusion"))  # None: Triton's default
+    constants = {k: v for k, v in bound.items() if k.isupper()}
+    out["constexprs"] = {k: v for k, v in constants.items() if isinstance(v, (bool, int))}
+    if TARGETS[target].backend == "hip":
+        out["registers"], out["stack_bytes"] = hip_resources(compiled.asm["amdgcn"])
+        out["shared_bytes"] = compiled.metadata.shared
+        return out
+    regs, stack = cuda_resources(compiled.asm["cubin"])
+    shared = compiled.metadata.shared
+    out.update(registers=regs, stack_bytes=stack, shared_bytes=shared)
+    if target in SM_LIMITS:
+        out["programs_per_sm"], out["occupancy_limit"] = occupancy(regs, warps, shared, target)
     ptx = compiled.asm["ptx"]
     runtime = [n for n in signature if signature[n] != "constexpr"]  # the PTX's parameters
     position = lambda name: runtime.index(name) if name in runtime else -1  # noqa: E731
     mem = memory_ops(ptx, position("logits_ptr"), position("grad_ptr"))
-    out = dict(kernel=kernel.fn.__name__, grid=list(grid), num_warps=warps, registers=regs,
-               stack_bytes=field("STACK"), shared_bytes=shared, programs_per_sm=programs,
-               occupancy_limit=limit, **mem)
-    constants = {k: v for k, v in bound.items() if k.isupper()}
-    out["constexprs"] = {k: v for k, v in constants.items() if isinstance(v, (bool, int))}
+    out.update(mem)
     block_v = constants.get("BLOCK_V")
     if block_v and "logits_ptr" in bound:
         x = bound["logits_ptr"]
@@ -455,39 +503,58 @@ def audit(kernel, grid, args, kwargs) -> dict:
     return out
 
 
-def run_case(name: str, call: Callable[[], None]) -> list[dict]:
+def run_case(name: str, call: Callable[[], None], targets=("sm_90",)) -> list[dict]:
     with recording() as launches:
         call()
-    return [dict(case=name, **audit(*launch)) for launch in launches]
+    return [dict(case=name, **audit(*launch, target=target))
+            for launch in launches for target in targets]
+
+
+def line(r: dict) -> str:
+    """One launch's row of the table."""
+    text = (f"{r['case']:25s} {r['kernel']:19s} {r['target']:6s} {r['compile_s']:5.1f}s "
+            f"warps={r['num_warps']:2d} regs={r['registers']:3d} stack={r['stack_bytes']}B "
+            f"smem={r['shared_bytes']}B")
+    if "programs_per_sm" in r:
+        text += f" per_sm={r['programs_per_sm']}({r['occupancy_limit']})"
+    if "logits_loads" in r:
+        text += (f" logits_loads={r['logits_loads']} grad_stores={r['grad_stores']} "
+                 f"other={r['loads']}/{r['stores']}")
+    return text + "".join(f" {k}={r[k]}" for k in (
+        "logits_coverage", "threads_per_row", "columns_per_thread", "lane_use",
+        "second_launch_loads", "merge_round_trips", "record_loads_in_loops", "timed_wait")
+        if k in r)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
     parser.add_argument("--only", nargs="*", help="case names to compile (default: all)")
+    parser.add_argument("--target", nargs="+", default=["sm_90"],
+                        choices=[*TARGETS, "all"], help="targets to compile for (default: "
+                        "sm_90; all: " + ", ".join(TARGETS) + ")")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter gives no compilable kernels",
               file=sys.stderr)
         return 2
-    for name, call in cases().items():
-        if args.only and name not in args.only:
-            continue
-        for r in run_case(name, call):
-            if args.json:
-                print(json.dumps(r), flush=True)
+    targets = list(TARGETS) if "all" in args.target else args.target
+    known = cases()
+    unknown = set(args.only or ()) - set(known)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; the cases are {sorted(known)}")
+    # An empty cache of our own: every launch is compiled (compile_s is a cold start's).
+    with tempfile.TemporaryDirectory(prefix="compile_audit_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        total = n = 0
+        for name, call in known.items():
+            if args.only and name not in args.only:
                 continue
-            extra = "".join(f" {k}={r[k]}" for k in (
-                "logits_coverage", "threads_per_row", "columns_per_thread", "lane_use",
-                "second_launch_loads", "merge_round_trips", "record_loads_in_loops",
-                "timed_wait")
-                if k in r)
-            print(f"{name:25s} {r['kernel']:19s} warps={r['num_warps']:2d} "
-                  f"regs={r['registers']:3d} stack={r['stack_bytes']}B "
-                  f"smem={r['shared_bytes']}B per_sm={r['programs_per_sm']}"
-                  f"({r['occupancy_limit']}) logits_loads={r['logits_loads']} "
-                  f"grad_stores={r['grad_stores']} other={r['loads']}/{r['stores']}{extra}",
-                  flush=True)
+            for r in run_case(name, call, targets):
+                total, n = total + r["compile_s"], n + 1
+                print(json.dumps(r) if args.json else line(r), flush=True)
+    if not args.json:
+        print(f"{n} compiles in {total:.1f} s ({total / max(n, 1):.2f} s each)")
     return 0
 
 

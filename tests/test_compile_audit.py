@@ -1,12 +1,16 @@
-"""The kernels compile for the H100 (sm_90) without a GPU, and their compiled code has the
-properties kernels/xent.py promises: read once, a merge that does not grow with P, a second
-launch that costs a non-deferred program one load, a wait bounded by the global timer,
-vector loads, and no spills; on the "two_pass" path no atomics, and two reads.
+"""The kernels compile without a GPU for every target we claim (sm_80, sm_90, sm_100,
+sm_120, gfx942, gfx950), and their compiled code for the H100 (sm_90) has the properties
+kernels/xent.py promises: read once, a merge that does not grow with P, a second launch that
+costs a non-deferred program one load, a wait bounded by the global timer, vector loads, and
+no spills; on the "two_pass" path no atomics, and two reads.
 
 The interpreter that runs the other tests on CPU never calls Triton's compiler, which
-rejects things the interpreter accepts; bench/sm90_compile.py compiles each launch the
-launchers make at LM shapes, with the JIT's run-time specialisations, to PTX and a cubin (in
-a subprocess, since this test session has TRITON_INTERPRET=1 set) and reads the code.
+rejects things the interpreter accepts; bench/compile_audit.py compiles each launch the
+launchers make at LM shapes, with the JIT's run-time specialisations, to PTX and a cubin, or
+AMDGCN and a code object (in a subprocess, since this test session has TRITON_INTERPRET=1
+set) and reads the code. Every case for sm_90; for all six targets, TARGET_CASES: a subset
+that launches each kernel, the option switches and the RL extras (all cases x six targets
+take minutes; `python bench/compile_audit.py --target all` runs them).
 """
 
 import json
@@ -21,18 +25,41 @@ triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 LM = ("lm_V32000_bf16", "lm_V128256_bf16", "lm_V256000_bf16")
+TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950")
+# Split rows with weights, smoothing, softcap and z-loss; whole rows with the RL extras; many
+# short rows a program; a vocab-parallel rank with the RL extras; the gradient scaling.
+TARGET_CASES = ("lm_V128256_every_option", "whole_V4096_rl", "small_V10_bf16",
+                "vocab_parallel_V32064_rl", "scale_rows_V128256",
+                "two_pass_V128256_every_option")
 
 
-@pytest.fixture(scope="module")
-def report():
+def run_audit(*args) -> list[dict]:
     if not os.path.exists(PTXAS):
         pytest.skip("this triton build has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sm90_compile.py"),
-                          "--json"], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_audit.py"),
+                          "--json", *args], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return {(r["case"], r["kernel"]): r for r in map(json.loads, out.stdout.splitlines())}
+    return [json.loads(x) for x in out.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return {(r["case"], r["kernel"]): r for r in run_audit()}
+
+
+@pytest.fixture(scope="module")
+def targets_report(report):
+    """(case, kernel, target) -> the launch's audit: TARGET_CASES for every target (sm_90
+    from `report`, which has every case)."""
+    others = [t for t in TARGETS if t != "sm_90"]
+    out = {(r["case"], r["kernel"], r["target"]): r
+           for r in run_audit("--target", *others, "--only", *TARGET_CASES)}
+    out.update({(case, kernel, "sm_90"): r for (case, kernel), r in report.items()
+                if case in TARGET_CASES})
+    return out
 
 
 def sizes(histogram: dict) -> set:
@@ -46,6 +73,13 @@ def test_every_kernel_compiles_to_a_cubin(report):
                        "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
                        "_two_pass_finish_kernel"}
     assert all(r["registers"] > 0 for r in report.values())
+
+
+def test_every_launch_names_its_floating_point_fusion(report):
+    # config.FP_FUSION at every launch: our numerics do not follow Triton's default, and
+    # Triton does not warn at the first compile that the default changes.
+    unset = sorted(k for k, r in report.items() if r["enable_fp_fusion"] is None)
+    assert not unset, f"launches without enable_fp_fusion: {unset}"
 
 
 def test_no_launch_spills_registers(report):
@@ -136,3 +170,28 @@ def test_small_vocabularies_take_many_rows_per_program_with_vector_loads(report,
     assert rows["constexprs"]["ROWS"] > 1
     assert sizes(rows["logits_loads"]) == sizes(rows["grad_stores"]) == {load_bytes}, rows
     assert rows["lane_use"] >= 0.6  # the padding of V to a power of 2 is the only waste
+
+
+def test_every_kernel_compiles_for_every_target(targets_report):
+    launches = {(case, kernel) for case, kernel, _ in targets_report}
+    assert {kernel for _, kernel in launches} == {
+        "_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
+        "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
+        "_two_pass_finish_kernel"}
+    for case, kernel in launches:
+        compiled = {t for c, k, t in targets_report if (c, k) == (case, kernel)}
+        assert compiled == set(TARGETS), (case, kernel, compiled)
+    assert all(r["registers"] > 0 for r in targets_report.values())
+
+
+def test_no_target_spills_registers(targets_report):
+    spilled = {k: r["stack_bytes"] for k, r in targets_report.items() if r["stack_bytes"]}
+    assert not spilled, f"register spills (stack or scratch bytes): {spilled}"
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])
+def test_every_launch_fits_on_an_sm(targets_report, target):
+    # The per-SM limits are known for these three: a launch that fits none could not run.
+    fits = {(c, k): r["programs_per_sm"] for (c, k, t), r in targets_report.items()
+            if t == target}
+    assert len(fits) == 9 and min(fits.values()) >= 1, fits

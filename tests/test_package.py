@@ -1,0 +1,121 @@
+"""The package as a user gets it: the sdist and the wheel build, hold what they should, and the
+wheel installs and imports; importing triton_xent and the first call of each public op, on
+both backends, raise no warning; the first compile of a kernel raises none either."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+import triton_xent
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_FILES = sorted(
+    os.path.relpath(os.path.join(d, f), ROOT)
+    for d, _, files in os.walk(os.path.join(ROOT, "triton_xent"))
+    for f in files if f.endswith(".py"))
+
+
+def run(cmd, **kwargs):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory):
+    """The sdist and the wheel that `python -m build` makes (the wheel from the sdist), built
+    from a copy of the source so that the checkout is left as it was. Without build isolation:
+    the test extras hold the backend (setuptools), and a fresh build environment would cost
+    CI about 20 s of installing it."""
+    pytest.importorskip("build")
+    tmp = tmp_path_factory.mktemp("package")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "*.egg-info", "build", "dist", ".wheels", ".pytest_cache"))
+    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"),
+         str(src)])
+    files = sorted(os.listdir(tmp / "dist"))
+    assert len(files) == 2, files
+    return {name.rsplit(".", 1)[-1]: tmp / "dist" / name for name in files}
+
+
+def test_sdist_holds_the_package_license_readme_and_changelog(dist):
+    version = triton_xent.__version__
+    assert dist["gz"].name == f"triton_xent-{version}.tar.gz"
+    with tarfile.open(dist["gz"]) as tar:
+        top = f"triton_xent-{version}/"
+        names = {n.removeprefix(top) for n in tar.getnames()}
+    assert {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", *PACKAGE_FILES} <= names
+    assert not {n for n in names if "__pycache__" in n or n.endswith(".pyc")}
+
+
+def test_wheel_installs_and_imports_with_its_license_and_version(dist, tmp_path):
+    version = triton_xent.__version__
+    with zipfile.ZipFile(dist["whl"]) as whl:
+        names = set(whl.namelist())
+        info = f"triton_xent-{version}.dist-info/"
+        metadata = whl.read(info + "METADATA").decode()
+    assert set(PACKAGE_FILES) <= names and info + "licenses/LICENSE" in names
+    assert f"\nVersion: {version}\n" in metadata
+    assert "\nLicense-Expression: Apache-2.0\n" in metadata
+    # Installed alone into a folder (torch and triton come from this environment).
+    target = tmp_path / "site"
+    run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+         "--target", str(target), str(dist["whl"])])
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = run([sys.executable, "-c", "import importlib.metadata as m, triton_xent; "
+               "print(triton_xent.__file__); print(triton_xent.__version__, "
+               "m.version('triton_xent'))"], env=env, cwd=tmp_path)
+    where, versions = out.stdout.splitlines()
+    assert where.startswith(str(target)) and versions == f"{version} {version}"
+
+
+# Every public op once on a tiny input (forward and backward), on each backend, with every
+# warning an error. backend="triton" runs the kernels through the interpreter on a CPU.
+FIRST_CALLS = """
+import warnings
+warnings.simplefilter("error")
+import torch
+import triton_xent
+backends = ["torch"] + (["triton"] if triton_xent.triton_available() else [])
+for backend in backends:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 10, generator=g, requires_grad=True)
+    t = torch.randint(0, 10, (4,), generator=g)
+    h = torch.randn(4, 8, generator=g, requires_grad=True)
+    w = torch.randn(10, 8, generator=g, requires_grad=True)
+    losses = [
+        triton_xent.cross_entropy(x, t, backend=backend),
+        triton_xent.CrossEntropyLoss(backend=backend)(x, t),
+        triton_xent.linear_cross_entropy(h, w, t, backend=backend),
+        triton_xent.LinearCrossEntropyLoss(backend=backend)(h, w, t),
+    ]
+    sum(losses).backward()
+print(" ".join(backends))
+"""
+
+
+def test_import_and_first_call_of_each_op_warn_nothing():
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    out = run([sys.executable, "-c", FIRST_CALLS], env=env, cwd=ROOT)
+    assert out.stderr == "" and out.stdout.split() == (
+        ["torch", "triton"] if triton_xent.triton_available() else ["torch"])
+
+
+def test_first_compile_of_a_kernel_warns_nothing():
+    # What a GPU does at the first call: Triton's compiler, here offline for sm_90 through the
+    # audit. Triton warns once a process, so this is one launch; that every launch names what
+    # Triton would otherwise warn about (floating-point fusion) is test_compile_audit.py's.
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton build has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    run([sys.executable, "-W", "error", os.path.join(ROOT, "bench", "compile_audit.py"),
+         "--only", "whole_V4096_bf16"], env=env, cwd=ROOT)
