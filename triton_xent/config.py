@@ -57,7 +57,7 @@ SCALE_NUM_WARPS = 8
 # (bench/sm90_compile.py) read. A numerics choice, not a speed setting.
 FP_FUSION = True
 
-# --- linear + cross-entropy (triton_xent/kernels/linear_xent.py) -------------------------
+# --- the linear ops' chunk driver (triton_xent/chunks.py) ------------------------------
 
 # Bytes of one (chunk_rows, V) logits chunk when the caller gives neither `chunk_size` nor
 # `memory_budget_bytes`: 1024 rows of bf16 logits for V = 128256 (Llama 3), 512 in fp32.
