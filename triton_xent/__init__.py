@@ -1,8 +1,9 @@
 """triton_xent: fused cross-entropy for PyTorch (Triton kernels on GPUs, PyTorch on CPUs)."""
 
-from .functional import CrossEntropyOutput, cross_entropy, triton_available
+from .functional import (CrossEntropyOutput, cross_entropy, distillation_loss,
+                         triton_available)
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
-from .modules import CrossEntropyLoss
+from .modules import CrossEntropyLoss, DistillationLoss
 
 __all__ = [
     "cross_entropy",
@@ -10,6 +11,8 @@ __all__ = [
     "CrossEntropyLoss",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
+    "distillation_loss",
+    "DistillationLoss",
     "triton_available",
 ]
 __version__ = "0.1.0"

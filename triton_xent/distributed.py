@@ -261,3 +261,15 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
     return (loss, lse.to(torch.float32).view(loss_shape),
             H.to(torch.float32).view(loss_shape) if problem.entropy else None,
             idx.view(loss_shape) if idx is not None else None, grad)
+
+
+# --- distillation ---------------------------------------------------------------------------
+
+
+def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence, beta,
+                                temperature, use_triton, group):
+    """distill.distill_rows over a group: student and teacher are this rank's slice of the
+    classes (the same slice of both); every rank gets the whole rows' loss and writes its
+    slice of the gradient, from distill.distill_stats, merge_stats, distill_terms (JSD) and
+    distill_grad with the statistics exchanged across the group."""
+    raise NotImplementedError("distillation_loss with a process_group is not implemented yet")
