@@ -3,6 +3,7 @@
 from .functional import (CrossEntropyOutput, cross_entropy, distillation_loss,
                          triton_available)
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear_distill import LinearDistillationLoss, linear_distillation_loss
 from .modules import CrossEntropyLoss, DistillationLoss
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "distillation_loss",
     "DistillationLoss",
+    "linear_distillation_loss",
+    "LinearDistillationLoss",
     "triton_available",
 ]
 __version__ = "0.1.0"
