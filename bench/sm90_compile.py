@@ -61,12 +61,14 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from triton_xent.kernels import xent
+from triton_xent.kernels import distill, xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SM90 = GPUTarget("cuda", 90, 32)
 KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
            "_slice_grad_kernel", "_scale_rows_kernel")
+DISTILL_KERNELS = ("_distill_rows_kernel", "_distill_slice_stats_kernel",
+                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel")
 
 # sm_90 per-SM limits (CUDA occupancy calculator, compute capability 9.0).
 SM90_REGISTERS = 65536
@@ -127,6 +129,25 @@ def _scale_call(V: int) -> Callable[[], None]:
     return call
 
 
+def _distill_call(V: int, divergence: str, n_rows=ROWS) -> Callable[[], None]:
+    """Distillation (kernels/distill.py) on (n_rows, V) bf16 logits with a gradient and row
+    factors, as distill.distill_rows calls it: whole rows, or the slice kernels' stages."""
+    def call():
+        x = torch.zeros(n_rows, V, dtype=torch.bfloat16)
+        options = dict(divergence=divergence, beta=0.5, temperature=0.8)
+        scale = torch.ones(n_rows)
+        if V <= distill.config.ROW_SLICE_MAX_V:
+            distill.distill_rows(x, x, torch.empty_like(x), scale, **options)
+            return
+        merged = torch.zeros(n_rows, 6)
+        distill.distill_slice_stats(x, x, temperature=0.8)
+        if divergence == "jsd":
+            distill.distill_slice_terms(x, x, merged, beta=0.5, temperature=0.8)
+        distill.distill_slice_grad(x, x, merged, torch.zeros(n_rows), torch.empty_like(x),
+                                   scale, **options)
+    return call
+
+
 def cases() -> dict[str, Callable[[], None]]:
     """name -> a call of the launchers; each launch it makes is compiled and audited."""
     # P = 8, 32 and 63 slices (P_PAD 8, 32, 64): how the merge grows with P.
@@ -150,6 +171,11 @@ def cases() -> dict[str, Callable[[], None]]:
     # Short rows at a classifier's batch (enough rows for full tiles).
     for V in (2, 10, 100, 1000):
         out[f"small_V{V}_bf16"] = _rows_call(V, n_rows=4096)
+    # distillation (issue 20): whole rows, short rows, and the slice stages of long rows
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        out[f"distill_{divergence}_V4096_bf16"] = _distill_call(4096, divergence)
+        out[f"distill_{divergence}_V128256_bf16"] = _distill_call(128256, divergence)
+    out["distill_jsd_V1000_bf16"] = _distill_call(1000, "jsd", n_rows=4096)
     return out
 
 
@@ -168,16 +194,18 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording():
-    """Replaces the kernels of kernels/xent.py by recorders; yields the list of launches."""
+    """Replaces the kernels of kernels/xent.py and kernels/distill.py by recorders; yields
+    the list of launches."""
     launches: list = []
-    saved = {name: getattr(xent, name) for name in KERNELS}
-    for name, kernel in saved.items():
-        setattr(xent, name, _Recorder(kernel, launches))
+    saved = {(module, name): getattr(module, name) for module, names in
+             ((xent, KERNELS), (distill, DISTILL_KERNELS)) for name in names}
+    for (module, name), kernel in saved.items():
+        setattr(module, name, _Recorder(kernel, launches))
     try:
         yield launches
     finally:
-        for name, kernel in saved.items():
-            setattr(xent, name, kernel)
+        for (module, name), kernel in saved.items():
+            setattr(module, name, kernel)
 
 
 def specialise(kernel, args: tuple, kwargs: dict):
@@ -406,7 +434,8 @@ def audit(kernel, grid, args, kwargs) -> dict:
     ptx = compiled.asm["ptx"]
     runtime = [n for n in signature if signature[n] != "constexpr"]  # the PTX's parameters
     position = lambda name: runtime.index(name) if name in runtime else -1  # noqa: E731
-    mem = memory_ops(ptx, position("logits_ptr"), position("grad_ptr"))
+    logits = "logits_ptr" if "logits_ptr" in runtime else "student_ptr"  # distill's
+    mem = memory_ops(ptx, position(logits), position("grad_ptr"))
     out = dict(kernel=kernel.fn.__name__, grid=list(grid), num_warps=warps, registers=regs,
                stack_bytes=field("STACK"), shared_bytes=shared, programs_per_sm=programs,
                occupancy_limit=limit, **mem)
