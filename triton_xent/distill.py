@@ -167,6 +167,8 @@ def forward(problem: DistillProblem, input: torch.Tensor, teacher: torch.Tensor,
         else:
             from . import distributed
 
+            distributed.prepare_distill(V, target, n_rows, process_group)
+
             def rows_fn(*args, **kwargs):
                 return distributed.distill_rows_vocab_parallel(*args, group=process_group,
                                                                **kwargs)
@@ -184,6 +186,8 @@ def scale_saved_grad(problem: DistillProblem, grad: torch.Tensor,
                      grad_loss: torch.Tensor) -> torch.Tensor:
     """A backward: grad * grad_loss (a scalar, or one per row for "none"), in place when the
     saved gradient is spent (core.saved_grad_is_spent)."""
+    if grad.numel() == 0:  # a rank's empty class slice (vocab parallelism): nothing to scale
+        return grad
     V = grad.shape[-1]
     rows = grad.reshape(-1, V, 1)  # a view: the forward allocated it contiguous
     go = grad_loss.reshape(-1)

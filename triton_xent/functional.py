@@ -508,40 +508,47 @@ def distillation_loss(
     """
     if process_group is not None:
         _refuse_eager_only(process_group=True, inplace_backward=False, input=input)
-    _check_logits("input", input)
-    _check_logits("teacher", teacher)
-    if input.dim() == 0:
-        raise ValueError("input must have a class dimension (the last): shape (..., V), got "
-                         "a 0-dim tensor")
-    if teacher.shape != input.shape:
-        raise ValueError(f"teacher must have input's shape {tuple(input.shape)}, got "
-                         f"{tuple(teacher.shape)}")
-    if teacher.device != input.device:
-        raise ValueError(f"teacher is on {teacher.device} but input is on {input.device}")
-    if input.shape[-1] == 0:
-        raise ValueError("input must have at least one class (its last dimension is 0)")
-    if target is not None:
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a tensor or None, got {type(target).__name__}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices (it marks ignored rows), "
-                            f"got {target.dtype}")
-        if target.shape != input.shape[:-1]:
-            raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, one per row "
-                             f"of input {tuple(input.shape)}, got {tuple(target.shape)}")
-        if target.device != input.device:
-            raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if torch.is_grad_enabled() and teacher.requires_grad:
-        raise ValueError("distillation_loss gives the teacher no gradient; detach it "
-                         "(teacher.detach())")
-    divergence, beta, temperature, reduction = _check_distill_options(
-        divergence, beta, temperature, reduction)
-    use_triton = _use_triton(backend, input)
-    if use_triton and teacher.dtype not in _KERNEL_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 teacher "
-                            f"logits, got {teacher.dtype}; use backend='torch' or 'auto'")
-        use_triton = False
+    # With a group, a rank that fails a check still joins the first collective, so the
+    # others fail too instead of waiting (distributed.refusing_together).
+    with distributed.refusing_together(process_group, input):
+        _check_logits("input", input)
+        _check_logits("teacher", teacher)
+        if input.dim() == 0:
+            raise ValueError("input must have a class dimension (the last): shape (..., V), "
+                             "got a 0-dim tensor")
+        if teacher.shape != input.shape:
+            raise ValueError(f"teacher must have input's shape {tuple(input.shape)}, got "
+                             f"{tuple(teacher.shape)}")
+        if teacher.device != input.device:
+            raise ValueError(f"teacher is on {teacher.device} but input is on {input.device}")
+        if input.shape[-1] == 0 and process_group is None:  # a rank's slice may be empty
+            raise ValueError("input must have at least one class (its last dimension is 0)")
+        if target is not None:
+            if not isinstance(target, torch.Tensor):
+                raise TypeError(f"target must be a tensor or None, got "
+                                f"{type(target).__name__}")
+            if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+                raise TypeError(f"target must hold integer class indices (it marks ignored "
+                                f"rows), got {target.dtype}")
+            if target.shape != input.shape[:-1]:
+                raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, one per "
+                                 f"row of input {tuple(input.shape)}, got "
+                                 f"{tuple(target.shape)}")
+            if target.device != input.device:
+                raise ValueError(f"target is on {target.device} but input is on "
+                                 f"{input.device}")
+        if torch.is_grad_enabled() and teacher.requires_grad:
+            raise ValueError("distillation_loss gives the teacher no gradient; detach it "
+                             "(teacher.detach())")
+        divergence, beta, temperature, reduction = _check_distill_options(
+            divergence, beta, temperature, reduction)
+        use_triton = _use_triton(backend, input)
+        if use_triton and teacher.dtype not in _KERNEL_DTYPES:
+            if backend == "triton":
+                raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 "
+                                f"teacher logits, got {teacher.dtype}; use backend='torch' "
+                                f"or 'auto'")
+            use_triton = False
     needs_grad = torch.is_grad_enabled() and input.requires_grad
     if process_group is not None:
         problem = distill.DistillProblem(divergence, float(beta), float(temperature),
