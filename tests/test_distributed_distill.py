@@ -18,6 +18,10 @@ import torch.distributed as dist
 import triton_xent
 from helpers import assert_close, spawn_ranks
 
+pytest.importorskip("torch.distributed.tensor")
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
+
 N, V, D, DT = 7, 37, 6, 5
 # Slice sizes in rank order, several per world: unequal, and one with an empty slice (that
 # rank holds no class of either head and adds nothing).
@@ -85,6 +89,23 @@ def _worker(rank, world, rendezvous, out_dir):
                         hl, wl, th, tw[lo:hi], target, bias=bl, teacher_bias=tb[lo:hi],
                         backend=backend, process_group=group, **kwargs)
                     results[k, backend, case] = (_backward(loss), hl.grad, wl.grad, bl.grad)
+        # DTensors: logits Shard(-1) and ColwiseParallel-style heads Shard(0) on a 1-D mesh
+        # (torch.chunk's slices: 19 + 18 on 2 ranks, 13 + 13 + 11 on 3), both backends' alike
+        # so the default one; gradients come back as DTensors, compared in full.
+        mesh = init_device_mesh("cpu", (world,))
+        s_dt = distribute_tensor(s, mesh, [Shard(1)]).requires_grad_(True)
+        loss = triton_xent.distillation_loss(s_dt, distribute_tensor(t, mesh, [Shard(1)]),
+                                             target, **LOGIT_CASES["jsd_beta03_T13_none"])
+        results["dtensor"] = (_backward(loss.full_tensor()), s_dt.grad.full_tensor())
+        w_dt, b_dt = (distribute_tensor(p, mesh, [Shard(0)]).requires_grad_(True)
+                      for p in (w, b))
+        hl = h.clone().requires_grad_(True)
+        loss = triton_xent.linear_distillation_loss(
+            hl, w_dt, th, distribute_tensor(tw, mesh, [Shard(0)]), target, bias=b_dt,
+            teacher_bias=distribute_tensor(tb, mesh, [Shard(0)]),
+            **LINEAR_CASES["linear_jsd_none_recompute"])
+        results["linear_dtensor"] = (_backward(loss.full_tensor()), hl.grad,
+                                     w_dt.grad.full_tensor(), b_dt.grad.full_tensor())
         # A rank whose own arguments fail the checks (rank 0: a teacher slice of another
         # size; then a target of one row too few) raises its error; the others raise too,
         # naming it, instead of waiting in a collective.
@@ -110,6 +131,11 @@ def _worker(rank, world, rendezvous, out_dir):
     os._exit(0)
 
 
+def _check_full(got, expected, what):
+    for name, g, e in zip(("loss", "d_input", "d_weight", "d_bias"), got, expected):
+        assert_close(g, e, torch.float32, f"{what}: {name}")
+
+
 @pytest.mark.parametrize("world", sorted(SLICINGS), ids=lambda w: f"world{w}")
 def test_vocab_parallel_distillation_matches_single_process(world, tmp_path):
     if torch.cuda.is_available() and "triton" in BACKENDS:
@@ -124,6 +150,9 @@ def test_vocab_parallel_distillation_matches_single_process(world, tmp_path):
         full = s.clone().requires_grad_(True)
         loss = _backward(triton_xent.distillation_loss(full, t, target, backend="torch",
                                                        **kwargs))
+        if case == "jsd_beta03_T13_none":
+            for rank, res in enumerate(results):
+                _check_full(res["dtensor"], (loss, full.grad), f"DTensor, rank {rank}")
         for k, slices in enumerate(SLICINGS[world]):
             for backend in BACKENDS:
                 for rank, res in enumerate(results):
@@ -137,6 +166,10 @@ def test_vocab_parallel_distillation_matches_single_process(world, tmp_path):
         hl, wl, bl = (p.clone().requires_grad_(True) for p in (h, w, b))
         loss = _backward(triton_xent.linear_distillation_loss(
             hl, wl, th, tw, target, bias=bl, teacher_bias=tb, backend="torch", **kwargs))
+        if case == "linear_jsd_none_recompute":
+            for rank, res in enumerate(results):
+                _check_full(res["linear_dtensor"], (loss, hl.grad, wl.grad, bl.grad),
+                            f"linear DTensor, rank {rank}")
         for k, slices in enumerate(SLICINGS[world]):
             for backend in BACKENDS:
                 for rank, res in enumerate(results):

@@ -467,6 +467,7 @@ def _check_logits(name: str, x) -> None:
         raise TypeError(f"{name} must hold floating-point logits, got {x.dtype}")
 
 
+@dtensor.routes_dtensors(dtensor.distillation_arguments)  # DTensor logits: dtensor.py
 def distillation_loss(
     input: torch.Tensor,  # (..., V) student logits
     teacher: torch.Tensor,  # (..., V) teacher logits, input's shape

@@ -342,6 +342,7 @@ def _check_head(name: str, weight, bias, bias_name: str, hidden, hidden_name: st
     return weight.shape
 
 
+@dtensor.routes_dtensors(dtensor.linear_distillation_arguments)  # DTensor heads: dtensor.py
 def linear_distillation_loss(
     input: torch.Tensor,  # (..., D) the student's hidden states
     weight: torch.Tensor,  # (V, D) the student's head, as nn.Linear stores it
