@@ -258,6 +258,21 @@ def test_merged_column_sets_equal_whole_rows(device, backend_):
         assert_close(grad, want_grad, torch.float32, f"{divergence} merged gradient")
 
 
+@pytest.mark.parametrize("vocab", [37, 150], ids=["whole_rows", "three_slices"])
+def test_gradient_may_overwrite_the_student(backend, device, small_slices, vocab):
+    # The linear op's chunks take their gradient in the logits' own buffer: distill_rows with
+    # grad aliasing the student gives the gradient it gives into a separate buffer.
+    x, t = _logits((4, vocab), device=device)
+    scale = torch.tensor([0.5, 0.0, 1.0, 2.0], device=device)
+    kw = dict(divergence="jsd", beta=0.3, temperature=1.3, use_triton=backend == "triton")
+    grad = torch.empty_like(x)
+    loss = distill.distill_rows(x, t, grad, scale, **kw)
+    spent = x.clone()
+    loss_in_place = distill.distill_rows(spent, t, spent, scale, **kw)
+    assert torch.equal(loss, loss_in_place) and torch.equal(spent, grad)
+    assert loss[1] == 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
 def test_compiled_training_step_equals_eager_without_graph_breaks(backend, device):
     torch._dynamo.reset()
     torch.manual_seed(0)
