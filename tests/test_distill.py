@@ -160,6 +160,18 @@ def test_minus_inf_teacher_logits(backend, device, small_slices):
     assert torch.isinf(loss).all() and (loss > 0).all()
 
 
+def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, small_slices):
+    # Never a silent 0: a NaN in the student's row 0 or the teacher's row 1 (V = 100, two
+    # slices) makes that row's loss NaN; row 2 is untouched.
+    x, t = _logits((3, 100), device=device)
+    x[0, 5] = float("nan")
+    t[1, 80] = float("nan")
+    for divergence in DIVERGENCES:
+        loss = triton_xent.distillation_loss(x, t, divergence=divergence, reduction="none",
+                                             backend=backend)
+        assert loss[:2].isnan().all() and loss[2].isfinite(), divergence
+
+
 def test_equal_distributions_give_exactly_zero_kl(backend, device, small_slices):
     # D_t = sum e_t (d_t - d_s) is exactly 0 when the teacher is the student: no cancellation
     # of two large sums, and a +100 shift of the teacher changes nothing.
