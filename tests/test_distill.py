@@ -207,11 +207,15 @@ def test_backward_scales_by_grad_output(backend, device, small_slices):
 
 
 def test_dtypes_of_loss_and_gradient(backend, device):
-    # The loss has F.kl_div's dtype (input's promoted with the teacher's); the gradient input's.
+    # The loss has F.kl_div's dtype (input's promoted with the teacher's; float32 under
+    # autocast); the gradient has input's.
     x, t = _logits((3, 20), dtype=torch.bfloat16, device=device)
     loss, grad = _run(x, t, backend=backend)
     assert loss.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
     loss, grad = _run(x, t.float(), backend=backend)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss, grad = _run(x, t, backend=backend)
     assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
     loss, grad = _check(x.float(), t.float(), divergence="reverse_kl", backend=backend)
     with torch.no_grad():  # no gradient asked for: the same loss
