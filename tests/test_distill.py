@@ -248,11 +248,12 @@ def test_module_equals_function(backend, device):
 @pytest.mark.parametrize("backend_", ["torch", "triton"])
 def test_merged_column_sets_equal_whole_rows(device, backend_):
     # The interface of the linear op and vocab parallelism: statistics of unequal column sets
-    # (one of them all -inf in the teacher) merged by merge_stats, JSD's terms summed over
-    # the sets, and each set's gradient equal those of the whole rows.
+    # (one of them all -inf in the teacher, one empty: a rank's empty slice) merged by
+    # merge_stats, JSD's terms summed over the sets, and each set's gradient equal those of
+    # the whole rows.
     x, t = _logits((3, 50), device=device)
     t[:, 10:20] = float("-inf")
-    sets = [slice(0, 10), slice(10, 20), slice(20, 50)]
+    sets = [slice(0, 10), slice(10, 20), slice(20, 20), slice(20, 50)]
     kw = dict(temperature=0.9, use_triton=backend_ == "triton")
     whole = distill.distill_stats(x, t, **kw)
     merged = distill.merge_stats(torch.stack([distill.distill_stats(x[:, c], t[:, c], **kw)
