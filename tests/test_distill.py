@@ -113,11 +113,11 @@ def test_row_shapes(backend, device, small_slices, shape):
     else:
         full = {"N_V": (6, 70), "B_T_V": (2, 3, 70), "V": (70,)}[shape]
         x, t = _logits(full, device=device)
+    # JSD: the slice path's three kernels (the divergences' formulas are tested above).
     target = _target(x.shape[:-1], 70, device, ignored=((0,) * (x.dim() - 1),))
-    for divergence in DIVERGENCES:
-        loss, grad = _check(x, t, target, divergence=divergence, reduction="none",
-                            backend=backend, what=f"{shape} {divergence}")
-        assert loss.shape == x.shape[:-1] and grad.shape == x.shape
+    loss, grad = _check(x, t, target, divergence="jsd", reduction="none", backend=backend,
+                        what=shape)
+    assert loss.shape == x.shape[:-1] and grad.shape == x.shape
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
@@ -152,10 +152,9 @@ def test_minus_inf_teacher_logits(backend, device, small_slices):
     t[2:, :5] = float("-inf")
     target = _target((4,), 200, device, ignored=())
     for divergence in ("forward_kl", "jsd"):
-        for reduction in ("none", "batchmean"):
-            loss, _ = _check(x, t, target, divergence=divergence, reduction=reduction,
-                             backend=backend, what=f"-inf teacher {divergence} {reduction}")
-            assert torch.isfinite(loss).all()
+        loss, _ = _check(x, t, target, divergence=divergence, reduction="none",
+                         backend=backend, what=f"-inf teacher {divergence}")
+        assert torch.isfinite(loss).all()
     loss, _ = _run(x, t, target, divergence="reverse_kl", reduction="none", backend=backend)
     assert torch.isinf(loss).all() and (loss > 0).all()
 
@@ -192,9 +191,9 @@ def test_backward_scales_by_grad_output(backend, device, small_slices):
     x, t = _logits((5, 90), device=device)
     target = _target((5,), 90, device)
     go = torch.tensor([0.5, -2.0, 3.0, 0.0, 1.0], device=device)
+    _check(x, t, target, grad_output=torch.tensor(3.0), divergence="reverse_kl",
+           backend=backend, what="grad_output 3")
     for divergence in DIVERGENCES:
-        _check(x, t, target, grad_output=torch.tensor(3.0), divergence=divergence,
-               backend=backend, what=f"{divergence} grad_output 3")
         _check(x, t, target, grad_output=go, divergence=divergence, reduction="none",
                backend=backend, what=f"{divergence} per-row grad_output")
     xg = x.clone().requires_grad_(True)
