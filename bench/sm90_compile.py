@@ -1,8 +1,9 @@
 """Static audit of the row kernels' compiled code for the H100/H200 (sm_90), without a GPU.
 
-Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
-the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
-warps the launcher would launch with. It then specialises them as Triton's JIT does at run
+Each case calls a launcher of triton_xent/kernels/xent.py (or, for the distill_ cases,
+kernels/distill.py, whose student's loads count as `logits_loads`) on CPU tensors of an LM
+shape, with the kernels replaced by recorders, so the audit sees exactly the arguments,
+constexprs and warps the launcher would launch with. It then specialises them as Triton's JIT does at run
 time (an int equal to 1 becomes the constexpr 1; ints divisible by 16 and 16-byte aligned
 pointers get the `tt.divisibility` 16 attribute; None becomes a constexpr), compiles each
 launch through the real pipeline to PTX and a cubin for sm_90 with Triton's bundled ptxas,
