@@ -1,8 +1,9 @@
 """Static audit of the row kernels' compiled code for the H100/H200 (sm_90), without a GPU.
 
-Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
-the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
-warps the launcher would launch with. It then specialises them as Triton's JIT does at run
+Each case calls a launcher of triton_xent/kernels/xent.py (or, for the distill_ cases,
+kernels/distill.py, whose student's loads count as `logits_loads`) on CPU tensors of an LM
+shape, with the kernels replaced by recorders, so the audit sees exactly the arguments,
+constexprs and warps the launcher would launch with. It then specialises them as Triton's JIT does at run
 time (an int equal to 1 becomes the constexpr 1; ints divisible by 16 and 16-byte aligned
 pointers get the `tt.divisibility` 16 attribute; None becomes a constexpr), compiles each
 launch through the real pipeline to PTX and a cubin for sm_90 with Triton's bundled ptxas,
@@ -61,6 +62,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from triton_xent import config
 from triton_xent.kernels import distill, xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -131,17 +133,18 @@ def _scale_call(V: int) -> Callable[[], None]:
 
 def _distill_call(V: int, divergence: str, n_rows=ROWS) -> Callable[[], None]:
     """Distillation (kernels/distill.py) on (n_rows, V) bf16 logits with a gradient and row
-    factors, as distill.distill_rows calls it: whole rows, or the slice kernels' stages."""
+    factors, as distill.distill_rows calls it: whole rows, or the slice kernels' stages (the
+    stats kernel, which does not depend on the divergence, in the JSD case only)."""
     def call():
         x = torch.zeros(n_rows, V, dtype=torch.bfloat16)
         options = dict(divergence=divergence, beta=0.5, temperature=0.8)
         scale = torch.ones(n_rows)
-        if V <= distill.config.ROW_SLICE_MAX_V:
+        if V <= config.ROW_SLICE_MAX_V:
             distill.distill_rows(x, x, torch.empty_like(x), scale, **options)
             return
         merged = torch.zeros(n_rows, 6)
-        distill.distill_slice_stats(x, x, temperature=0.8)
-        if divergence == "jsd":
+        if divergence == "jsd":  # the stats kernel is the same for every divergence
+            distill.distill_slice_stats(x, x, temperature=0.8)
             distill.distill_slice_terms(x, x, merged, beta=0.5, temperature=0.8)
         distill.distill_slice_grad(x, x, merged, torch.zeros(n_rows), torch.empty_like(x),
                                    scale, **options)

@@ -42,7 +42,9 @@ def sizes(histogram: dict) -> set:
 def test_every_kernel_compiles_to_a_cubin(report):
     kernels = {kernel for _, kernel in report}
     assert kernels == {"_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
-                       "_slice_grad_kernel", "_scale_rows_kernel"}
+                       "_slice_grad_kernel", "_scale_rows_kernel", "_distill_rows_kernel",
+                       "_distill_slice_stats_kernel", "_distill_slice_terms_kernel",
+                       "_distill_slice_grad_kernel"}
     assert all(r["registers"] > 0 for r in report.values())
 
 
@@ -93,3 +95,22 @@ def test_small_vocabularies_take_many_rows_per_program_with_vector_loads(report,
     assert rows["constexprs"]["ROWS"] > 1
     assert sizes(rows["logits_loads"]) == sizes(rows["grad_stores"]) == {load_bytes}, rows
     assert rows["lane_use"] >= 0.6  # the padding of V to a power of 2 is the only waste
+
+
+DISTILL = [(f"distill_{d}_V{V}_bf16", "_distill_rows_kernel")
+           for d in ("forward_kl", "reverse_kl", "jsd") for V in (4096,)] + [
+    ("distill_jsd_V1000_bf16", "_distill_rows_kernel"),
+    ("distill_jsd_V128256_bf16", "_distill_slice_stats_kernel"),
+    ("distill_jsd_V128256_bf16", "_distill_slice_terms_kernel"),
+] + [(f"distill_{d}_V128256_bf16", "_distill_slice_grad_kernel")
+     for d in ("forward_kl", "reverse_kl", "jsd")]
+
+
+@pytest.mark.parametrize("case, kernel", DISTILL)
+def test_distillation_reads_both_logits_with_16_byte_vectors(report, case, kernel):
+    # Student and teacher: one 16-byte load instruction each in the PTX (the student's is
+    # "logits_loads"), and the gradient's stores 16 bytes wide; V = 1000 through ROW_ALIGN.
+    r = report[(case, kernel)]
+    assert sizes(r["logits_loads"]) == {16} and 16 in sizes(r["loads"]), r
+    assert sizes(r["grad_stores"]) <= {16}, r
+    assert r["programs_per_sm"] >= 2, r

@@ -8,6 +8,9 @@ Two doors lead to core.forward:
   host-side checks;
 - CrossEntropyFunction, for inplace_backward (a custom op may not return a gradient that
   aliases its input) and for process_group (collectives): eager-mode features.
+
+Distillation (distill.forward) has the same two doors: the custom op
+`torch.ops.triton_xent.distillation_loss`, and DistillationFunction for process_group.
 """
 
 from __future__ import annotations

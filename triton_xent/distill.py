@@ -71,8 +71,18 @@ def distill_rows(student, teacher, grad, row_scale, *, divergence, beta, tempera
     return loss if row_scale is None else torch.where(row_scale == 0, 0.0, loss)
 
 
+def _n_rows(x: torch.Tensor) -> int:
+    return x.shape[0] * (x.shape[1] if x.dim() == 3 else 1)
+
+
 def distill_stats(student, teacher, *, temperature, use_triton):
-    """(R, 6) statistics of the columns here."""
+    """(R, 6) statistics of the columns here; those of no column (a rank's empty slice: m =
+    -inf, s = D = 0) add nothing when merged."""
+    if student.shape[-1] == 0:
+        dtype = torch.float32 if use_triton else core.acc_dtype(student.dtype)
+        stats = torch.zeros((_n_rows(student), 6), dtype=dtype, device=student.device)
+        stats[:, [0, 2]] = float("-inf")
+        return stats
     if not use_triton:
         return reference.distill_stats_torch(student, teacher, temperature=temperature)
     stats = core.on_tensors_device(_kernels().distill_slice_stats)(student, teacher,
@@ -86,6 +96,8 @@ row_losses = reference.row_losses
 
 def distill_terms(student, teacher, merged, *, beta, temperature, use_triton):
     """(R, 2) JSD sums over the columns here, from the whole rows' merged statistics."""
+    if student.shape[-1] == 0:
+        return merged.new_zeros((_n_rows(student), 2))
     if not use_triton:
         return reference.distill_terms_torch(student, teacher, merged, beta=beta,
                                              temperature=temperature)
@@ -96,6 +108,8 @@ def distill_terms(student, teacher, merged, *, beta, temperature, use_triton):
 def distill_grad(student, teacher, merged, kl_s, grad, row_scale, *, divergence, beta,
                  temperature, use_triton):
     """Writes grad = row_scale * dloss/dx_s of the columns here."""
+    if student.shape[-1] == 0:
+        return
     fn = (core.on_tensors_device(_kernels().distill_slice_grad) if use_triton
           else reference.distill_grad_torch)
     fn(student, teacher, merged, kl_s, grad, row_scale, divergence=divergence, beta=beta,

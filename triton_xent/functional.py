@@ -11,8 +11,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import _reduction
 
-from . import core, distributed, dtensor
-from . import distill
+from . import core, distill, distributed, dtensor
 from .autograd import (CrossEntropyFuncFunction, CrossEntropyFunction, DistillationFunction,
                        cross_entropy_op, distillation_op, refuse_under_compile)
 
@@ -503,7 +502,7 @@ def distillation_loss(
         slice of the classes. Eager mode only.
 
     Only `input` gets a gradient, computed in the forward pass (backward is a scale); a
-    teacher or target that requires grad is refused (detach it). The loss has F.kl_div's
+    teacher that requires grad is refused (detach it). The loss has F.kl_div's
     dtype: input's promoted with teacher's (float32 under autocast); the gradient has
     input's dtype. torch.compile(fullgraph=True) sees one custom op.
     """

@@ -397,8 +397,8 @@ def _pair_stats_torch(z_s: torch.Tensor, z_t: torch.Tensor):
     d_s = z_s - _finite_or_zero(m_s)[:, None]
     d_t = z_t - _finite_or_zero(m_t)[:, None]
     e_s, e_t = d_s.exp(), d_t.exp()
-    D_t = torch.where(e_t == 0, 0.0, e_t * (d_t - d_s)).sum(-1)
-    D_s = torch.where(e_s == 0, 0.0, e_s * (d_s - d_t)).sum(-1)
+    D_t = _weighted_sum(e_t, d_t - d_s)
+    D_s = _weighted_sum(e_s, d_s - d_t)
     return torch.stack([m_s, e_s.sum(-1), m_t, e_t.sum(-1), D_t, D_s], -1), d_s, d_t
 
 
@@ -481,29 +481,80 @@ def _rows3(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 2 else x
 
 
+def _weighted_sum(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(R,) sum_c w_c v_c of (R, V) tiles, terms with w = 0 taken as 0 (never 0 * inf; a
+    NaN stays NaN). Overwrites v."""
+    return v.mul_(w).masked_fill_(w == 0, 0.0).sum(-1)
+
+
+def _differences(x3: torch.Tensor, where: tuple, temperature: float, out: torch.Tensor):
+    """d = x / T - max_c(x / T) of a chunk's rows, in `out` (the chunk's rows of a buffer in
+    the accumulation dtype): the logits are widened there, never the whole tensor."""
+    n0, n1, d0, d1 = where
+    x = x3[n0:n1, d0:d1].reshape(out.shape)
+    if x.dtype == out.dtype and temperature != 1.0:
+        d = torch.div(x, temperature, out=out)
+    else:  # widened first: half-precision arithmetic would round x / T
+        d = out.copy_(x)
+        if temperature != 1.0:
+            d.div_(temperature)
+    return d.sub_(_finite_or_zero(d.amax(-1, keepdim=True)))
+
+
 def distill_rows_torch(student, teacher, grad, row_scale, *, divergence, beta, temperature):
     """Same contract as kernels.distill.distill_rows, for any V: the (R,) per-row loss
     (float32; float64 for float64 input), unscaled and 0 where row_scale is 0; grad =
-    row_scale * dloss/dx_s written if given."""
+    row_scale * dloss/dx_s written if given.
+
+    Per chunk, with two buffers holding d_s and d_t (the logits are read once) and e = exp(d):
+        forward_kl  loss = D_t / s_t + log s_s - log s_t,  grad = p_s - p_t
+        reverse_kl  loss = D_s / s_s + log s_t - log s_s,
+                    grad = p_s ((d_s - d_t) - (log s_s - log s_t) - loss)
+        jsd         log p = d - log s, log M, then J, K and grad from them
+    all over T, then times row_scale."""
     s3, t3 = _rows3(student), _rows3(teacher)
     g3 = _rows3(grad) if grad is not None else None
     N, D, V = s3.shape
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = torch.empty(N * D, dtype=acc, device=student.device)
+    rows = min(_chunk_rows(V), N * D)
+    buf_s = torch.empty((rows, V), dtype=acc, device=student.device)
+    buf_t = torch.empty((rows, V), dtype=acc, device=student.device)
     for flat, where in _distill_chunks(s3):
-        z_s, z_t = _block(s3, where, temperature), _block(t3, where, temperature)
-        stats, d_s, d_t = _pair_stats_torch(z_s, z_t)
-        lp_s = d_s - stats[:, 1, None].log()
-        lp_t = d_t - stats[:, 3, None].log()
-        terms = log_m = None
-        if divergence == "jsd":
-            terms, log_m = _jsd_terms_torch(lp_s, lp_t, beta)
-        chunk_loss, kl_s = row_losses(stats, terms, divergence)
+        R = flat.stop - flat.start
+        d_s = _differences(s3, where, temperature, buf_s[:R])
+        d_t = _differences(t3, where, temperature, buf_t[:R])
+        e_s, e_t = d_s.exp(), d_t.exp()
+        log_s_s, log_s_t = e_s.sum(-1).log()[:, None], e_t.sum(-1).log()[:, None]
+        p_s = e_s.div_(log_s_s.exp())
+        p_t = e_t.div_(log_s_t.exp())
+        if divergence == "forward_kl":
+            chunk_loss = _weighted_sum(p_t, d_t - d_s) + (log_s_s - log_s_t)[:, 0]
+            g = p_s.sub_(p_t)
+        elif divergence == "reverse_kl":
+            diff = d_s.sub_(d_t)  # d_s - d_t; log p_s - log p_t = diff - (log s_s - log s_t)
+            chunk_loss = _weighted_sum(p_s, diff.clone()) + (log_s_t - log_s_s)[:, 0]
+            g = diff.sub_(log_s_s - log_s_t + chunk_loss[:, None]).mul_(p_s)
+            g.masked_fill_(p_s == 0, 0.0)
+        else:
+            lp_s, lp_t = d_s.sub_(log_s_s), d_t.sub_(log_s_t)
+            log_m = _log_mixture(lp_s, lp_t, beta)
+            k_t = _weighted_sum(p_t, lp_t.sub_(log_m))
+            ratio = lp_s.sub_(log_m)  # log p_s - log M
+            k_s = _weighted_sum(p_s, ratio.clone())
+            chunk_loss = beta * k_t + (1.0 - beta) * k_s
+            g = ratio.sub_(k_s[:, None]).mul_(p_s).masked_fill_(p_s == 0, 0.0)
+            g.mul_(1.0 - beta)
         scale = row_scale[flat] if row_scale is not None else None
         loss[flat] = chunk_loss if scale is None else torch.where(scale == 0, 0.0, chunk_loss)
-        if g3 is not None:
-            _store(g3, where, _distill_grad_chunk(lp_s, lp_t, log_m, kl_s, scale, divergence,
-                                                  beta, temperature))
+        if g3 is None:
+            continue
+        if scale is None:
+            g.div_(temperature)
+        else:
+            scale = scale.to(acc)[:, None]
+            g.mul_(scale / temperature).masked_fill_(scale == 0, 0.0)
+        _store(g3, where, g)
     return loss
 
 

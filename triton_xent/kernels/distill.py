@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .xent import NEG_INF, _row_offsets, row_tile, split_plan
+from .xent import NEG_INF, _row_offsets, row_align, row_tile, split_plan
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -215,16 +215,19 @@ def _distill_rows_kernel(
     beta, inv_temperature,
     # compile-time switches
     DIVERGENCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
-    """Loss and gradient of ROWS whole rows of at most BLOCK_V columns, from registers."""
+    """Loss and gradient of ROWS whole rows of at most BLOCK_V columns, from registers.
+    ROW_ALIGN divides V and every row's first element offset in the three tensors
+    (kernels.xent.row_align), so short rows (V = 1000 in bf16) still get vector loads."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols < n_cols)[None, :]
-    z_s, z_t = _load_pair(student_ptr, _row_offsets(rows, n_inner, stride_s_n, stride_s_d),
-                          stride_s_c, teacher_ptr,
-                          _row_offsets(rows, n_inner, stride_t_n, stride_t_d), stride_t_c,
+    n_cols_aligned = n_cols // ROW_ALIGN * ROW_ALIGN  # = n_cols, now provably aligned
+    mask = row_mask[:, None] & (cols < n_cols_aligned)[None, :]
+    s_rows = tl.multiple_of(_row_offsets(rows, n_inner, stride_s_n, stride_s_d), ROW_ALIGN)
+    t_rows = tl.multiple_of(_row_offsets(rows, n_inner, stride_t_n, stride_t_d), ROW_ALIGN)
+    z_s, z_t = _load_pair(student_ptr, s_rows, stride_s_c, teacher_ptr, t_rows, stride_t_c,
                           cols, mask, inv_temperature)
     m_s, s_s, m_t, s_t, D_t, D_s, d_s, d_t = _pair_stats(z_s, z_t)
     lp_s = d_s - tl.log(s_s)[:, None]
@@ -238,9 +241,10 @@ def _distill_rows_kernel(
     scale = _row_scale(row_scale_ptr, rows, row_mask, HAS_ROW_SCALE)
     tl.store(loss_ptr + rows, tl.where(scale == 0.0, 0.0, loss), mask=row_mask)
     if COMPUTE_GRAD:
-        _write_grad(grad_ptr, _row_offsets(rows, n_inner, stride_g_n, stride_g_d), stride_g_c,
-                    cols, mask, lp_s, lp_t, log_m, kl_s, scale, beta, inv_temperature,
-                    DIVERGENCE)
+        g_rows = tl.multiple_of(_row_offsets(rows, n_inner, stride_g_n, stride_g_d),
+                                ROW_ALIGN)
+        _write_grad(grad_ptr, g_rows, stride_g_c, cols, mask, lp_s, lp_t, log_m, kl_s, scale,
+                    beta, inv_temperature, DIVERGENCE)
 
 
 @triton.jit
@@ -378,7 +382,8 @@ def distill_rows(
         s3, t3, g3, row_scale, loss, n_rows, V, D, *_strides(s3, t3, g3), float(beta),
         1.0 / float(temperature), DIVERGENCE=DIVERGENCES[divergence],
         COMPUTE_GRAD=grad is not None, HAS_ROW_SCALE=row_scale is not None, ROWS=rows,
-        BLOCK_V=block_v, num_warps=warps, enable_fp_fusion=config.FP_FUSION)
+        BLOCK_V=block_v, ROW_ALIGN=row_align(V, *(x.transpose(1, 2) for x in (s3, t3, g3))),
+        num_warps=warps, enable_fp_fusion=config.FP_FUSION)
     return loss
 
 
