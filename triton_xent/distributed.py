@@ -293,14 +293,6 @@ def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, grou
     return sum(sizes)
 
 
-def _empty_stats(n_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The (R, 6) distillation statistics of no columns: maxes -inf, sums 0 (it merges as
-    nothing)."""
-    stats = torch.zeros((n_rows, 6), dtype=dtype, device=device)
-    stats[:, 0] = stats[:, 2] = NEG_INF
-    return stats
-
-
 def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence, beta,
                                 temperature, use_triton, group):
     """distill.distill_rows over a group: student and teacher are this rank's slice of the
@@ -315,22 +307,17 @@ def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence
     plus 8 R all-reduced for JSD, whatever V."""
     from . import distill
 
-    n_rows = student.shape[:-1].numel()
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    if student.shape[-1] == 0:
-        stats = _empty_stats(n_rows, acc, student.device)
-    else:
-        stats = distill.distill_stats(student, teacher, temperature=temperature,
-                                      use_triton=use_triton).to(acc)
+    # an empty slice has the statistics of nothing (maxes -inf, sums 0): it merges as nothing
+    stats = distill.distill_stats(student, teacher, temperature=temperature,
+                                  use_triton=use_triton).to(acc)
     gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, stats.contiguous(), group=group)
     merged = distill.merge_stats(torch.stack(gathered, 1))  # (R, P, 6) -> (R, 6)
     terms = None
     if divergence == "jsd":
-        terms = (torch.zeros((n_rows, 2), dtype=acc, device=student.device)
-                 if student.shape[-1] == 0 else
-                 distill.distill_terms(student, teacher, merged, beta=beta,
-                                       temperature=temperature, use_triton=use_triton).to(acc))
+        terms = distill.distill_terms(student, teacher, merged, beta=beta,
+                                      temperature=temperature, use_triton=use_triton).to(acc)
         dist.all_reduce(terms, group=group)
     loss, kl_s = distill.row_losses(merged, terms, divergence)
     if grad is not None and grad.numel() > 0:
