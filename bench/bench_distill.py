@@ -228,6 +228,11 @@ def main(argv=None) -> int:
                 print(f"case {op} {dtype} N={N} D={D} V={V}", flush=True)
                 for mode in args.modes:
                     for provider in args.providers:
+                        try:  # what cannot run here is skipped without a process
+                            make_provider(provider, op, divergence, device)
+                        except Unavailable as e:
+                            print(f"  skip {provider}: {e}")
+                            continue
                         spec = dict(provider=provider, op=op, N=N, D=D, V=V, dtype=dtype,
                                     mode=mode, device=device.type, budget=budget,
                                     threads=args.threads)

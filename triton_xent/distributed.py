@@ -26,6 +26,11 @@ input gradient again.
 
 A rank's slice may be empty (m = -inf, s = S = U = 0: it adds nothing), as long as some
 rank holds a class.
+
+Distillation (distill_rows_vocab_parallel, after prepare_distill's one all_gather of facts):
+student and teacher are sharded alike; each rank's six statistics per row (m_s, s_s, m_t,
+s_t, D_t, D_s of distill.py) are all-gathered and merged as the slices of one row are, and
+JSD all-reduces its two sums of terms per row: 24 N bytes from each rank, plus 8 N for JSD.
 """
 
 from __future__ import annotations
