@@ -3,11 +3,11 @@ for x, W and b, without ever holding the (N, V) logits.
 
 Rows are taken `chunk_rows` at a time. For one chunk of R rows:
 
-    logits  = x_c @ W.T + b                       (R, V), input dtype, fp32 accumulation in the GEMM
-    out_c   = on_chunk(logits, take)              per-row results; d_logits written over the logits
-    d_x_c   = d_logits @ W                        (R, D), one write per row, no accumulation
-    d_W    += d_logits.T @ x_c                    (V, D), accumulated in `accum_dtype`
-    d_b    += sum_rows d_logits                   (V,),   accumulated in `accum_dtype`
+    logits  = x_c @ W.T + b            (R, V), input dtype, fp32 accumulation in the GEMM
+    out_c   = on_chunk(logits, take)   per-row results; d_logits written over the logits
+    d_x_c   = d_logits @ W             (R, D), one write per row, no accumulation
+    d_W    += d_logits.T @ x_c         (V, D), accumulated in `accum_dtype`
+    d_b    += sum_rows d_logits        (V,),   accumulated in `accum_dtype`
 
 so the memory beyond the inputs is one (R, V) chunk (and whatever the callback holds: the
 teacher's chunk for distillation) plus the gradient accumulators, whatever N is. The loss is

@@ -19,20 +19,23 @@ Layers: chunks.py (driver) -> the custom ops `torch.ops.triton_xent.linear_disti
 linear_distillation_loss and LinearDistillationLoss. The split between forward and backward
 is linear_cross_entropy's: the student's gradients are computed in forward, backward scales
 them by grad_output; for reduction "none" with a trainable head, backward recomputes the
-chunks with grad_output as the rows' factors.
+chunks with grad_output as the rows' factors. With a process_group (or DTensor heads) both
+heads are this rank's class slice: the same chunks run on every rank, each chunk's rows
+merged across ranks (distributed.distill_rows_vocab_parallel), then d_x summed over ranks.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-
-import functools
 
 from . import core, distributed, dtensor
 from .chunks import head_logits, linear_chunks, plan_chunk_rows
 from .distill import distill_rows
-from .functional import _KERNEL_DTYPES, _check_distill_options, _refuse_eager_only, _use_triton, loss_dtype
+from .functional import (_KERNEL_DTYPES, _check_distill_options, _refuse_eager_only,
+                         _use_triton, loss_dtype)
 from .linear import _add, _or_empty, _precomputed, _scaled
 
 
@@ -64,7 +67,7 @@ def _run(x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_sca
     """(loss_rows (N,) in core.acc_dtype, d_x (N, D), d_W (V, D), d_b (V,)): each row's
     divergence unscaled (0 on rows not computed) and the student's gradients of
     sum_rows row_scale * loss_row (None where not asked for). `rows_fn`: distill_rows, or
-    distributed.sliced_distill_rows' for a vocab-parallel head."""
+    distributed.distill_rows_vocab_parallel bound to a group for heads sharded by classes."""
     N = x.shape[0]
     loss_rows = x.new_zeros(N, dtype=core.acc_dtype(x.dtype))
     compute_grad = need_input or need_weight or need_bias
