@@ -14,6 +14,10 @@ user had passed `process_group=` themselves. Nothing new is computed here.
         slices by group rank, puts them where DTensor does.
     linear_cross_entropy: linear_weight (V, D) with Shard(0) on one mesh dimension
         (ColwiseParallel's lm_head.weight), linear_bias with the same placements.
+    distillation_loss: input (..., V) with Shard(-1) on one mesh dimension, teacher with
+        input's mesh and placements (student and teacher are sharded alike).
+    linear_distillation_loss: weight (V, D) with Shard(0) as linear_cross_entropy's head;
+        teacher_weight, bias and teacher_bias with its mesh and placements.
 
 target, weight and the linear op's input may be plain tensors (taken as replicated over the
 mesh, as ColwiseParallel takes a plain input; the vocab-parallel path checks that the
