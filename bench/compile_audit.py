@@ -1,9 +1,10 @@
 """Static audit of the kernels' compiled code for NVIDIA and AMD GPUs, without a GPU.
 Both long-row paths (config.LONG_ROWS) are audited: the "two_pass_*" cases.
 
-Each case calls a launcher of triton_xent/kernels/xent.py on CPU tensors of an LM shape, with
-the kernels replaced by recorders, so the audit sees exactly the arguments, constexprs and
-warps the launcher would launch with. It then specialises them as Triton's JIT does at run
+Each case calls a launcher of triton_xent/kernels/xent.py (or, for the distill_ cases,
+kernels/distill.py, whose student's loads count as `logits_loads`) on CPU tensors of an LM
+shape, with the kernels replaced by recorders, so the audit sees exactly the arguments,
+constexprs and warps the launcher would launch with. It then specialises them as Triton's JIT does at run
 time (an int equal to 1 becomes the constexpr 1; ints divisible by 16 and 16-byte aligned
 pointers get the `tt.divisibility` 16 attribute; None becomes a constexpr) and compiles each
 launch through the real pipeline for a target (TARGETS: sm_80, sm_90, sm_100, sm_120,
@@ -78,7 +79,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 from triton_xent import config
-from triton_xent.kernels import xent
+from triton_xent.kernels import distill, xent
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # A100, H100/H200, B200, RTX 50xx; MI300X, MI355X. The warp is 32 threads on NVIDIA, a
@@ -94,6 +95,8 @@ TARGETS = {
 KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_two_pass_stats_kernel",
            "_two_pass_finish_kernel", "_slice_stats_kernel", "_slice_grad_kernel",
            "_scale_rows_kernel")
+DISTILL_KERNELS = ("_distill_rows_kernel", "_distill_slice_stats_kernel",
+                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel")
 
 # Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical Specifications
 # per Compute Capability"): 65536 registers allocated per warp in units of 256 on all three;
@@ -166,6 +169,26 @@ def _scale_call(V: int) -> Callable[[], None]:
     return call
 
 
+def _distill_call(V: int, divergence: str, n_rows=ROWS) -> Callable[[], None]:
+    """Distillation (kernels/distill.py) on (n_rows, V) bf16 logits with a gradient and row
+    factors, as distill.distill_rows calls it: whole rows, or the slice kernels' stages (the
+    stats kernel, which does not depend on the divergence, in the JSD case only)."""
+    def call():
+        x = torch.zeros(n_rows, V, dtype=torch.bfloat16)
+        options = dict(divergence=divergence, beta=0.5, temperature=0.8)
+        scale = torch.ones(n_rows)
+        if V <= config.ROW_SLICE_MAX_V:
+            distill.distill_rows(x, x, torch.empty_like(x), scale, **options)
+            return
+        merged = torch.zeros(n_rows, 6)
+        if divergence == "jsd":  # the stats kernel is the same for every divergence
+            distill.distill_slice_stats(x, x, temperature=0.8)
+            distill.distill_slice_terms(x, x, merged, beta=0.5, temperature=0.8)
+        distill.distill_slice_grad(x, x, merged, torch.zeros(n_rows), torch.empty_like(x),
+                                   scale, **options)
+    return call
+
+
 def cases() -> dict[str, Callable[[], None]]:
     """name -> a call of the launchers; each launch it makes is compiled and audited."""
     # P = 8, 32 and 63 slices (P_PAD 8, 32, 64): how the merge grows with P.
@@ -197,6 +220,11 @@ def cases() -> dict[str, Callable[[], None]]:
     # Short rows at a classifier's batch (enough rows for full tiles).
     for V in (2, 10, 100, 1000):
         out[f"small_V{V}_bf16"] = _rows_call(V, n_rows=4096)
+    # distillation (issue 20): whole rows, short rows, and the slice stages of long rows
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        out[f"distill_{divergence}_V4096_bf16"] = _distill_call(4096, divergence)
+        out[f"distill_{divergence}_V128256_bf16"] = _distill_call(128256, divergence)
+    out["distill_jsd_V1000_bf16"] = _distill_call(1000, "jsd", n_rows=4096)
     return out
 
 
@@ -215,16 +243,18 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording():
-    """Replaces the kernels of kernels/xent.py by recorders; yields the list of launches."""
+    """Replaces the kernels of kernels/xent.py and kernels/distill.py by recorders; yields
+    the list of launches."""
     launches: list = []
-    saved = {name: getattr(xent, name) for name in KERNELS}
-    for name, kernel in saved.items():
-        setattr(xent, name, _Recorder(kernel, launches))
+    saved = {(module, name): getattr(module, name) for module, names in
+             ((xent, KERNELS), (distill, DISTILL_KERNELS)) for name in names}
+    for (module, name), kernel in saved.items():
+        setattr(module, name, _Recorder(kernel, launches))
     try:
         yield launches
     finally:
-        for name, kernel in saved.items():
-            setattr(xent, name, kernel)
+        for (module, name), kernel in saved.items():
+            setattr(module, name, kernel)
 
 
 def specialise(kernel, args: tuple, kwargs: dict):
@@ -483,7 +513,8 @@ def audit(kernel, grid, args, kwargs, target: str = "sm_90") -> dict:
     ptx = compiled.asm["ptx"]
     runtime = [n for n in signature if signature[n] != "constexpr"]  # the PTX's parameters
     position = lambda name: runtime.index(name) if name in runtime else -1  # noqa: E731
-    mem = memory_ops(ptx, position("logits_ptr"), position("grad_ptr"))
+    logits = "logits_ptr" if "logits_ptr" in runtime else "student_ptr"  # distill's
+    mem = memory_ops(ptx, position(logits), position("grad_ptr"))
     out.update(mem)
     block_v = constants.get("BLOCK_V")
     if block_v and "logits_ptr" in bound:

@@ -25,9 +25,12 @@ written as each step ends, and the CSVs row by row:
      torch_compile and liger; the config sweep at V = 128256; one float32 case; the small
      vocabularies V = 10 and 1000 at N = 2^20 with the whole-row tile variants;
   6. bench_linear.py at N = 8192, D = 2304, V = 256000 in bf16;
-  7. plot.py on both CSVs.
-OUT_DIR receives at most 8 files: gpu_check.log (every step's command, output and time),
-the two CSVs (named after the device) and their PNGs.
+  7. bench_distill.py at N = 8192, V = 128256 in bf16: forward KL and JSD from logits and
+     through both heads (D = 4096), triton_xent against the naive PyTorch distillation and
+     Liger's JSD and fused linear JSD (one fresh process per measurement);
+  8. plot.py on both cross-entropy CSVs.
+OUT_DIR receives at most 9 files: gpu_check.log (every step's command, output and time),
+the three CSVs (named after the device) and the cross-entropy ones' PNGs.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
     py = sys.executable
     xent_csv = os.path.join(args.out_dir, f"{slug}.csv")
     linear_csv = os.path.join(args.out_dir, f"{slug}-linear.csv")
-    steps = Steps(log, steps_left=15, total_s=TOTAL_S)
+    steps = Steps(log, steps_left=16, total_s=TOTAL_S)
 
     # 2. The other kernels' wheels.
     wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
@@ -276,7 +279,14 @@ def main(argv=None) -> int:
                                "--dtypes", "bf16", "--shapes", shape, "--out", linear_csv]
               + (["--providers", "triton_xent", "torch"] if dry else []), 45, env)
 
-    # 7. Plots.
+    # 7. Distillation: both ops, the naive PyTorch losses and Liger's JSD.
+    distill = "4,0,100 4,16,100" if dry else "8192,0,128256 8192,4096,128256"
+    steps.run("bench_distill", [py, os.path.join(BENCH, "bench_distill.py"),
+                                "--dtypes", "bf16", "--divergences", "forward_kl", "jsd",
+                                "--shapes", *distill.split(), "--out",
+                                os.path.join(args.out_dir, f"{slug}-distill.csv")], 60, env)
+
+    # 8. Plots.
     csvs = [c for c in (xent_csv, linear_csv) if os.path.exists(c)]
     steps.run("plot", [py, os.path.join(BENCH, "plot.py"), *csvs, "--out-dir", args.out_dir],
               30, env)

@@ -89,6 +89,42 @@ def entropy_reference(x, target=None, ignore_index=-100, softcap=None, temperatu
     return H
 
 
+def distill_reference(x, teacher, target=None, *, divergence="forward_kl", beta=0.5,
+                      temperature=1.0, ignore_index=-100, reduction="batchmean",
+                      grad_output=None):
+    """(loss, student gradient) of distillation_loss in float64, by autograd of the issue's
+    formulas on log_softmax over the last dimension (terms with a zero probability taken as
+    0). Inputs are rounded to their own dtypes first, then promoted; grad_output: the
+    upstream gradient (1 when None)."""
+    x64 = x.detach().to(torch.float64).requires_grad_(True)
+    lp_s = torch.log_softmax(x64 / temperature, -1)
+    lp_t = torch.log_softmax(teacher.detach().to(torch.float64) / temperature, -1)
+    p_s, p_t = lp_s.exp(), lp_t.exp()
+
+    def kl(p, log_p, log_q):  # sum p (log p - log q), 0 where p = 0
+        return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+    if divergence == "forward_kl":
+        rows = kl(p_t, lp_t, lp_s)
+    elif divergence == "reverse_kl":
+        rows = kl(p_s, lp_s, lp_t)
+    else:
+        log_m = torch.log(beta * p_t + (1.0 - beta) * p_s)
+        rows = beta * kl(p_t, lp_t, log_m) + (1.0 - beta) * kl(p_s, lp_s, log_m)
+    keep = (torch.ones_like(rows) if target is None
+            else (target != ignore_index).to(torch.float64))
+    rows = torch.where(keep > 0, rows, 0.0)
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / keep.sum().clamp(min=1.0)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(torch.float64)
+    (loss * go).sum().backward()
+    return loss.detach(), x64.grad
+
+
 def assert_close(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
                                equal_nan=True, msg=lambda m: f"{what}: {m}", **TOL[dtype])

@@ -322,3 +322,28 @@ def test_cpu_report_quick(cpu_report):
         assert sum(line.startswith(f"| float32 N={n} D={d} V={v} |")
                    for line in stdout.splitlines()) == 1
     assert "\ngoals: " in stdout
+
+
+# --- bench_distill.py ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("op, D", [("distill_jsd", 0), ("linear_distill_reverse_kl", 8)])
+def test_distill_measurements_agree_and_report(op, D, capsys):
+    """One measurement of ours and of the naive loss in this process (the script runs each
+    in a fresh one), their losses equal, and the report's table row; Liger is skipped on a
+    CPU with its reason."""
+    import bench_distill
+
+    cpu = torch.device("cpu")
+    results = {}
+    for provider in ("triton_xent", "torch"):
+        r = bench_distill.measure_one(provider, op, 6, D, 50, torch.float32, "fwd_bwd", cpu,
+                                      cpu_budget_s=0.01)
+        assert r["ms"] > 0 and (r["peak_mem_mb"] is not None) == CPU_PEAK
+        results[op, "float32", 6, D, 50, "fwd_bwd", provider] = r
+    mine, naive = (results[op, "float32", 6, D, 50, "fwd_bwd", p]["loss"]
+                   for p in ("triton_xent", "torch"))
+    assert abs(mine - naive) <= 1e-5 * abs(naive)
+    bench_distill.report(results, goals=False)
+    assert f"| {op} | float32 | 6 | {D} | 50 | fwd_bwd |" in capsys.readouterr().out
+    with pytest.raises(common.Unavailable, match="CUDA GPU"):
+        bench_distill.make_provider("liger", op, "jsd", cpu)

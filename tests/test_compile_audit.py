@@ -27,10 +27,17 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 LM = ("lm_V32000_bf16", "lm_V128256_bf16", "lm_V256000_bf16")
 TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950")
 # Split rows with weights, smoothing, softcap and z-loss; whole rows with the RL extras; many
-# short rows a program; a vocab-parallel rank with the RL extras; the gradient scaling.
+# short rows a program; a vocab-parallel rank with the RL extras; the gradient scaling; the
+# exchange-free long rows; distillation's JSD (its largest tiles) on whole rows and its three
+# slice stages.
 TARGET_CASES = ("lm_V128256_every_option", "whole_V4096_rl", "small_V10_bf16",
                 "vocab_parallel_V32064_rl", "scale_rows_V128256",
-                "two_pass_V128256_every_option")
+                "two_pass_V128256_every_option", "distill_jsd_V4096_bf16",
+                "distill_jsd_V128256_bf16")
+
+
+DISTILL_KERNELS = ("_distill_rows_kernel", "_distill_slice_stats_kernel",
+                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel")
 
 
 def run_audit(*args) -> list[dict]:
@@ -71,7 +78,7 @@ def test_every_kernel_compiles_to_a_cubin(report):
     kernels = {kernel for _, kernel in report}
     assert kernels == {"_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
                        "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
-                       "_two_pass_finish_kernel"}
+                       "_two_pass_finish_kernel", *DISTILL_KERNELS}
     assert all(r["registers"] > 0 for r in report.values())
 
 
@@ -177,7 +184,7 @@ def test_every_kernel_compiles_for_every_target(targets_report):
     assert {kernel for _, kernel in launches} == {
         "_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
         "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
-        "_two_pass_finish_kernel"}
+        "_two_pass_finish_kernel", *DISTILL_KERNELS}
     for case, kernel in launches:
         compiled = {t for c, k, t in targets_report if (c, k) == (case, kernel)}
         assert compiled == set(TARGETS), (case, kernel, compiled)
@@ -194,4 +201,23 @@ def test_every_launch_fits_on_an_sm(targets_report, target):
     # The per-SM limits are known for these three: a launch that fits none could not run.
     fits = {(c, k): r["programs_per_sm"] for (c, k, t), r in targets_report.items()
             if t == target}
-    assert len(fits) == 9 and min(fits.values()) >= 1, fits
+    assert len(fits) == 13 and min(fits.values()) >= 1, fits
+
+
+DISTILL = [(f"distill_{d}_V{V}_bf16", "_distill_rows_kernel")
+           for d in ("forward_kl", "reverse_kl", "jsd") for V in (4096,)] + [
+    ("distill_jsd_V1000_bf16", "_distill_rows_kernel"),
+    ("distill_jsd_V128256_bf16", "_distill_slice_stats_kernel"),
+    ("distill_jsd_V128256_bf16", "_distill_slice_terms_kernel"),
+] + [(f"distill_{d}_V128256_bf16", "_distill_slice_grad_kernel")
+     for d in ("forward_kl", "reverse_kl", "jsd")]
+
+
+@pytest.mark.parametrize("case, kernel", DISTILL)
+def test_distillation_reads_both_logits_with_16_byte_vectors(report, case, kernel):
+    # Student and teacher: one 16-byte load instruction each in the PTX (the student's is
+    # "logits_loads"), and the gradient's stores 16 bytes wide; V = 1000 through ROW_ALIGN.
+    r = report[(case, kernel)]
+    assert sizes(r["logits_loads"]) == {16} and 16 in sizes(r["loads"]), r
+    assert sizes(r["grad_stores"]) <= {16}, r
+    assert r["programs_per_sm"] >= 2, r

@@ -11,7 +11,7 @@ import triton_xent.linear as linear_mod
 from helpers import TOL, assert_close, reference
 from triton_xent import core
 from triton_xent import config
-from triton_xent.kernels.linear_xent import plan_chunk_rows
+from triton_xent.chunks import plan_chunk_rows
 from triton_xent.linear import LinearCrossEntropyLoss, linear_cross_entropy
 
 # D = 37 and V = 1001: odd, so no GEMM or row block divides them (the kernel masks a
@@ -169,8 +169,8 @@ def test_chunking_does_not_change_results(backend, device, reduction, check_targ
 
 def test_memory_budget_sets_the_chunk(backend, device, monkeypatch):
     seen = []
-    real = linear_mod.linear_xent_chunks
-    monkeypatch.setattr(linear_mod, "linear_xent_chunks",
+    real = linear_mod.linear_chunks
+    monkeypatch.setattr(linear_mod, "linear_chunks",
                         lambda *a, **k: seen.append(k["chunk_rows"]) or real(*a, **k))
     x, w, b, t = _problem(device=device)
     budget = 3 * V * 4  # three fp32 rows of logits
@@ -239,8 +239,8 @@ def test_gradients_only_for_what_requires_grad(backend, device, subset, reductio
     need_x, need_w, need_b = SUBSETS[subset]
     x, w, b, t = _problem(bias=need_b is not None, device=device)
     calls = []
-    real = linear_mod.linear_xent_chunks
-    monkeypatch.setattr(linear_mod, "linear_xent_chunks",
+    real = linear_mod.linear_chunks
+    monkeypatch.setattr(linear_mod, "linear_chunks",
                         lambda *a, **k: calls.append(k) or real(*a, **k))
     xl = x.clone().requires_grad_(need_x)
     wl = w.clone().requires_grad_(need_w)
@@ -472,7 +472,7 @@ def test_bad_options(device, kwargs, error, match):
 @pytest.mark.parametrize("bad_target", [V, -1], ids=lambda v: f"target={v}")
 def test_out_of_range_target_raises_before_any_work(backend, device, bad_target, monkeypatch):
     calls = []
-    monkeypatch.setattr(linear_mod, "linear_xent_chunks", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(linear_mod, "linear_chunks", lambda *a, **k: calls.append(k))
     x, w, b, t = _problem(device=device)
     t.view(-1)[5] = bad_target
     xl, wl, bl = _leaves(x, w, b)

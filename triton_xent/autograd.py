@@ -8,6 +8,9 @@ Two doors lead to core.forward:
   host-side checks;
 - CrossEntropyFunction, for inplace_backward (a custom op may not return a gradient that
   aliases its input) and for process_group (collectives): eager-mode features.
+
+Distillation (distill.forward) has the same two doors: the custom op
+`torch.ops.triton_xent.distillation_loss`, and DistillationFunction for process_group.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import core, distributed
+from . import core, distill, distributed
 
 
 # --- the custom op -----------------------------------------------------------------------
@@ -265,3 +268,79 @@ class CrossEntropyFunction(torch.autograd.Function):
                                                 compute_grad=True)[-1]
             input_grad = d_entropy if input_grad is None else input_grad + d_entropy
         return input_grad, None, None, None, None, None, None
+
+
+# --- distillation ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("triton_xent::distillation_loss", mutates_args=())
+def distillation_op(
+    input: torch.Tensor,  # (..., V) student logits
+    teacher: torch.Tensor,  # (..., V) teacher logits, input's shape
+    target: torch.Tensor | None,  # (...) class indices: only ignore_index matters
+    divergence: str,
+    beta: float,
+    temperature: float,
+    ignore_index: int,
+    reduction: str,
+    use_triton: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, grad): the loss in core.acc_dtype (the caller casts it), grad = dloss/dinput
+    already scaled by the reduction (an empty tensor unless compute_grad)."""
+    problem = distill.DistillProblem(divergence, beta, temperature, ignore_index, reduction,
+                                     use_triton)
+    loss, grad = distill.forward(problem, input, teacher, target, compute_grad=compute_grad)
+    return loss, _or_empty(grad, input)
+
+
+@distillation_op.register_fake
+def _(input, teacher, target, divergence, beta, temperature, ignore_index, reduction,
+      use_triton, compute_grad):
+    loss_shape = input.shape[:-1] if reduction == "none" else ()
+    loss = input.new_empty(loss_shape, dtype=core.acc_dtype(input.dtype))
+    return loss, input.new_empty(input.shape if compute_grad else (0,))
+
+
+_DISTILL_OP_ARGS = 10  # the op's arguments, for backward's tuple of gradients
+
+
+def _distill_setup_context(ctx, inputs, output):
+    (_, _, _, divergence, beta, temperature, ignore_index, reduction, use_triton,
+     _) = inputs
+    ctx.problem = distill.DistillProblem(divergence, beta, temperature, ignore_index,
+                                         reduction, use_triton)
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+
+
+def _distill_backward(ctx, grad_loss, grad_grad):
+    input_grad = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        input_grad = distill.scale_saved_grad(ctx.problem, ctx.saved_tensors[0], grad_loss)
+    return (input_grad,) + (None,) * (_DISTILL_OP_ARGS - 1)
+
+
+distillation_op.register_autograd(_distill_backward, setup_context=_distill_setup_context)
+
+
+class DistillationFunction(torch.autograd.Function):
+    """(input, teacher, target) -> loss over a process group (vocab parallelism, eager
+    only: collectives); only `input` gets a gradient, computed in forward."""
+
+    @staticmethod
+    def forward(ctx, input, teacher, target, problem: distill.DistillProblem, group):
+        loss, grad = distill.forward(problem, input, teacher, target, compute_grad=True,
+                                     process_group=group)
+        ctx.problem = problem
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        # grad_output is the same on every rank (the loss is): no collective.
+        grad = distill.scale_saved_grad(ctx.problem, ctx.saved_tensors[0], grad_loss)
+        return grad, None, None, None, None

@@ -26,6 +26,11 @@ input gradient again.
 
 A rank's slice may be empty (m = -inf, s = S = U = 0: it adds nothing), as long as some
 rank holds a class.
+
+Distillation (distill_rows_vocab_parallel, after prepare_distill's one all_gather of facts):
+student and teacher are sharded alike; each rank's six statistics per row (m_s, s_s, m_t,
+s_t, D_t, D_s of distill.py) are all-gathered and merged as the slices of one row are, and
+JSD all-reduces its two sums of terms per row: 24 N bytes from each rank, plus 8 N for JSD.
 """
 
 from __future__ import annotations
@@ -261,3 +266,67 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
     return (loss, lse.to(torch.float32).view(loss_shape),
             H.to(torch.float32).view(loss_shape) if problem.entropy else None,
             idx.view(loss_shape) if idx is not None else None, grad)
+
+
+# --- distillation ---------------------------------------------------------------------------
+
+
+def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, group) -> int:
+    """The number of classes of all ranks, after the checks every rank runs alike from one
+    all_gather of facts (so that a failing call raises everywhere instead of leaving a rank
+    waiting in a collective): every rank accepted its arguments, holds the same rows and
+    the same targets (None: an all-ignore_index-free marker of n_rows rows), and some rank
+    holds a class."""
+    marker = (target.reshape(-1) if target is not None
+              else torch.zeros(n_rows, dtype=torch.int64))
+    facts = _gather_facts(n_local, marker, _BIG, group)
+    sizes, rows, _, _, prints, refused = zip(*facts)
+    if any(refused):
+        reasons = _refusals(None, group)
+        raise ValueError("with a process_group every rank must accept its arguments; " +
+                         "; ".join(f"rank {r} refused them ({why})"
+                                   for r, why in enumerate(reasons) if why is not None))
+    if len(set(rows)) > 1:
+        raise ValueError(f"with a process_group every rank passes the same rows; the ranks "
+                         f"hold {list(rows)} rows")
+    if len(set(prints)) > 1:
+        raise ValueError("with a process_group every rank passes the same (global) targets; "
+                         "they differ between ranks")
+    if sum(sizes) == 0:
+        raise ValueError("with a process_group some rank must hold a class; every slice "
+                         "is empty")
+    return sum(sizes)
+
+
+def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence, beta,
+                                temperature, use_triton, group):
+    """distill.distill_rows over a group: student and teacher are this rank's slice of the
+    classes (the same slice of both, possibly empty); every rank gets the whole rows' loss
+    and writes its slice of the gradient. Every rank must call it with the same rows.
+
+    The (R, 6) statistics of each rank's columns (distill.distill_stats) are all-gathered
+    and merged as slices of one row are (distill.merge_stats: maxes, then each sum rescaled
+    to them); JSD then all-reduces (SUM) its (R, 2) sums of terms over the local columns
+    (distill.distill_terms); each rank writes its gradient from the merged statistics
+    (distill.distill_grad). Per call: 24 R bytes a rank gathered from each rank (float32),
+    plus 8 R all-reduced for JSD, whatever V."""
+    from . import distill
+
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    # an empty slice has the statistics of nothing (maxes -inf, sums 0): it merges as nothing
+    stats = distill.distill_stats(student, teacher, temperature=temperature,
+                                  use_triton=use_triton).to(acc)
+    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, stats.contiguous(), group=group)
+    merged = distill.merge_stats(torch.stack(gathered, 1))  # (R, P, 6) -> (R, 6)
+    terms = None
+    if divergence == "jsd":
+        terms = distill.distill_terms(student, teacher, merged, beta=beta,
+                                      temperature=temperature, use_triton=use_triton).to(acc)
+        dist.all_reduce(terms, group=group)
+    loss, kl_s = distill.row_losses(merged, terms, divergence)
+    if grad is not None and grad.numel() > 0:
+        distill.distill_grad(student, teacher, merged, kl_s, grad, row_scale,
+                             divergence=divergence, beta=beta, temperature=temperature,
+                             use_triton=use_triton)
+    return loss if row_scale is None else torch.where(row_scale == 0, 0.0, loss)

@@ -14,6 +14,10 @@ user had passed `process_group=` themselves. Nothing new is computed here.
         slices by group rank, puts them where DTensor does.
     linear_cross_entropy: linear_weight (V, D) with Shard(0) on one mesh dimension
         (ColwiseParallel's lm_head.weight), linear_bias with the same placements.
+    distillation_loss: input (..., V) with Shard(-1) on one mesh dimension, teacher with
+        input's mesh and placements (student and teacher are sharded alike).
+    linear_distillation_loss: weight (V, D) with Shard(0) as linear_cross_entropy's head;
+        teacher_weight, bias and teacher_bias with its mesh and placements.
 
 target, weight and the linear op's input may be plain tensors (taken as replicated over the
 mesh, as ColwiseParallel takes a plain input; the vocab-parallel path checks that the
@@ -298,6 +302,77 @@ def linear_arguments(arguments: dict):
         for name in ("input", "target", "weight"):
             arguments[name] = _local(arguments[name], mesh, name)
     arguments["linear_weight"], arguments["process_group"] = local, group
+    hidden = arguments["input"]
+    if group is None or not plain_hidden or not isinstance(hidden, torch.Tensor):
+        return mesh, group is not None, None
+    return mesh, True, lambda: _check_same_on_ranks(hidden, group)
+
+
+# --- the two distillation functions ------------------------------------------------------
+
+
+def _same_sharding(t, like: DTensor, name: str, like_name: str) -> torch.Tensor:
+    """t's local tensor, after checking that it is a DTensor on like's mesh with like's
+    placements (the same class slice on every rank: student and teacher are sharded alike)."""
+    if not is_dtensor(t) or t.device_mesh != like.device_mesh or \
+            tuple(t.placements) != tuple(like.placements):
+        raise ValueError(f"with a DTensor {like_name}, {name} must be a DTensor with its mesh "
+                         f"and placements {tuple(like.placements)}: student and teacher are "
+                         f"sharded by classes alike")
+    return t.to_local()
+
+
+def distillation_arguments(arguments: dict):
+    """distillation_loss's arguments -> local tensors and process group, in place: input and
+    teacher (..., V) sharded alike on their last dimension (Shard(-1) on one mesh dimension,
+    Replicate on the others), target replicated. Returns (mesh, False, None)."""
+    x = arguments["input"]
+    if not is_dtensor(x):
+        raise TypeError("teacher or target is a DTensor but input is a plain tensor; pass the "
+                        "student's logits as a DTensor too, or only plain tensors")
+    class_dim = x.dim() - 1
+    mesh_dim = _class_mesh_dim(x, class_dim, "input", "class dimension (the last)")
+    group = _group_of(x, mesh_dim)
+    local = x.to_local()
+    with distributed.refusing_together(group, local):
+        if group is not None:
+            _check_local_shard(x, mesh_dim, class_dim, group, "input")
+        arguments["teacher"] = _same_sharding(arguments["teacher"], x, "teacher", "input")
+        arguments["target"] = _local(arguments["target"], x.device_mesh, "target")
+    arguments["input"], arguments["process_group"] = local, group
+    return x.device_mesh, False, None
+
+
+def linear_distillation_arguments(arguments: dict):
+    """linear_distillation_loss's arguments -> local tensors and process group, in place:
+    weight (V, D) Shard(0) on one mesh dimension (ColwiseParallel's lm_head.weight), and
+    teacher_weight, bias and teacher_bias with its mesh and placements; the hidden states
+    and target replicated (plain hidden states are checked to agree after the call, as in
+    linear_arguments). Returns (mesh, whether the heads are sharded, that check)."""
+    head = arguments["weight"]
+    if not is_dtensor(head):
+        raise TypeError("a DTensor argument needs a DTensor weight: the student's head decides "
+                        "the sharding (Shard(0), as ColwiseParallel leaves lm_head.weight); "
+                        "pass it as one, or only plain tensors")
+    if head.dim() != 2:
+        raise ValueError(f"weight must have shape (V, D) as nn.Linear stores it, got "
+                         f"{tuple(head.shape)}")
+    mesh = head.device_mesh
+    mesh_dim = _class_mesh_dim(head, 0, "weight", "rows (the classes)")
+    group = _group_of(head, mesh_dim)
+    local = head.to_local()
+    with distributed.refusing_together(group, local):
+        if group is not None:
+            _check_local_shard(head, mesh_dim, 0, group, "weight")
+        arguments["teacher_weight"] = _same_sharding(arguments["teacher_weight"], head,
+                                                     "teacher_weight", "weight")
+        for name in ("bias", "teacher_bias"):
+            if arguments[name] is not None:
+                arguments[name] = _same_sharding(arguments[name], head, name, "weight")
+        plain_hidden = not is_dtensor(arguments["input"])
+        for name in ("input", "teacher_input", "target"):
+            arguments[name] = _local(arguments[name], mesh, name)
+    arguments["weight"], arguments["process_group"] = local, group
     hidden = arguments["input"]
     if group is None or not plain_hidden or not isinstance(hidden, torch.Tensor):
         return mesh, group is not None, None

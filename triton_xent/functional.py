@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 from torch.nn import _reduction
 
-from . import core, distributed, dtensor
-from .autograd import (CrossEntropyFuncFunction, CrossEntropyFunction, cross_entropy_op,
-                       refuse_under_compile)
+from . import core, distill, distributed, dtensor
+from .autograd import (CrossEntropyFuncFunction, CrossEntropyFunction, DistillationFunction,
+                       cross_entropy_op, distillation_op, refuse_under_compile)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "torch")
@@ -435,3 +435,131 @@ def cross_entropy(
     loss, lse, entropy, argmax = out
     loss = loss.to(loss_dtype(input, target if prob_target else None))
     return _results(loss, lse, entropy, argmax, *extras)
+
+
+def _check_distill_options(divergence, beta, temperature, reduction):
+    """(divergence, beta, temperature, reduction) after the checks (ValueError or TypeError
+    naming the problem)."""
+    if divergence not in distill.DIVERGENCES:
+        raise ValueError(f"divergence must be one of {distill.DIVERGENCES}, got {divergence!r}")
+    if reduction == "mean":
+        raise ValueError('reduction="mean" is refused: F.kl_div\'s "mean" averages over '
+                         'elements (rows times classes), which is not the distillation loss; '
+                         'use reduction="batchmean" for the mean over rows')
+    if reduction not in distill.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {distill.REDUCTIONS}, got {reduction!r}")
+    for name, value in (("beta", beta), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat,
+                                                              torch.SymInt)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    temperature = core.check_number("temperature", temperature)
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be strictly between 0 and 1 for divergence='jsd', got "
+                         f"{beta}")
+    return divergence, beta, temperature, reduction
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must hold floating-point logits, got {x.dtype}")
+
+
+@dtensor.routes_dtensors(dtensor.distillation_arguments)  # DTensor logits: dtensor.py
+def distillation_loss(
+    input: torch.Tensor,  # (..., V) student logits
+    teacher: torch.Tensor,  # (..., V) teacher logits, input's shape
+    target: torch.Tensor | None = None,  # (...) class indices: marks ignored rows, or None
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+    process_group=None,
+):
+    """The divergence between the teacher's and the student's distributions over the last
+    dimension, p_s = softmax(input / T) and p_t = softmax(teacher / T), computed in float32
+    (float64 for float64 input) by fused kernels (one read of both logits for rows of up to
+    config.ROW_SLICE_MAX_V classes; longer rows read them twice, three times for JSD).
+
+    divergence: "forward_kl" sum p_t (log p_t - log p_s), i.e. KL(teacher || student);
+        "reverse_kl" sum p_s (log p_s - log p_t); "jsd" beta KL(p_t || M) + (1 - beta)
+        KL(p_s || M) with M = beta p_t + (1 - beta) p_s and 0 < beta < 1 (beta is used by
+        "jsd" only). No T^2 factor: multiply the loss by temperature**2 for the usual one.
+        Terms where a probability is 0 are 0: a -inf teacher logit is allowed (reverse KL is
+        then +inf if the student puts mass on that class).
+    target: (...) class indices or None; only marks rows: a row whose target is ignore_index
+        counts nothing and gets a zero gradient. None: every row counts.
+    reduction: "batchmean" (the sum over counted rows divided by their number; 0 with a zero
+        gradient when no row counts), "sum", or "none" (per row, shape input.shape[:-1], 0
+        on ignored rows). "mean" is refused (F.kl_div's "mean" averages over elements).
+    backend: "auto" (kernels for CUDA tensors and, under TRITON_INTERPRET=1, CPU tensors;
+        the plain-PyTorch path otherwise and for float64), "triton" or "torch".
+    process_group: vocab parallelism: input and teacher are this rank's (same) contiguous
+        slice of the classes. Eager mode only.
+
+    Only `input` gets a gradient, computed in the forward pass (backward is a scale); a
+    teacher that requires grad is refused (detach it). The loss has F.kl_div's
+    dtype: input's promoted with teacher's (float32 under autocast); the gradient has
+    input's dtype. torch.compile(fullgraph=True) sees one custom op.
+    """
+    if process_group is not None:
+        _refuse_eager_only(process_group=True, inplace_backward=False, input=input)
+    # With a group, a rank that fails a check still joins the first collective, so the
+    # others fail too instead of waiting (distributed.refusing_together).
+    with distributed.refusing_together(process_group, input):
+        _check_logits("input", input)
+        _check_logits("teacher", teacher)
+        if input.dim() == 0:
+            raise ValueError("input must have a class dimension (the last): shape (..., V), "
+                             "got a 0-dim tensor")
+        if teacher.shape != input.shape:
+            raise ValueError(f"teacher must have input's shape {tuple(input.shape)}, got "
+                             f"{tuple(teacher.shape)}")
+        if teacher.device != input.device:
+            raise ValueError(f"teacher is on {teacher.device} but input is on {input.device}")
+        if input.shape[-1] == 0 and process_group is None:  # a rank's slice may be empty
+            raise ValueError("input must have at least one class (its last dimension is 0)")
+        if target is not None:
+            if not isinstance(target, torch.Tensor):
+                raise TypeError(f"target must be a tensor or None, got "
+                                f"{type(target).__name__}")
+            if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+                raise TypeError(f"target must hold integer class indices (it marks ignored "
+                                f"rows), got {target.dtype}")
+            if target.shape != input.shape[:-1]:
+                raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, one per "
+                                 f"row of input {tuple(input.shape)}, got "
+                                 f"{tuple(target.shape)}")
+            if target.device != input.device:
+                raise ValueError(f"target is on {target.device} but input is on "
+                                 f"{input.device}")
+        if torch.is_grad_enabled() and teacher.requires_grad:
+            raise ValueError("distillation_loss gives the teacher no gradient; detach it "
+                             "(teacher.detach())")
+        divergence, beta, temperature, reduction = _check_distill_options(
+            divergence, beta, temperature, reduction)
+        use_triton = _use_triton(backend, input)
+        if use_triton and teacher.dtype not in _KERNEL_DTYPES:
+            if backend == "triton":
+                raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 "
+                                f"teacher logits, got {teacher.dtype}; use backend='torch' "
+                                f"or 'auto'")
+            use_triton = False
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if process_group is not None:
+        problem = distill.DistillProblem(divergence, float(beta), float(temperature),
+                                         int(ignore_index), reduction, use_triton)
+        if needs_grad:
+            loss = DistillationFunction.apply(input, teacher, target, problem, process_group)
+        else:
+            loss = distill.forward(problem, input, teacher, target, compute_grad=False,
+                                   process_group=process_group)[0]
+    else:
+        loss = distillation_op(input, teacher, target, divergence, float(beta),
+                               float(temperature), int(ignore_index), reduction, use_triton,
+                               needs_grad)[0]
+    return loss.to(loss_dtype(input, teacher))

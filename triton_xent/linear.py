@@ -1,7 +1,8 @@
 """Fused linear + cross-entropy: cross_entropy(input @ linear_weight.T + linear_bias, target)
 for large vocabularies, computed chunk by chunk so the (N, V) logits are never stored.
 
-Layers: kernels/linear_xent.py (the chunked driver over the row kernel) -> the custom ops
+Layers: chunks.py (the chunk driver, shared with the linear distillation; here the row
+function is its per-chunk callback, in _run) -> the custom ops
 `torch.ops.triton_xent.linear_cross_entropy` and `..._backward` (torch.library, with fake
 implementations and registered autograd, so that torch.compile sees opaque nodes) ->
 linear_cross_entropy and LinearCrossEntropyLoss.
@@ -21,7 +22,7 @@ from .autograd import func_function, option_list_grad, register_vmap_by_samples
 from .functional import (_check_options, _check_row_extras, _check_target, _check_temperature,
                          _check_weight, _class_indices, _func_op, _refuse_eager_only,
                          _results, _transformed, _use_triton, loss_dtype, op_options)
-from .kernels.linear_xent import linear_xent_chunks, plan_chunk_rows
+from .chunks import linear_chunks, plan_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,54 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
 
 def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=None,
          row_weight=None, entropy_weight=None, need_input=False, need_weight=False,
-         need_bias=False, rows_fn=None):
-    kernel_dtype = torch.float32 if plan.problem.use_triton else None
+         need_bias=False, rows_fn=None) -> tuple:
+    """(ce, lse, H, argmax, d_input, d_weight, d_bias) of cross_entropy(x @ W.T + b, target)
+    per row, chunk by chunk (chunks.linear_chunks with the row function as its callback).
+
+    ce (N,): the unreduced cross-entropy without the z-loss; lse (N,): the logsumexp of each
+    row (after softcap and temperature); H (N,): the entropy if the row function is asked
+    for it (`problem.entropy`, or an entropy_weight), else None; all float32 (float64 for
+    float64 x) and 0 on rows not computed; argmax (N,) int64 if `problem.argmax`, -1 on rows
+    not computed. d_input (N, D) in x's dtype, d_weight (V, D) and d_bias (V,) in
+    accum_dtype, each None unless asked for. When none is asked for, the row function
+    computes no gradient at all. `scale`: (2,) "mean" factors of the CE and z-loss
+    gradients; row_weight, entropy_weight: (N,) factors of each row's CE gradient and dH;
+    rows_fn: the row function (core.row_fns' by default; distributed.sliced_rows')."""
+    problem = plan.problem
+    kernel_dtype = torch.float32 if problem.use_triton else None
     row_weight, entropy_weight = (
         t.to(kernel_dtype or t.dtype).contiguous() if t is not None else None
         for t in (row_weight, entropy_weight))
-    return linear_xent_chunks(
-        x, linear_weight, linear_bias, target, weight, plan.problem, rows=plan.rows,
-        chunk_rows=plan.chunk_rows, scale=scale, row_weight=row_weight,
-        entropy_weight=entropy_weight, need_input=need_input, need_weight=need_weight,
-        need_bias=need_bias, accum_dtype=plan.accum_dtype, rows_fn=rows_fn)
+    N = x.shape[0]
+    stat_dtype = core.acc_dtype(x.dtype)
+    new = x.new_empty if plan.rows is None else x.new_zeros
+    entropy = problem.entropy or entropy_weight is not None
+    ce = new(N, dtype=stat_dtype)
+    lse = new(N, dtype=stat_dtype)
+    H = new(N, dtype=stat_dtype) if entropy else None
+    idx = None
+    if problem.argmax:
+        idx = (x.new_empty(N, dtype=torch.int64) if plan.rows is None
+               else x.new_full((N,), -1, dtype=torch.int64))
+    compute_grad = need_input or need_weight or need_bias
+    rows_fn = rows_fn or core.row_fns(problem.use_triton)[0]
+    row_kwargs = problem.row_kwargs()
+    row_kwargs["entropy"] = entropy
+
+    def on_chunk(logits, take):  # (R, V) -> (ce, lse, H, argmax) of the chunk's rows
+        logits3 = logits.unsqueeze(-1)  # (R, V, 1): the row function's (N, V, D) view
+        t_c = take(target)
+        return rows_fn(
+            logits3, t_c.unsqueeze(-1) if problem.prob_target else t_c, weight, scale,
+            logits3 if compute_grad else None,  # the gradient overwrites the logits
+            take(row_weight) if compute_grad else None,
+            take(entropy_weight) if compute_grad else None, **row_kwargs)
+
+    d_input, d_weight, d_bias = linear_chunks(
+        x, linear_weight, linear_bias, on_chunk, (ce, lse, H, idx), rows=plan.rows,
+        chunk_rows=plan.chunk_rows, need_input=need_input, need_weight=need_weight,
+        need_bias=need_bias, accum_dtype=plan.accum_dtype)
+    return ce, lse, H, idx, d_input, d_weight, d_bias
 
 
 def _coefficients(plan: _Plan, x, row_weight, entropy_weight):
@@ -425,7 +464,7 @@ def linear_cross_entropy(
 ):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without storing the
     (N, V) logits: rows go through the head `chunk_size` at a time, and each chunk's logits are
-    turned into loss and gradient in place (see kernels/linear_xent.py).
+    turned into loss and gradient in place (see chunks.py).
 
     The first arguments are those of torch.nn.functional.linear_cross_entropy (torch >= 2.13),
     whose `ignore_index=None` also means -100. Unlike it, `input` may have any number of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import cross_entropy
+from .functional import cross_entropy, distillation_loss
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -78,4 +78,51 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             extras.append(f"temperature={self.temperature}")
         if self.entropy_weight:
             extras.append(f"entropy_weight={self.entropy_weight}")
+        return ", ".join(extras)
+
+
+class DistillationLoss(nn.Module):
+    """triton_xent.distillation_loss as a module: the options in the constructor, the
+    logits (and the target marking ignored rows) in forward."""
+
+    def __init__(
+        self,
+        *,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+        backend: str = "auto",
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        self.divergence = divergence
+        self.beta = beta
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+        self.process_group = process_group
+
+    def forward(
+        self,
+        input: torch.Tensor,  # (..., V) student logits
+        teacher: torch.Tensor,  # (..., V) teacher logits
+        target: torch.Tensor | None = None,  # (...) class indices, or None
+    ) -> torch.Tensor:
+        return distillation_loss(
+            input, teacher, target, divergence=self.divergence, beta=self.beta,
+            temperature=self.temperature, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        extras = [f"divergence={self.divergence!r}", f"reduction={self.reduction!r}",
+                  f"backend={self.backend!r}"]
+        if self.divergence == "jsd":
+            extras.append(f"beta={self.beta}")
+        if self.temperature != 1.0:
+            extras.append(f"temperature={self.temperature}")
+        if self.ignore_index != -100:
+            extras.append(f"ignore_index={self.ignore_index}")
         return ", ".join(extras)

@@ -356,3 +356,244 @@ def slice_grad_torch(logits, target, weight, stats, scale, grad, row_weight, ent
         if temperature != 1.0:
             g = g / temperature
         g_rows[n0:n1, d0:d1] = g.view(n1 - n0, d1 - d0, V)
+
+
+# --- distillation (kernels/distill.py states the math) -------------------------------------
+#
+# The same functions as the kernels' launchers, on (R, V) or (N, D, V) logits, classes last,
+# in float32 (float64 for float64 input), a chunk of rows at a time. Per chunk: z = x / T,
+# each tensor's differences to its row max d = z - m, e = exp(d), s = sum e, and
+# D_t = sum e_t (d_t - d_s), D_s = sum e_s (d_s - d_t) (a term with e = 0 is 0); then
+# log p = d - log s, and the losses and the student's gradient as kernels/distill.py says.
+# merge_stats and row_losses, the steps between the slice kernels, are plain torch ops on
+# (rows, slices, 6) statistics (STATS: m_s, s_s, m_t, s_t, D_t, D_s), shared by both
+# backends.
+
+def _distill_chunks(x3: torch.Tensor):
+    """(flat row slice, (R, V) block) of an (N, D, V) tensor, a chunk of rows at a time (a
+    view unless a chunk spans samples of a tensor whose D rows are not contiguous)."""
+    N, D, V = x3.shape
+    for n0, n1, d0, d1 in _row_chunks(N, D, V):
+        yield slice(n0 * D + d0, (n1 - 1) * D + d1), (n0, n1, d0, d1)
+
+
+def _block(x3: torch.Tensor, where: tuple, temperature: float) -> torch.Tensor:
+    """The (R, V) tempered logits of a chunk in the accumulation dtype."""
+    n0, n1, d0, d1 = where
+    x = x3[n0:n1, d0:d1].reshape(-1, x3.shape[-1])
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = x.to(acc)
+    return z / temperature if temperature != 1.0 else z
+
+
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(m == float("-inf"), 0.0, m)
+
+
+def _pair_stats_torch(z_s: torch.Tensor, z_t: torch.Tensor):
+    """(R, 6) STATS of (R, V) tempered logits, and the differences d_s, d_t."""
+    m_s = z_s.amax(-1)
+    m_t = z_t.amax(-1)
+    d_s = z_s - _finite_or_zero(m_s)[:, None]
+    d_t = z_t - _finite_or_zero(m_t)[:, None]
+    e_s, e_t = d_s.exp(), d_t.exp()
+    D_t = _weighted_sum(e_t, d_t - d_s)
+    D_s = _weighted_sum(e_s, d_s - d_t)
+    return torch.stack([m_s, e_s.sum(-1), m_t, e_t.sum(-1), D_t, D_s], -1), d_s, d_t
+
+
+def merge_stats(stats: torch.Tensor) -> torch.Tensor:  # (R, P, 6) -> (R, 6)
+    """The STATS of whole rows from those of their P slices (or ranks), with m = max_k m_k:
+        s = sum_k s_k exp(m_k - m),
+        D_t = sum_k exp(m_t,k - m_t) (D_t,k + s_t,k ((m_t,k - m_t) - (m_s,k - m_s)))
+    and D_s alike (roles swapped). A slice where the weighting tensor is all -inf (s_k = 0)
+    adds nothing (its shifts may be -inf or NaN); maxes of -inf count as 0 in the shifts,
+    as they do in the slices' own differences."""
+    m_s, s_s, m_t, s_t, D_t, D_s = stats.unbind(-1)
+    M_s = m_s.amax(1, keepdim=True)
+    M_t = m_t.amax(1, keepdim=True)
+    shift_s = _finite_or_zero(m_s) - _finite_or_zero(M_s)  # (R, P)
+    shift_t = _finite_or_zero(m_t) - _finite_or_zero(M_t)
+    w_s = (m_s - _finite_or_zero(M_s)).exp()  # exp(m_k - m); 0 for a slice of -inf
+    w_t = (m_t - _finite_or_zero(M_t)).exp()
+    D_t = torch.where(s_t == 0, 0.0, w_t * (D_t + s_t * (shift_t - shift_s))).sum(1)
+    D_s = torch.where(s_s == 0, 0.0, w_s * (D_s + s_s * (shift_s - shift_t))).sum(1)
+    return torch.stack([M_s[:, 0], (s_s * w_s).sum(1), M_t[:, 0], (s_t * w_t).sum(1), D_t,
+                        D_s], -1)
+
+
+def row_losses(merged: torch.Tensor, terms: torch.Tensor | None, divergence: str):
+    """(loss, kl_s) per row from whole rows' (R, 6) STATS and, for JSD, their (R, 2) sums
+    of J's and K's terms: forward KL D_t / s_t + log s_s - log s_t (kl_s None: its gradient
+    needs none), reverse KL D_s / s_s + log s_t - log s_s (kl_s = the loss), JSD (J, K)."""
+    if divergence == "jsd":
+        return terms[:, 0], terms[:, 1]
+    _, s_s, _, s_t, D_t, D_s = merged.unbind(-1)
+    if divergence == "forward_kl":
+        return D_t / s_t + (s_s.log() - s_t.log()), None
+    loss = D_s / s_s + (s_t.log() - s_s.log())
+    return loss, loss
+
+
+def _log_probs(z_s, z_t, merged):
+    """(R, V) log p_s, log p_t of a chunk from its rows' (R, 6) merged STATS."""
+    m_s, s_s, m_t, s_t = (merged[:, k, None].to(z_s.dtype) for k in range(4))
+    return (z_s - _finite_or_zero(m_s)) - s_s.log(), (z_t - _finite_or_zero(m_t)) - s_t.log()
+
+
+def _log_mixture(lp_s, lp_t, beta):
+    """log M, M = beta p_t + (1 - beta) p_s (-inf where both are 0)."""
+    return torch.logaddexp(lp_t + math.log(beta), lp_s + math.log1p(-beta))
+
+
+def _jsd_terms_torch(lp_s, lp_t, beta):
+    """(R, 2) sums of J's and K's terms (K = KL(p_s || M)), and log M."""
+    log_m = _log_mixture(lp_s, lp_t, beta)
+    p_s, p_t = lp_s.exp(), lp_t.exp()
+    k_s = torch.where(p_s == 0, 0.0, p_s * (lp_s - log_m)).sum(-1)
+    k_t = torch.where(p_t == 0, 0.0, p_t * (lp_t - log_m)).sum(-1)
+    return torch.stack([beta * k_t + (1.0 - beta) * k_s, k_s], -1), log_m
+
+
+def _distill_grad_chunk(lp_s, lp_t, log_m, kl_s, scale, divergence, beta, temperature):
+    """scale * dloss/dx_s of a chunk (kernels/distill.py's gradients); 0 on rows of scale 0."""
+    p_s = lp_s.exp()
+    if divergence == "forward_kl":
+        g = p_s - lp_t.exp()
+    else:
+        log_q = lp_t if divergence == "reverse_kl" else log_m
+        g = torch.where(p_s == 0, 0.0, p_s * (lp_s - log_q - kl_s[:, None]))
+        if divergence == "jsd":
+            g = g * (1.0 - beta)
+    if scale is None:
+        return g / temperature
+    scale = scale.to(g.dtype)[:, None]
+    return torch.where(scale == 0, 0.0, g * (scale / temperature))
+
+
+def _store(grad3: torch.Tensor, where: tuple, g: torch.Tensor) -> None:
+    n0, n1, d0, d1 = where
+    block = grad3[n0:n1, d0:d1]
+    block.copy_(g.view(block.shape))
+
+
+def _rows3(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(1) if x.dim() == 2 else x
+
+
+def _weighted_sum(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(R,) sum_c w_c v_c of (R, V) tiles, terms with w = 0 taken as 0 (never 0 * inf; a
+    NaN stays NaN). Overwrites v."""
+    return v.mul_(w).masked_fill_(w == 0, 0.0).sum(-1)
+
+
+def _differences(x3: torch.Tensor, where: tuple, temperature: float, out: torch.Tensor):
+    """d = x / T - max_c(x / T) of a chunk's rows, in `out` (the chunk's rows of a buffer in
+    the accumulation dtype): the logits are widened there, never the whole tensor."""
+    n0, n1, d0, d1 = where
+    x = x3[n0:n1, d0:d1].reshape(out.shape)
+    if x.dtype == out.dtype and temperature != 1.0:
+        d = torch.div(x, temperature, out=out)
+    else:  # widened first: half-precision arithmetic would round x / T
+        d = out.copy_(x)
+        if temperature != 1.0:
+            d.div_(temperature)
+    return d.sub_(_finite_or_zero(d.amax(-1, keepdim=True)))
+
+
+def distill_rows_torch(student, teacher, grad, row_scale, *, divergence, beta, temperature):
+    """Same contract as kernels.distill.distill_rows, for any V: the (R,) per-row loss
+    (float32; float64 for float64 input), unscaled and 0 where row_scale is 0; grad =
+    row_scale * dloss/dx_s written if given.
+
+    Per chunk, with two buffers holding d_s and d_t (the logits are read once) and e = exp(d):
+        forward_kl  loss = D_t / s_t + log s_s - log s_t,  grad = p_s - p_t
+        reverse_kl  loss = D_s / s_s + log s_t - log s_s,
+                    grad = p_s ((d_s - d_t) - (log s_s - log s_t) - loss)
+        jsd         log p = d - log s, log M, then J, K and grad from them
+    all over T, then times row_scale."""
+    s3, t3 = _rows3(student), _rows3(teacher)
+    g3 = _rows3(grad) if grad is not None else None
+    N, D, V = s3.shape
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = torch.empty(N * D, dtype=acc, device=student.device)
+    rows = min(_chunk_rows(V), N * D)
+    buf_s = torch.empty((rows, V), dtype=acc, device=student.device)
+    buf_t = torch.empty((rows, V), dtype=acc, device=student.device)
+    for flat, where in _distill_chunks(s3):
+        R = flat.stop - flat.start
+        d_s = _differences(s3, where, temperature, buf_s[:R])
+        d_t = _differences(t3, where, temperature, buf_t[:R])
+        e_s, e_t = d_s.exp(), d_t.exp()
+        log_s_s, log_s_t = e_s.sum(-1).log()[:, None], e_t.sum(-1).log()[:, None]
+        p_s = e_s.div_(log_s_s.exp())
+        p_t = e_t.div_(log_s_t.exp())
+        if divergence == "forward_kl":
+            chunk_loss = _weighted_sum(p_t, d_t - d_s) + (log_s_s - log_s_t)[:, 0]
+            g = p_s.sub_(p_t)
+        elif divergence == "reverse_kl":
+            diff = d_s.sub_(d_t)  # d_s - d_t; log p_s - log p_t = diff - (log s_s - log s_t)
+            chunk_loss = _weighted_sum(p_s, diff.clone()) + (log_s_t - log_s_s)[:, 0]
+            g = diff.sub_(log_s_s - log_s_t + chunk_loss[:, None]).mul_(p_s)
+            g.masked_fill_(p_s == 0, 0.0)
+        else:
+            lp_s, lp_t = d_s.sub_(log_s_s), d_t.sub_(log_s_t)
+            log_m = _log_mixture(lp_s, lp_t, beta)
+            k_t = _weighted_sum(p_t, lp_t.sub_(log_m))
+            ratio = lp_s.sub_(log_m)  # log p_s - log M
+            k_s = _weighted_sum(p_s, ratio.clone())
+            chunk_loss = beta * k_t + (1.0 - beta) * k_s
+            g = ratio.sub_(k_s[:, None]).mul_(p_s).masked_fill_(p_s == 0, 0.0)
+            g.mul_(1.0 - beta)
+        scale = row_scale[flat] if row_scale is not None else None
+        loss[flat] = chunk_loss if scale is None else torch.where(scale == 0, 0.0, chunk_loss)
+        if g3 is None:
+            continue
+        if scale is None:
+            g.div_(temperature)
+        else:
+            scale = scale.to(acc)[:, None]
+            g.mul_(scale / temperature).masked_fill_(scale == 0, 0.0)
+        _store(g3, where, g)
+    return loss
+
+
+def distill_stats_torch(student, teacher, *, temperature):
+    """(R, 6) STATS of each row's columns here (a rank's classes): kernels.distill's
+    slice statistics, already merged over the row."""
+    s3, t3 = _rows3(student), _rows3(teacher)
+    N, D, V = s3.shape
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    stats = torch.empty((N * D, 6), dtype=acc, device=student.device)
+    for flat, where in _distill_chunks(s3):
+        stats[flat] = _pair_stats_torch(_block(s3, where, temperature),
+                                        _block(t3, where, temperature))[0]
+    return stats
+
+
+def distill_terms_torch(student, teacher, merged, *, beta, temperature):
+    """(R, 2) JSD sums of J's and K's terms over the columns here, from the whole rows'
+    merged (R, 6) STATS."""
+    s3, t3 = _rows3(student), _rows3(teacher)
+    N, D, V = s3.shape
+    terms = torch.empty((N * D, 2), dtype=merged.dtype, device=student.device)
+    for flat, where in _distill_chunks(s3):
+        lp_s, lp_t = _log_probs(_block(s3, where, temperature), _block(t3, where, temperature),
+                                merged[flat])
+        terms[flat] = _jsd_terms_torch(lp_s, lp_t, beta)[0]
+    return terms
+
+
+def distill_grad_torch(student, teacher, merged, kl_s, grad, row_scale, *, divergence, beta,
+                       temperature):
+    """Writes grad = row_scale * dloss/dx_s of the columns here from the whole rows' merged
+    (R, 6) STATS and their (R,) kl_s (RKL or K; None for forward KL)."""
+    s3, t3, g3 = _rows3(student), _rows3(teacher), _rows3(grad)
+    for flat, where in _distill_chunks(s3):
+        lp_s, lp_t = _log_probs(_block(s3, where, temperature), _block(t3, where, temperature),
+                                merged[flat])
+        log_m = _log_mixture(lp_s, lp_t, beta) if divergence == "jsd" else None
+        _store(g3, where, _distill_grad_chunk(
+            lp_s, lp_t, log_m, kl_s[flat].to(lp_s.dtype) if kl_s is not None else None,
+            row_scale[flat] if row_scale is not None else None, divergence, beta,
+            temperature))
