@@ -181,7 +181,7 @@ def forward(problem: DistillProblem, input: torch.Tensor, teacher: torch.Tensor,
         else:
             from . import distributed
 
-            distributed.prepare_distill(V, target, n_rows, process_group)
+            distributed.prepare_distill(V, target, n_rows, process_group, input.device)
 
             def rows_fn(*args, **kwargs):
                 return distributed.distill_rows_vocab_parallel(*args, group=process_group,

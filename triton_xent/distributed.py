@@ -90,6 +90,30 @@ def _refusals(message: str | None, group) -> list:
     return reasons
 
 
+def _agreed_facts(n_local: int, target: torch.Tensor, ignore_index: int, group,
+                  rows_name: str) -> tuple:
+    """(slice sizes, least and largest counted targets) of every rank, in rank order, after
+    the checks all ranks run alike on them: every rank accepted its arguments, holds the
+    same rows and the same targets, and some rank holds a class."""
+    facts = _gather_facts(n_local, target, ignore_index, group)
+    sizes, rows, lows, highs, prints, refused = zip(*facts)
+    if any(refused):
+        reasons = _refusals(None, group)
+        raise ValueError("with a process_group every rank must accept its arguments; " +
+                         "; ".join(f"rank {r} refused them ({why})"
+                                   for r, why in enumerate(reasons) if why is not None))
+    if len(set(rows)) > 1:
+        raise ValueError(f"with a process_group every rank passes the same rows; the ranks "
+                         f"hold {list(rows)} {rows_name}")
+    if len(set(prints)) > 1:
+        raise ValueError("with a process_group every rank passes the same (global) targets; "
+                         "they differ between ranks")
+    if sum(sizes) == 0:
+        raise ValueError("with a process_group some rank must hold a class; every slice "
+                         "is empty")
+    return sizes, lows, highs
+
+
 @contextlib.contextmanager
 def refusing_together(group, device_hint):
     """Runs one rank's local argument checks. With a group, a rank whose checks raise first
@@ -200,23 +224,9 @@ def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
     that a failing call raises everywhere instead of leaving a rank waiting in a collective:
     the same rows and targets on every rank, some class somewhere, targets in range."""
     tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
-    facts = _gather_facts(n_local, tgt, problem.ignore_index, group)
-    sizes, rows, lows, highs, prints, refused = zip(*facts)
-    if any(refused):
-        reasons = _refusals(None, group)
-        raise ValueError("with a process_group every rank must accept its arguments; " +
-                         "; ".join(f"rank {r} refused them ({why})"
-                                   for r, why in enumerate(reasons) if why is not None))
-    if len(set(rows)) > 1:
-        raise ValueError(f"with a process_group every rank passes the same rows; the ranks "
-                         f"hold {list(rows)} target rows")
-    if len(set(prints)) > 1:
-        raise ValueError("with a process_group every rank passes the same (global) targets; "
-                         "they differ between ranks")
+    sizes, lows, highs = _agreed_facts(n_local, tgt, problem.ignore_index, group,
+                                       "target rows")
     n_classes = sum(sizes)
-    if n_classes == 0:
-        raise ValueError("with a process_group some rank must hold a class; every slice "
-                         "is empty")
     class_offset = sum(sizes[:dist.get_rank(group)])
     if weight is not None and weight.shape != (n_classes,):
         raise ValueError(f"with a process_group, weight holds all {n_classes} classes' weights "
@@ -271,30 +281,15 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
 # --- distillation ---------------------------------------------------------------------------
 
 
-def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, group) -> int:
+def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, group,
+                    device: torch.device) -> int:
     """The number of classes of all ranks, after the checks every rank runs alike from one
     all_gather of facts (so that a failing call raises everywhere instead of leaving a rank
-    waiting in a collective): every rank accepted its arguments, holds the same rows and
-    the same targets (None: an all-ignore_index-free marker of n_rows rows), and some rank
-    holds a class."""
+    waiting in a collective; _agreed_facts). Without a target, a marker of n_rows rows that
+    are all counted stands for it, on `device` (the collective's: NCCL's is a GPU)."""
     marker = (target.reshape(-1) if target is not None
-              else torch.zeros(n_rows, dtype=torch.int64))
-    facts = _gather_facts(n_local, marker, _BIG, group)
-    sizes, rows, _, _, prints, refused = zip(*facts)
-    if any(refused):
-        reasons = _refusals(None, group)
-        raise ValueError("with a process_group every rank must accept its arguments; " +
-                         "; ".join(f"rank {r} refused them ({why})"
-                                   for r, why in enumerate(reasons) if why is not None))
-    if len(set(rows)) > 1:
-        raise ValueError(f"with a process_group every rank passes the same rows; the ranks "
-                         f"hold {list(rows)} rows")
-    if len(set(prints)) > 1:
-        raise ValueError("with a process_group every rank passes the same (global) targets; "
-                         "they differ between ranks")
-    if sum(sizes) == 0:
-        raise ValueError("with a process_group some rank must hold a class; every slice "
-                         "is empty")
+              else torch.zeros(n_rows, dtype=torch.int64, device=device))
+    sizes, _, _ = _agreed_facts(n_local, marker, _BIG, group, "rows")
     return sum(sizes)
 
 

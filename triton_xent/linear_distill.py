@@ -238,7 +238,8 @@ class VocabParallelLinearDistillFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, teacher_x, teacher_weight, teacher_bias, target,
                 options, group, chunk_size, needs):
         divergence, beta, temperature, ignore_index, reduction, use_triton = options
-        n_classes = distributed.prepare_distill(weight.shape[0], target, x.shape[0], group)
+        n_classes = distributed.prepare_distill(weight.shape[0], target, x.shape[0], group,
+                                                x.device)
         rows_fn = functools.partial(distributed.distill_rows_vocab_parallel, group=group)
         need_x, need_w, need_b = needs
         pre = _precomputed(reduction, need_w, need_b)
