@@ -16,8 +16,9 @@ instead (gpu_check.Steps.run is swapped, so the steps are gpu_check's, not a cop
                    each test gpu_check runs, the calls it makes (same shapes, dtypes and
                    options), which are recorded without running the kernels;
   sanitizer cases  gpu_check.py --sanitize-case on the CPU, recorded and interpreted;
-  benchmarks       the same bench command with N = BENCH_TOKENS rows (D = 64 for the linear op,
-                   triton_xent providers only), recorded without running the kernels: only
+  benchmarks       the same bench command with N = BENCH_TOKENS rows (D = 64 for the linear ops,
+                   triton_xent providers only; bench_distill's cases are called here, since
+                   it measures in child processes), recorded without running the kernels: only
                    the first call of each case matters (the rest hit the cache), and a
                    specialisation does not depend on N beyond N % 16 == 0, N > 1 and the tile
                    of short rows (ROWS <= 128 <= BENCH_TOKENS);
@@ -220,7 +221,34 @@ def counting_command(cmd: list[str], env: dict | None, keys: str):
         args = _replace(cmd[2:], "--shapes", [f"{BENCH_TOKENS},64,{V}"])
         args = _replace(args, "--providers", ["triton_xent"])
         return [py, __file__, "--record", cmd[1], *args], env
+    if script == "bench_distill.py":  # it measures in child processes: call the ops here
+        args = [a if "," not in a else _distill_shape(a) for a in cmd[2:]]
+        return [py, __file__, "--record-distill", *args], env
     return None
+
+
+def _distill_shape(shape: str) -> str:
+    """A bench_distill shape N,D,V with N = BENCH_TOKENS (and D = 64 through the heads)."""
+    _, D, V = shape.split(",")
+    return f"{BENCH_TOKENS},{64 if int(D) else 0},{V}"
+
+
+def record_distill(argv: list[str]) -> None:
+    """The launches of bench_distill.py's triton_xent provider for its cases, forward and
+    backward once each (the benchmark's warm-up compiles the same), on CPU tensors."""
+    import torch
+
+    import bench_distill
+
+    args = bench_distill.parse_args(argv)
+    for (N, D, V), dtype in ((c, d) for d in args.dtypes for c in args.shapes):
+        for divergence in args.divergences:
+            op = f"linear_distill_{divergence}" if D else f"distill_{divergence}"
+            fn = bench_distill.make_provider("triton_xent", op, divergence,
+                                             torch.device("cpu"))
+            inputs = bench_distill.make_inputs(N, D, V, getattr(torch, bench_distill.DTYPES[
+                dtype]), torch.device("cpu"), requires_grad=True)
+            fn(*inputs).backward()
 
 
 def cuda_test_ids(cmd: list[str]) -> list[str]:
@@ -305,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--record", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--cuda-tests", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--record-distill", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run or args.record:
         script, *rest = args.run or args.record
@@ -315,6 +344,11 @@ def main(argv=None) -> int:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as e:
             return e.code or 0
+        return 0
+    if args.record_distill is not None:
+        install("record", os.environ[OUT_ENV])
+        sys.path.insert(0, BENCH)
+        record_distill(args.record_distill)
         return 0
     if args.cuda_tests:
         install("record", os.environ[OUT_ENV])
