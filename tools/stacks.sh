@@ -12,6 +12,7 @@
 #                    STACKS_DIR defaulting to ~/.cache/triton_xent-stacks); made if absent,
 #                    and reused as it is when it already holds these torch and triton
 #   --numpy SPEC     a numpy requirement, e.g. '<2.4' (Triton 3.6 and older: see README)
+#   --pip REQ        one more requirement, e.g. 'transformers<5' (repeatable)
 #   --audit          also compile the kernels offline (the audit script, run without the
 #                    interpreter: every launch the launchers make, built to machine code)
 #   --audit-cases L  only these of its cases, comma-separated (default: all)
@@ -26,18 +27,19 @@
 # Examples (the README's table):
 #   tools/stacks.sh --python python3.12 --numpy '<2.4' --audit 2.11.0 3.6.0
 #   tools/stacks.sh --audit 2.14.1
-#   tools/stacks.sh --numpy '<2.4' --audit 2.8.0 3.4.0
+#   tools/stacks.sh --numpy '<2.4' --pip 'transformers<5' --audit 2.8.0 3.4.0
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STACKS_DIR="${STACKS_DIR:-$HOME/.cache/triton_xent-stacks}"
 PY=python3 VENV="" NUMPY="" AUDIT="" AUDIT_CASES="" AUDIT_SCRIPT=bench/sm90_compile.py TESTS=1 LOG=""
-ARGS=()
+ARGS=() EXTRA=()
 while (($#)); do
     case "$1" in
         --python) PY="$2"; shift 2 ;;
         --venv) VENV="$2"; shift 2 ;;
         --numpy) NUMPY="$2"; shift 2 ;;
+        --pip) EXTRA+=("$2"); shift 2 ;;
         --audit) AUDIT=1; shift ;;
         --audit-cases) AUDIT=1; AUDIT_CASES="$2"; shift 2 ;;
         --audit-script) AUDIT=1; AUDIT_SCRIPT="$2"; shift 2 ;;
@@ -89,9 +91,10 @@ EOF
 PINS=("torch==$TORCH")
 [[ -n "$TRITON" ]] && PINS+=("triton==$TRITON")
 [[ -n "$NUMPY" ]] && PINS+=("numpy$NUMPY")
+PINS+=("${EXTRA[@]}")
 if have; then
     echo "== the venv already holds torch $TORCH${TRITON:+ and triton $TRITON}"
-    [[ -n "$NUMPY" ]] && "$VPY" -m pip install -q "numpy$NUMPY"
+    "$VPY" -m pip install -q "${PINS[@]}"
 else
     echo "== pip install ${PINS[*]} $EXTRAS (a CUDA build of torch is several GB)"
     "$VPY" -m pip install -q --upgrade pip
@@ -102,7 +105,12 @@ fi
 cd "$ROOT"
 STACK="$("$VPY" -c 'import sys, numpy, torch, triton, triton_xent, os
 assert triton_xent.__file__.startswith(os.getcwd()), triton_xent.__file__
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")')"
+try:
+    import transformers
+    hf = f", transformers {transformers.__version__}"
+except ImportError:
+    hf = ""
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}{hf}")')"
 echo "== $STACK"
 
 STATUS=0
