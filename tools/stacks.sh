@@ -125,7 +125,10 @@ if [[ -n "$AUDIT" ]]; then
     [[ -n "$AUDIT_CASES" ]] && ONLY=(--only ${AUDIT_CASES//,/ })
     echo "== offline compile audit: python $AUDIT_SCRIPT ${ONLY[*]}"
     start=$SECONDS
-    env -u TRITON_INTERPRET "$VPY" "$AUDIT_SCRIPT" "${ONLY[@]}" || STATUS=$?
+    cache="$(mktemp -d)"  # an empty Triton cache: every launch is compiled by this Triton
+    env -u TRITON_INTERPRET TRITON_CACHE_DIR="$cache" "$VPY" "$AUDIT_SCRIPT" "${ONLY[@]}" \
+        || STATUS=$?
+    rm -rf "$cache"
     echo "== audit done after $((SECONDS - start)) s"
 fi
 echo "== $STACK: exit $STATUS; log $LOG"
