@@ -54,8 +54,10 @@ PYTEST_ARGS=("$@")
 ((${#ARGS[@]} >= 1 && ${#ARGS[@]} <= 2)) || { echo "usage: $0 [options] TORCH [TRITON] [-- PYTEST_ARGS]" >&2; exit 2; }
 TORCH="${ARGS[0]}" TRITON="${ARGS[1]:-}"
 
-PYVER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-VENV="${VENV:-$STACKS_DIR/torch-$TORCH-triton-${TRITON:-pinned}-py$PYVER}"
+if [[ -z "$VENV" ]]; then
+    PYVER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    VENV="$STACKS_DIR/torch-$TORCH-triton-${TRITON:-pinned}-py$PYVER"
+fi
 NAME="$(basename "$VENV")"
 mkdir -p "$STACKS_DIR/logs"
 LOG="${LOG:-$STACKS_DIR/logs/$NAME-$(date -u +%Y%m%dT%H%M%SZ).log}"
