@@ -74,9 +74,18 @@ from collections.abc import Callable
 
 import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+
+try:
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:  # Triton 3.4 specialises in Python, with the same rules
+    from triton.runtime.jit import create_specialize_impl
+
+    _specialize = create_specialize_impl(BaseBackend.get_arg_specialization)
+
+    def native_specialize_impl(backend, arg, is_const, specialize_value, align):
+        return _specialize(arg, is_const, specialize_value, align)
 
 from triton_xent import config
 from triton_xent.kernels import distill, xent

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import multiprocessing
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+# Tests that compare with torch's own F.linear_cross_entropy, which torch 2.13 introduced;
+# they skip on the older stacks that tools/stacks.sh runs.
+needs_torch_linear_cross_entropy = pytest.mark.skipif(
+    not hasattr(F, "linear_cross_entropy"),
+    reason=f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)")
 
 # Loss and gradient tolerances against the float64 reference, per input dtype. Low-precision
 # inputs are judged by the rounding of the input itself (bf16 keeps 8 bits of mantissa).

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import triton_xent
-from helpers import assert_close
+from helpers import assert_close, needs_torch_linear_cross_entropy
 from triton_xent import config
 
 N, C, SPATIAL = 37, 29, 3  # unaligned sizes
@@ -122,6 +122,7 @@ def test_no_float32_copy_of_the_logits(backend, device, monkeypatch):
         assert bool(mode.seen) == expect_copy, mode.seen
 
 
+@needs_torch_linear_cross_entropy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_linear_cross_entropy_under_autocast_matches_torchs(backend, device, dtype):
     # torch's F.linear_cross_entropy under autocast: the head's matmul in bf16 (linear is on
@@ -178,6 +179,13 @@ def test_cuda_autocast(dtype):
     assert ref.dtype == loss.dtype == lse.dtype == torch.float32 and grad.dtype == dtype
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(grad, ref_grad, dtype, "gradient")
+
+
+@pytest.mark.cuda
+@needs_torch_linear_cross_entropy
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_autocast_linear(dtype):
+    t = _targets("cuda")
     h = torch.randn(N, 64, device="cuda", requires_grad=True)
     w = torch.randn(C, 64, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=dtype):

@@ -22,6 +22,12 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+# The properties below are promised for the code of the Triton the kernels are tuned with
+# (3.9, the pinned stack's). Older Tritons in the README's stack table build every launch,
+# but a few properties differ there, each named by the strict xfail that marks it (a fix
+# on their side turns it into a failure to be looked at).
+TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 LM = ("lm_V32000_bf16", "lm_V128256_bf16", "lm_V256000_bf16")
@@ -89,6 +95,9 @@ def test_every_launch_names_its_floating_point_fusion(report):
     assert not unset, f"launches without enable_fp_fusion: {unset}"
 
 
+@pytest.mark.xfail(TRITON in ((3, 4), (3, 8)), strict=True,
+                   reason="Triton 3.4 and 3.8 spill 8 bytes to the stack in _finish_kernel of "
+                          "lm_V128256_every_option (3.4: of lm_V128256_rl_no_argmax too)")
 def test_no_launch_spills_registers(report):
     spilled = {k: r["stack_bytes"] for k, r in report.items() if r["stack_bytes"]}
     assert not spilled, f"register spills (stack bytes): {spilled}"
@@ -100,6 +109,9 @@ def test_split_rows_keep_more_than_one_program_per_sm(report, case):
     assert split["programs_per_sm"] >= 2, split
 
 
+@pytest.mark.xfail(TRITON < (3, 8), strict=True,
+                   reason="Triton 3.4 and 3.6 give this _split_kernel 88 and 94 registers a "
+                          "thread: one 16-warp program per SM")
 def test_entropy_and_row_weights_keep_two_split_programs_per_sm(report):
     # The entropy's statistic rides in the sum's own reduction (issue 13); the argmax
     # (lm_V128256_rl) costs a second (value, index) reduction and, for now, one program.
@@ -170,6 +182,9 @@ def test_merge_round_trips_do_not_grow_with_the_slices(report):
     assert all(r["record_loads_in_loops"] == 0 for r in merges.values())
 
 
+@pytest.mark.xfail(TRITON < (3, 9), strict=True,
+                   reason="Triton 3.8 and older load short rows' bf16 logits 2 bytes at a time: "
+                          "the rows' alignment (ROW_ALIGN) does not reach their loads")
 @pytest.mark.parametrize("V, load_bytes", [(2, 4), (10, 4), (100, 8), (1000, 16)])
 def test_small_vocabularies_take_many_rows_per_program_with_vector_loads(report, V,
                                                                          load_bytes):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 import triton_xent
-from helpers import assert_close
+from helpers import assert_close, needs_torch_linear_cross_entropy
 
 B, N, C, D = 3, 5, 11, 7  # B problems of N rows (unaligned sizes)
 OPTIONS = dict(label_smoothing=0.1)
@@ -59,6 +59,7 @@ def test_vjp_of_unreduced_loss_with_a_per_row_cotangent(backend, device):
     assert_close(pullback(v)[0], ref_pullback(v)[0], torch.float32, "vjp")
 
 
+@needs_torch_linear_cross_entropy
 def test_linear_cross_entropy_grad_and_per_sample_grads(backend, device):
     # Per-sample gradients of the head, as Opacus-style training takes them.
     g = torch.Generator().manual_seed(1)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import triton_xent.linear as linear_mod
-from helpers import TOL, assert_close, reference
+from helpers import TOL, assert_close, needs_torch_linear_cross_entropy, reference
 from triton_xent import core
 from triton_xent import config
 from triton_xent.chunks import plan_chunk_rows
@@ -387,6 +387,7 @@ def test_narrow_integer_targets(backend, device, dtype):
                    torch.float32)
 
 
+@needs_torch_linear_cross_entropy
 def test_matches_torch_linear_cross_entropy(backend, device):
     # Shared arguments, same names, same results as torch's own F.linear_cross_entropy.
     x, w, b, t = _problem(lead=(B * T,), device=device)

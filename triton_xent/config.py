@@ -129,7 +129,7 @@ FP_FUSION = True
 # Distillation uses the cross-entropy's numbers above: whole rows up to ROW_SLICE_MAX_V
 # columns as ROWS_TILE_ELEMENTS tiles with NUM_WARPS_BY_BLOCK warps, longer rows in slices of
 # split_plan's width at SPLIT_NUM_WARPS. Its tiles hold two logits tensors, so the offline
-# sm_90 audit (bench/sm90_compile.py, triton 3.9, no GPU, bf16) was read for them too: whole
+# sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU, bf16) was read for them too: whole
 # rows of V = 4096 at 8 warps take 57 (forward KL), 59 (reverse KL) and 86 (JSD) registers,
 # 4, 4 and 2 programs an SM; V = 1000 JSD at 4 warps 101, 4 an SM; the slice kernels at 16
 # warps 29 to 38, 3 or 4 an SM; no spills. Speed not yet measured on a GPU.

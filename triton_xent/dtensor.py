@@ -28,8 +28,8 @@ Results: the loss (and lse) is a DTensor Replicate on every mesh dimension, as
 `loss_parallel()` + F.cross_entropy returns it on a 1-D mesh (on a 2-D mesh torch's returns
 the same placements for "sum" and "none" and refuses "mean"; here "mean" is right because
 the other dimension replicates). Gradients reach the DTensors as DTensors with their own
-placements: DTensor.to_local's backward wraps each local gradient, and the loss's
-from_local unwraps grad_output.
+placements: _to_local's backward wraps each local gradient, and the loss's from_local
+unwraps grad_output.
 
 FSDP2: a head that fully_shard shards, met outside its module's forward, is a Shard(0)
 DTensor too, but over data-parallel ranks that hold different batches. Nothing in the tensor
@@ -239,6 +239,30 @@ def _local(value, mesh, name: str):
     return value.to_local()
 
 
+class _ToLocal(torch.autograd.Function):
+    """DTensor.to_local, whose backward gives the gradient the DTensor's own global shape and
+    stride. Before torch 2.13, to_local's backward derives the stride from the local shard,
+    wrong for uneven shards (V = 37 on 2 ranks: 19 + 18), and autograd then replaces the
+    gradient by a Replicate copy, the whole tensor on every rank."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.spec = t.device_mesh, tuple(t.placements), t.shape, t.stride()
+        local = t.to_local()
+        return local.view_as(local)  # a new view: the DTensor's own tensor keeps no grad_fn
+
+    @staticmethod
+    def backward(ctx, grad):
+        mesh, placements, shape, stride = ctx.spec
+        return DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape,
+                                  stride=stride)
+
+
+def _to_local(t: DTensor) -> torch.Tensor:
+    """t's local tensor, through which gradients reach t with t's placements."""
+    return _ToLocal.apply(t)
+
+
 # --- the two public functions ------------------------------------------------------------
 
 
@@ -253,7 +277,7 @@ def cross_entropy_arguments(arguments: dict):
     class_dim = 1 if x.dim() > 1 else 0
     mesh_dim = _class_mesh_dim(x, class_dim, "input", "class dimension")
     group = _group_of(x, mesh_dim)
-    local = x.to_local()
+    local = _to_local(x)
     with distributed.refusing_together(group, local):
         if group is not None:
             _check_local_shard(x, mesh_dim, class_dim, group, "input")
@@ -286,7 +310,7 @@ def linear_arguments(arguments: dict):
     mesh = head.device_mesh
     mesh_dim = _class_mesh_dim(head, 0, "linear_weight", "rows (the classes)")
     group = _group_of(head, mesh_dim)
-    local = head.to_local()
+    local = _to_local(head)
     with distributed.refusing_together(group, local):
         if group is not None:
             _check_local_shard(head, mesh_dim, 0, group, "linear_weight")
@@ -297,7 +321,7 @@ def linear_arguments(arguments: dict):
                 raise ValueError(f"with a DTensor linear_weight, linear_bias must be a DTensor "
                                  f"with its mesh and placements {tuple(head.placements)} "
                                  f"(as ColwiseParallel leaves lm_head.bias)")
-            arguments["linear_bias"] = bias.to_local()
+            arguments["linear_bias"] = _to_local(bias)
         plain_hidden = not is_dtensor(arguments["input"])  # replicated by assumption: checked
         for name in ("input", "target", "weight"):
             arguments[name] = _local(arguments[name], mesh, name)

@@ -238,7 +238,10 @@ def _load_tile(
     z = tl.where(mask, x * inv_temperature, NEG_INF)
     u = mask.to(tl.float32)
     if HAS_WEIGHT:
-        u = tl.load(weight_ptr + class_offset + cols64[None, :], mask=mask, other=0.0)
+        # The (1, B) weights as the (R, B) mask's shape: Triton 3.4's load broadcasts the mask
+        # to the pointer, not the pointer to the mask.
+        u = tl.load(tl.broadcast_to(weight_ptr + class_offset + cols64[None, :], mask.shape),
+                    mask=mask, other=0.0)
     if PROB_TARGET:
         q = tl.load(t_ptr + t_rows[:, None] + cols64[None, :] * stride_t_c, mask=mask,
                     other=0.0).to(tl.float32)
