@@ -96,7 +96,8 @@ PINS=("torch==$TORCH")
 PINS+=("${EXTRA[@]}")
 if have; then
     echo "== the venv already holds torch $TORCH${TRITON:+ and triton $TRITON}"
-    "$VPY" -m pip install -q "${PINS[@]}"
+    # shellcheck disable=SC2086  # EXTRAS is a list of requirements
+    "$VPY" -m pip install -q "${PINS[@]}" $EXTRAS
 else
     echo "== pip install ${PINS[*]} $EXTRAS (a CUDA build of torch is several GB)"
     "$VPY" -m pip install -q --upgrade pip
