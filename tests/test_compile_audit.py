@@ -31,7 +31,25 @@ TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 LM = ("lm_V32000_bf16", "lm_V128256_bf16", "lm_V256000_bf16")
-TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950")
+
+
+def _links_amd_code() -> bool:
+    """Whether this Triton build can link AMD code offline. Up to 3.8 it runs the ROCm
+    linker (ld.lld), which 3.6 and 3.8 ship and 3.4's wheel looks for under /opt/rocm; 3.9
+    links in-process (no path_to_rocm_lld)."""
+    try:
+        from triton.backends.amd.compiler import HIPBackend
+
+        find_linker = getattr(HIPBackend, "path_to_rocm_lld", None)
+        if find_linker is not None:
+            find_linker()
+    except Exception:
+        return False
+    return True
+
+
+AMD = ("gfx942", "gfx950") if _links_amd_code() else ()
+TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120") + AMD
 # Split rows with weights, smoothing, softcap and z-loss; whole rows with the RL extras; many
 # short rows a program; a vocab-parallel rank with the RL extras; the gradient scaling; the
 # exchange-free long rows; distillation's JSD (its largest tiles) on whole rows and its three
@@ -210,6 +228,17 @@ def test_every_kernel_compiles_for_every_target(targets_report):
     assert all(r["registers"] > 0 for r in targets_report.values())
 
 
+def test_the_tuned_triton_links_amd_code():
+    # The six targets are promised with Triton 3.9 (the pinned stack's); an older Triton
+    # without the ROCm linker compiles the four NVIDIA ones only (the README's stack table).
+    if TRITON < (3, 9):
+        pytest.skip(f"Triton {triton.__version__}: the AMD targets are checked with 3.9")
+    assert AMD, "Triton found no ROCm linker (ld.lld): gfx942 and gfx950 cannot be compiled"
+
+
+@pytest.mark.xfail(TRITON in ((3, 4), (3, 8)), strict=True,
+                   reason="Triton 3.4 and 3.8 spill 8 bytes to the stack in _finish_kernel of "
+                          "lm_V128256_every_option")
 def test_no_target_spills_registers(targets_report):
     spilled = {k: r["stack_bytes"] for k, r in targets_report.items() if r["stack_bytes"]}
     assert not spilled, f"register spills (stack or scratch bytes): {spilled}"
