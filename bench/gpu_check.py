@@ -280,10 +280,13 @@ def main(argv=None) -> int:
               + (["--providers", "triton_xent", "torch"] if dry else []), 45, env)
 
     # 7. Distillation: both ops, the naive PyTorch losses and Liger's JSD.
-    distill = "4,0,100 4,16,100" if dry else "8192,0,128256 8192,4096,128256"
-    steps.run("bench_distill", [py, os.path.join(BENCH, "bench_distill.py"),
-                                "--dtypes", "bf16", "--divergences", "forward_kl", "jsd",
-                                "--shapes", *distill.split(), "--out",
+    # Dry run: one divergence and our provider against torch's, --quick (a fresh process per
+    # measurement costs seconds of imports on a CPU; the plumbing is the same).
+    distill = ["--quick", "--shapes", "4,0,100", "4,16,100", "--divergences", "jsd",
+               "--providers", "triton_xent", "torch"] if dry else [
+        "--shapes", "8192,0,128256", "8192,4096,128256", "--divergences", "forward_kl", "jsd"]
+    steps.run("bench_distill", [py, os.path.join(BENCH, "bench_distill.py"), "--dtypes", "bf16",
+                                *distill, "--out",
                                 os.path.join(args.out_dir, f"{slug}-distill.csv")], 60, env)
 
     # 8. Plots.

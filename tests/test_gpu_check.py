@@ -45,4 +45,4 @@ def test_dry_run_writes_the_log_csvs_and_plots(tmp_path):
     assert sum(f.endswith(".png") for f in files) >= 3
     distill = common.read_csv(out / next(f for f in csvs if f.endswith("-distill.csv")))
     assert {(r["op"], r["provider"]) for r in distill} >= {
-        ("distill_jsd", "triton_xent"), ("linear_distill_forward_kl", "torch")}
+        ("distill_jsd", "triton_xent"), ("linear_distill_jsd", "torch")}
