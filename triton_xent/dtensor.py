@@ -343,7 +343,7 @@ def _same_sharding(t, like: DTensor, name: str, like_name: str) -> torch.Tensor:
         raise ValueError(f"with a DTensor {like_name}, {name} must be a DTensor with its mesh "
                          f"and placements {tuple(like.placements)}: student and teacher are "
                          f"sharded by classes alike")
-    return t.to_local()
+    return _to_local(t)
 
 
 def distillation_arguments(arguments: dict):
@@ -357,7 +357,7 @@ def distillation_arguments(arguments: dict):
     class_dim = x.dim() - 1
     mesh_dim = _class_mesh_dim(x, class_dim, "input", "class dimension (the last)")
     group = _group_of(x, mesh_dim)
-    local = x.to_local()
+    local = _to_local(x)
     with distributed.refusing_together(group, local):
         if group is not None:
             _check_local_shard(x, mesh_dim, class_dim, group, "input")
@@ -384,7 +384,7 @@ def linear_distillation_arguments(arguments: dict):
     mesh = head.device_mesh
     mesh_dim = _class_mesh_dim(head, 0, "weight", "rows (the classes)")
     group = _group_of(head, mesh_dim)
-    local = head.to_local()
+    local = _to_local(head)
     with distributed.refusing_together(group, local):
         if group is not None:
             _check_local_shard(head, mesh_dim, 0, group, "weight")
