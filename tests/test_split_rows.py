@@ -9,11 +9,13 @@ grid-stride order. On a GPU the default spin limit exercises the exchange, and a
 of 0 mostly the deferral.
 
 "two_pass": one launch writes every slice's record, a second merges them and writes the
-loss and gradient; no program waits on another. It must match the reference with every
+loss and gradient; no program waits on another. "sweep": one program walks each whole row
+twice, in blocks (statistics, then the gradient). Both must match the reference with every
 option, and launch no exchange kernel. Under "exchange" a call takes "two_pass" where a row's
 slices would not all be resident on the device (faked here with small SM counts).
 
-The slice size is shrunk here so that small rows take the split path with many slices.
+The slice size (and the sweep's block) is shrunk here so that small rows take the split
+path with many slices (blocks).
 """
 
 import pytest
@@ -38,13 +40,29 @@ else:
 SCHEDULES = {"one_per_slice": (False, 1), "persistent": (True, 3)}
 EXCHANGE_KERNELS = ("_split_kernel", "_finish_kernel")
 TWO_PASS_KERNELS = ("_two_pass_stats_kernel", "_two_pass_finish_kernel")
+SWEEP_KERNELS = ("_sweep_kernel",)
+# The paths on which no program waits on another, and the kernels each launches.
+NO_WAIT_KERNELS = {"two_pass": TWO_PASS_KERNELS, "sweep": SWEEP_KERNELS}
 
 
-# Each path, and on the exchange each spin setting and schedule; "two_pass" has no spin.
+def sweep_in_small_blocks(monkeypatch, *, prefetch=True, stages=1, reverse=True,
+                          programs_per_sm=None):
+    """The sweep in blocks of 32 columns (rows of 33 .. 257 take 2 .. 9), with its knobs."""
+    monkeypatch.setattr(config, "SWEEP_BLOCK_V", 32)
+    monkeypatch.setattr(config, "SWEEP_PREFETCH", prefetch)
+    monkeypatch.setattr(config, "SWEEP_STAGES", stages)
+    monkeypatch.setattr(config, "SWEEP_REVERSE", reverse)
+    monkeypatch.setattr(config, "SWEEP_PROGRAMS_PER_SM", programs_per_sm)
+
+
+# Each path, and on the exchange each spin setting and schedule; "two_pass" has no spin;
+# the sweep with its loop's knobs both ways, one program a row or 3 walking the rows.
 @pytest.fixture(params=[("exchange", SPIN_LIMITS[0], "one_per_slice"),
                         ("exchange", SPIN_LIMITS[1], "one_per_slice"),
                         ("exchange", SPIN_LIMITS[1], "persistent"),
-                        ("two_pass", None, "one_per_slice")],
+                        ("two_pass", None, "one_per_slice"),
+                        ("sweep", None, "one_per_slice"),
+                        ("sweep", None, "persistent")],
                 ids=lambda p: p[0] + (f"-spin{p[1]}" if p[1] is not None else "") + f"-{p[2]}")
 def small_slices(request, monkeypatch):
     path, spin, schedule = request.param
@@ -55,6 +73,9 @@ def small_slices(request, monkeypatch):
     persistent, per_sm = SCHEDULES[schedule]
     monkeypatch.setattr(config, "PERSISTENT", persistent)
     monkeypatch.setattr(config, "PERSISTENT_PROGRAMS_PER_SM", per_sm)
+    # persistent: the sweep's knobs the other way round from the default
+    sweep_in_small_blocks(monkeypatch, prefetch=not persistent, stages=2 if persistent else 1,
+                          reverse=not persistent, programs_per_sm=per_sm if persistent else None)
 
 
 @pytest.fixture
@@ -70,7 +91,7 @@ def launches(monkeypatch):
             names.append(self.name)
             return self.kernel[grid]
 
-    for name in EXCHANGE_KERNELS + TWO_PASS_KERNELS:
+    for name in EXCHANGE_KERNELS + TWO_PASS_KERNELS + SWEEP_KERNELS:
         monkeypatch.setattr(xent, name, Spy(name))
     return names
 
@@ -215,7 +236,7 @@ def test_interpreter_defers_every_slice_but_the_last_arrival(monkeypatch, comput
     assert flags.tolist() == [expected] * 3
 
 
-# --- "two_pass": every option, no exchange ----------------------------------------------------
+# --- "two_pass" and "sweep": every option, no exchange ---------------------------------------
 
 # Every option the exchange takes, with the RL extras (temperature, row and entropy weights,
 # the returned entropy with an upstream gradient of its own, the argmax) at once; the
@@ -249,14 +270,18 @@ def _two_pass_problem(case, device, n=4, v=100):
     return x.to(device), t.to(device), kwargs, rw, ew, eg
 
 
-@pytest.fixture
-def two_pass(monkeypatch):
-    monkeypatch.setattr(config, "LONG_ROWS", "two_pass")
+@pytest.fixture(params=list(NO_WAIT_KERNELS))
+def no_wait(request, monkeypatch):
+    """LONG_ROWS = "two_pass" or "sweep" on rows of V = 100 (4 slices, 4 blocks); the
+    kernels the path launches."""
+    monkeypatch.setattr(config, "LONG_ROWS", request.param)
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+    sweep_in_small_blocks(monkeypatch)
+    return NO_WAIT_KERNELS[request.param]
 
 
 @pytest.mark.parametrize("case", TWO_PASS_CASES)
-def test_two_pass_matches_the_reference_with_every_option(two_pass, launches, device, case):
+def test_no_wait_paths_match_the_reference_with_every_option(no_wait, launches, device, case):
     x, t, kwargs, rw, ew, eg = _two_pass_problem(case, device)
     xg = x.clone().requires_grad_(True)
     out = triton_xent.cross_entropy(xg, t, temperature=0.8, row_weight=rw, entropy_weight=ew,
@@ -265,7 +290,7 @@ def test_two_pass_matches_the_reference_with_every_option(two_pass, launches, de
     (out.loss + (out.entropy * eg).sum()).backward()
     ref_loss, ref_grad = reference(x, t, temperature=0.8, row_weight=rw, entropy_weight=ew,
                                    entropy_grad=eg, **kwargs)
-    assert set(launches) == set(TWO_PASS_KERNELS)  # the entropy's gradient: a second call
+    assert set(launches) == set(no_wait)  # the entropy's gradient: a second call
     assert_close(out.loss, ref_loss, torch.float32, "loss")
     assert_close(xg.grad, ref_grad, torch.float32, "grad")
     H = entropy_reference(x, t, ignore_index=kwargs.get("ignore_index", -100),
@@ -277,21 +302,22 @@ def test_two_pass_matches_the_reference_with_every_option(two_pass, launches, de
     assert out.argmax.tolist() == argmax.tolist()
 
 
-def test_two_pass_forward_alone_writes_every_row(two_pass, launches, device):
-    # Without a gradient the second launch runs one program a row (slice 0's).
+def test_no_wait_forward_alone_writes_every_row(no_wait, launches, device):
+    # Without a gradient two_pass's second launch runs one program a row (slice 0's), and
+    # the sweep makes its first sweep only.
     g = torch.Generator().manual_seed(10)
     x = (3 * torch.randn(4, 100, generator=g)).to(device)
     t = torch.tensor([0, 40, 70, 99], device=device)  # one target in each slice
     with torch.no_grad():
         out = triton_xent.cross_entropy(x, t, reduction="none", return_entropy=True,
                                         return_argmax=True, backend="triton")
-    assert launches == list(TWO_PASS_KERNELS)
+    assert launches == list(no_wait)
     assert_close(out.loss, reference(x, t, reduction="none")[0], torch.float32, "loss")
     assert_close(out.entropy, entropy_reference(x, t), torch.float32, "entropy")
     assert out.argmax.tolist() == x.argmax(1).tolist()
 
 
-def test_two_pass_through_the_linear_op_in_chunks(two_pass, launches, device):
+def test_no_wait_through_the_linear_op_in_chunks(no_wait, launches, device):
     # 6 rows in chunks of 4 and 2: each chunk's logits are overwritten by their gradient.
     g = torch.Generator().manual_seed(8)
     x = torch.randn(6, 8, generator=g).to(device)
@@ -303,7 +329,7 @@ def test_two_pass_through_the_linear_op_in_chunks(two_pass, launches, device):
     loss.backward()
     logits = (x.double() @ w.double().T).requires_grad_(True)
     ref_loss, d_logits = reference(logits, t, label_smoothing=0.1)
-    assert launches == list(TWO_PASS_KERNELS) * 2
+    assert launches == list(no_wait) * 2
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(xg.grad, d_logits @ w.double(), torch.float32, "d_x")
     assert_close(wg.grad, d_logits.T @ x.double(), torch.float32, "d_W")
@@ -312,26 +338,25 @@ def test_two_pass_through_the_linear_op_in_chunks(two_pass, launches, device):
 # --- the switch: environment, checks, and the device's capacity -----------------------------
 
 
-@pytest.mark.parametrize("environ, hip, expected", [
-    ({}, None, "exchange"), ({}, "6.2.4", "two_pass"),
-    ({"TRITON_XENT_LONG_ROWS": "exchange"}, "6.2.4", "exchange"),
-    ({"TRITON_XENT_LONG_ROWS": "two_pass"}, None, "two_pass"),
-], ids=["cuda_default", "rocm_default", "env_exchange_on_rocm", "env_two_pass"])
-def test_long_rows_initial_value(environ, hip, expected):
-    assert config.initial_long_rows(environ, hip) == expected
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "two_pass"), ({"TRITON_XENT_LONG_ROWS": "exchange"}, "exchange"),
+    ({"TRITON_XENT_LONG_ROWS": "sweep"}, "sweep"),
+], ids=["default", "env_exchange", "env_sweep"])
+def test_long_rows_initial_value(environ, expected):
+    assert config.initial_long_rows(environ) == expected
 
 
 def test_long_rows_bad_environment_value_names_the_variable():
     with pytest.raises(ValueError, match="TRITON_XENT_LONG_ROWS='twopass'.*'exchange', "
-                                         "'two_pass'"):
-        config.initial_long_rows({"TRITON_XENT_LONG_ROWS": "twopass"}, None)
+                                         "'two_pass', 'sweep'"):
+        config.initial_long_rows({"TRITON_XENT_LONG_ROWS": "twopass"})
 
 
 def test_long_rows_bad_value_in_code_fails_the_next_call(monkeypatch, device):
     monkeypatch.setattr(config, "LONG_ROWS", "fast")
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
     x = torch.randn(2, 40, device=device)
-    with pytest.raises(ValueError, match="LONG_ROWS = 'fast'.*'exchange', 'two_pass'"):
+    with pytest.raises(ValueError, match="LONG_ROWS = 'fast'.*'exchange', 'two_pass', 'sweep'"):
         triton_xent.cross_entropy(x, torch.tensor([0, 1], device=device), backend="triton")
 
 
@@ -349,8 +374,9 @@ def test_exchange_only_where_a_rows_slices_fit_the_device(monkeypatch, sms, n_sl
     monkeypatch.setattr(xent, "_sm_count", lambda device: sms)
     per_sm = config.SPLIT_PROGRAMS_PER_SM_LEAN if lean else config.SPLIT_PROGRAMS_PER_SM
     assert xent.long_rows_path(n_slices, torch.device("cuda"), per_sm) == expected
-    monkeypatch.setattr(config, "LONG_ROWS", "two_pass")
-    assert xent.long_rows_path(n_slices, torch.device("cuda"), per_sm) == "two_pass"
+    for path in ("two_pass", "sweep"):
+        monkeypatch.setattr(config, "LONG_ROWS", path)
+        assert xent.long_rows_path(n_slices, torch.device("cuda"), per_sm) == path
 
 
 @pytest.mark.parametrize("element_size, switches, lean", [

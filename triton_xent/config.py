@@ -8,8 +8,6 @@ command when that happens.
 
 import os
 
-import torch
-
 # --- cross-entropy row kernel (triton_xent/kernels/xent.py) -------------------------------
 
 # A row is cut into slices of at most this many columns, one program each, held in
@@ -27,25 +25,32 @@ SPLIT_NUM_WARPS = 16
 #   "exchange"  one read of the logits: a row's P slice programs publish their statistics
 #               and wait, a bounded while, for their siblings' (split rows, read once);
 #   "two_pass"  no program waits on another: one launch writes each slice's statistics,
-#               a second merges them and writes the loss and gradient, reading the row again.
+#               a second merges them and writes the loss and gradient, reading the row again;
+#   "sweep"     one program walks a whole row twice in blocks (statistics, then gradient),
+#               the second sweep reading from L2 what the first read last (below).
 # Under "exchange" a call still takes "two_pass" where a row's slices could not all be
 # resident at once (see SPLIT_PROGRAMS_PER_SM below). The environment variable
-# TRITON_XENT_LONG_ROWS sets the initial value; without it ROCm builds of torch get
-# "two_pass": an MI300X has 8 XCDs, each with its own L2, and the exchange publishes its
-# records with .cg stores (to L2) and reads them after an acquire on the row's counter, which
-# is correct where L2 is the point of coherence of all SMs (NVIDIA). Whether Triton's HIP
-# lowering of the same code makes a record written on another XCD visible is unchecked, and
-# no AMD GPU has run the exchange yet.
-LONG_ROWS_CHOICES = ("exchange", "two_pass")
+# TRITON_XENT_LONG_ROWS sets the initial value. Without it every device gets "two_pass", the
+# fastest measured: on an NVIDIA H200 (torch 2.11, triton 3.6, 2026-12-04,
+# `python bench/gpu_check.py`, bench/results/nvidia-h200.csv), bf16, N = 16384, forward +
+# backward, two_pass took 2.63 / 9.39 / 19.15 ms at V = 32000 / 128256 / 256000 against the
+# exchange's 3.56 / 13.60 / 27.58, and no config variant of the exchange came closer than
+# 11.3 ms at V = 128256. The H100 (same chip, slower memory) takes the H200's measurement;
+# "sweep" is not yet measured on a GPU (`python bench/gpu_tune.py` times all three). On ROCm
+# the exchange would also be unchecked: an MI300X has 8 XCDs, each with its own L2, and the
+# exchange publishes its records with .cg stores (to L2) and reads them after an acquire on
+# the row's counter, which is correct where L2 is the point of coherence of all SMs
+# (NVIDIA); no AMD GPU has run any path yet.
+LONG_ROWS_CHOICES = ("exchange", "two_pass", "sweep")
 LONG_ROWS_ENV = "TRITON_XENT_LONG_ROWS"
 
 
-def initial_long_rows(environ=os.environ, hip: str | None = torch.version.hip) -> str:
+def initial_long_rows(environ=os.environ) -> str:
     """LONG_ROWS at import: TRITON_XENT_LONG_ROWS if set (ValueError naming it and the
-    choices if it holds anything else), else "two_pass" on ROCm and "exchange" elsewhere."""
+    choices if it holds anything else), else "two_pass"."""
     value = environ.get(LONG_ROWS_ENV)
     if value is None:
-        return "two_pass" if hip else "exchange"
+        return "two_pass"
     if value not in LONG_ROWS_CHOICES:
         raise ValueError(f"environment variable {LONG_ROWS_ENV}={value!r}: choose one of "
                          f"{', '.join(map(repr, LONG_ROWS_CHOICES))}")
@@ -126,6 +131,31 @@ SCALE_NUM_WARPS = 8
 # exponent arguments and the gradient's products, and the code the offline sm_90 audit
 # (bench/compile_audit.py) read. A numerics choice, not a speed setting.
 FP_FUSION = True
+
+# The row sweep (LONG_ROWS = "sweep", kernels/xent.py _sweep_kernel): one program walks a
+# whole row in steps of SWEEP_BLOCK_V columns at SWEEP_NUM_WARPS warps, twice (statistics,
+# then the gradient), so the second sweep reads what the first left in L2.
+#   SWEEP_PREFETCH         issue step k + 1's loads before step k's arithmetic (registers)
+#   SWEEP_STAGES           > 1: Triton's loop pipeliner keeps SWEEP_STAGES - 1 steps in
+#                          flight (cp.async into shared memory; seen in the sm_90 code of
+#                          Triton 3.6 and 3.9 for loops that name num_stages); 1: off
+#   SWEEP_REVERSE          the second sweep starts at the row's end, the blocks read last
+#   SWEEP_EVICT            the first sweep's loads evict_last, the second's and the
+#                          gradient's evict_first
+#   SWEEP_PROGRAMS_PER_SM  None: one program a row; k: at most k programs per SM, walking
+#                          the rows in grid-stride order
+#   SWEEP_L2_FRACTION      None, or at most as many programs (rows between their sweeps) as
+#                          fill this fraction of the L2
+# First choices from the arithmetic (registers a thread, bytes in flight), not yet measured
+# on a GPU: `python bench/gpu_tune.py` times the candidates.
+SWEEP_BLOCK_V = 8192
+SWEEP_NUM_WARPS = 16
+SWEEP_PREFETCH = True
+SWEEP_STAGES = 1
+SWEEP_REVERSE = True
+SWEEP_EVICT = True
+SWEEP_PROGRAMS_PER_SM = None
+SWEEP_L2_FRACTION = None
 
 # --- distillation (triton_xent/kernels/distill.py) ---------------------------------------
 

@@ -219,6 +219,39 @@ def _row_targets(
 
 
 @triton.jit
+def _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(x) / T in float32 (-inf where not `mask`) and t = tanh(x / softcap) (x
+    without softcap) of a tile of logits x as loaded."""
+    x = x.to(tl.float32)
+    t = x
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    return tl.where(mask, x * inv_temperature, NEG_INF), t
+
+
+@triton.jit
+def _tile_u(
+    t_ptr, t_offs, weight_ptr, w_offs, mask,  # offsets of the tile's targets and weights
+    label_smoothing, n_classes,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    """The column weights u of a tile (the mask's shape): the class weights (1 without), times
+    the smoothed target probabilities for probability targets."""
+    u = mask.to(tl.float32)
+    if HAS_WEIGHT:
+        # The weights as the mask's shape: Triton 3.4's load broadcasts the mask to the
+        # pointer, not the pointer to the mask.
+        u = tl.load(tl.broadcast_to(weight_ptr + w_offs, mask.shape), mask=mask, other=0.0)
+    if PROB_TARGET:
+        q = tl.load(t_ptr + t_offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTHING:
+            q = (1.0 - label_smoothing) * q + label_smoothing / n_classes
+        u = u * tl.where(mask, q, 0.0)
+    return u
+
+
+@triton.jit
 def _load_tile(
     x_ptr, x_rows, t_ptr, t_rows, weight_ptr,  # (R,) row offsets of logits and targets
     cols, mask,  # (B,) column indices, (R, B) validity
@@ -228,26 +261,12 @@ def _load_tile(
 ):
     """An (R, B) tile: z = softcap(x) / T (-inf off the rows), t = tanh(x / softcap), and u.
     Column c is class class_offset + c of n_classes (a vocab-parallel rank's slice)."""
-    cols64 = cols.to(tl.int64)
-    x = tl.load(x_ptr + x_rows[:, None] + cols64[None, :] * stride_x_c, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    t = x
-    if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        x = softcap * t
-    z = tl.where(mask, x * inv_temperature, NEG_INF)
-    u = mask.to(tl.float32)
-    if HAS_WEIGHT:
-        # The (1, B) weights as the (R, B) mask's shape: Triton 3.4's load broadcasts the mask
-        # to the pointer, not the pointer to the mask.
-        u = tl.load(tl.broadcast_to(weight_ptr + class_offset + cols64[None, :], mask.shape),
-                    mask=mask, other=0.0)
-    if PROB_TARGET:
-        q = tl.load(t_ptr + t_rows[:, None] + cols64[None, :] * stride_t_c, mask=mask,
-                    other=0.0).to(tl.float32)
-        if HAS_SMOOTHING:
-            q = (1.0 - label_smoothing) * q + label_smoothing / n_classes
-        u = u * tl.where(mask, q, 0.0)
+    cols64 = cols.to(tl.int64)[None, :]
+    x = tl.load(x_ptr + x_rows[:, None] + cols64 * stride_x_c, mask=mask, other=0.0)
+    z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
+    u = _tile_u(t_ptr, t_rows[:, None] + cols64 * stride_t_c, weight_ptr,
+                class_offset + cols64, mask, label_smoothing, n_classes, PROB_TARGET,
+                HAS_WEIGHT, HAS_SMOOTHING)
     return z, t, u
 
 
@@ -357,14 +376,15 @@ def _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, row_mask,
 
 
 @triton.jit
-def _write_grad(
-    grad_ptr, g_rows, cols, mask, stride_g_c,  # where: (R,) row offsets, (B,), (R, B)
-    z, t, u, y, m, s, U, H, a, b, r, e, row_ok, row_nan,  # (R, B) tiles, (R,) row values
+def _grad_tile(
+    cols, z, t, u, y, m, s, U, H, a, b, r, e, row_ok, row_nan,  # (B,), (R, B) tiles, (R,) rows
     scale_ptr, lse_square_scale, softcap, inv_temperature,
     HAS_SCALE: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     TRACK_U: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
 ):
-    """dloss/dz = r ((p (a + b U) - b u - a [c == y]) * ce_scale + 2 zs lse p * z_scale)
+    """The float32 (R, B) gradient tile, column c of row i being class cols[c] - y[i] + the
+    row's target (y is relative to the tile, as cols are):
+    dloss/dz = r ((p (a + b U) - b u - a [c == y]) * ce_scale + 2 zs lse p * z_scale)
     + e p (log s + m - z - H), times dz/dx = softcap slope / T; the scales are the
     reduction's 1/denominators ("mean"), else 1; r the row weight, e the entropy's (already
     scaled by the caller)."""
@@ -396,7 +416,21 @@ def _write_grad(
         g = g * (1.0 - t * t)
     g = g * inv_temperature
     g = tl.where(row_ok[:, None], g, 0.0)
-    g = tl.where(row_nan[:, None], float("nan"), g)
+    return tl.where(row_nan[:, None], float("nan"), g)
+
+
+@triton.jit
+def _write_grad(
+    grad_ptr, g_rows, cols, mask, stride_g_c,  # where: (R,) row offsets, (B,), (R, B)
+    z, t, u, y, m, s, U, H, a, b, r, e, row_ok, row_nan,  # (R, B) tiles, (R,) row values
+    scale_ptr, lse_square_scale, softcap, inv_temperature,
+    HAS_SCALE: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TRACK_U: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+):
+    """Stores _grad_tile's gradient in the gradient's dtype."""
+    g = _grad_tile(cols, z, t, u, y, m, s, U, H, a, b, r, e, row_ok, row_nan, scale_ptr,
+                   lse_square_scale, softcap, inv_temperature, HAS_SCALE, HAS_ZLOSS,
+                   HAS_SOFTCAP, TRACK_U, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
     tl.store(grad_ptr + g_rows[:, None] + cols.to(tl.int64)[None, :] * stride_g_c,
              g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -440,6 +474,35 @@ def _field(rec, name):
 
 
 @triton.jit
+def _reduce_stats(m, s, S, U, Q, idx, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr,
+                  ARGMAX: tl.constexpr):
+    """(1,) statistics (m, s, S, U, Q) of the union of K column sets given by their (K,)
+    statistics (the merge of the module docstring, as reductions), and the least of the
+    sets' first-max columns `idx` among those whose max is the union's (a set that is not
+    there has m = -inf and idx >= ARGMAX_MAX_COLS)."""
+    m_all = tl.max(m, axis=0)
+    m_ref = tl.where(m_all == NEG_INF, 0.0, m_all)
+    w = tl.exp(m - m_ref)
+    s_all = tl.sum(s * w, axis=0)
+    S_all = tl.zeros((), tl.float32)
+    U_all = tl.zeros((), tl.float32)
+    if TRACK_U:
+        # Guards keep 0 * inf (a set without weight, or an all -inf set) out of S.
+        S_all = tl.sum(S + U * tl.where((m == m_all) | (U == 0.0), 0.0, m_all - m), axis=0)
+        U_all = tl.sum(U, axis=0)
+    Q_all = tl.zeros((), tl.float32)
+    if ENTROPY:  # Q = sum_k exp(m_k - m) (Q_k + s_k (m_k - m)), guarded as S is
+        Q_all = tl.sum(w * (Q + s * tl.where((m == m_all) | (s == 0.0), 0.0, m - m_all)),
+                       axis=0)
+    idx_all = tl.zeros((), tl.int64)
+    if ARGMAX:
+        idx_all = tl.min(tl.where(m == m_all, idx, ARGMAX_MAX_COLS), axis=0).to(tl.int64)
+    one = tl.zeros((1,), tl.float32)
+    return (m_all + one, s_all + one, S_all + one, U_all + one, Q_all + one,
+            idx_all + one.to(tl.int64))
+
+
+@triton.jit
 def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr,
                    ARGMAX: tl.constexpr, P_PAD: tl.constexpr):
     """(1,) merged (m, s, S, U, z_y, Q, argmax) of a row's P records: one (P_PAD,
@@ -450,31 +513,13 @@ def _merge_records(record_ptr, row, n_slices, TRACK_U: tl.constexpr, ENTROPY: tl
     offs = (row * n_slices + p).to(tl.int64)[:, None] * RECORD_WIDTH \
         + tl.arange(0, RECORD_WIDTH)[None, :]
     rec = tl.load(record_ptr + offs, mask=present[:, None], other=0.0, cache_modifier=".cg")
-    rm = tl.where(present, _field(rec, REC_M), NEG_INF)
-    rs = _field(rec, REC_SUM_EXP)
-    m = tl.max(rm, axis=0)
-    m_ref = tl.where(m == NEG_INF, 0.0, m)
-    s = tl.sum(rs * tl.exp(rm - m_ref), axis=0)
-    S = tl.zeros((), tl.float32)
-    U = tl.zeros((), tl.float32)
-    if TRACK_U:
-        rS = _field(rec, REC_S)
-        rU = _field(rec, REC_U)
-        # Guards keep 0 * inf (a slice without weight, or an all -inf slice) out of S.
-        S = tl.sum(rS + rU * tl.where((rm == m) | (rU == 0.0), 0.0, m - rm), axis=0)
-        U = tl.sum(rU, axis=0)
-    Q = tl.zeros((), tl.float32)
-    if ENTROPY:  # Q = sum_k exp(m_k - m) (Q_k + s_k (m_k - m)), guarded as S is
-        rQ = _field(rec, REC_Q)
-        shift = tl.where((rm == m) | (rs == 0.0), 0.0, rm - m)
-        Q = tl.sum(tl.exp(rm - m_ref) * (rQ + rs * shift), axis=0)
-    idx = tl.zeros((), tl.int64)
-    if ARGMAX:
-        first = tl.where(present & (rm == m), _field(rec, REC_ARGMAX), ARGMAX_MAX_COLS * 1.0)
-        idx = tl.min(first, axis=0).to(tl.int64)
-    z_y = tl.sum(_field(rec, REC_ZY), axis=0)
-    one = tl.zeros((1,), tl.float32)
-    return m + one, s + one, S + one, U + one, z_y + one, Q + one, idx + one.to(tl.int64)
+    first = tl.where(present, _field(rec, REC_ARGMAX), ARGMAX_MAX_COLS * 1.0)
+    m, s, S, U, Q, idx = _reduce_stats(
+        tl.where(present, _field(rec, REC_M), NEG_INF), _field(rec, REC_SUM_EXP),
+        _field(rec, REC_S), _field(rec, REC_U), _field(rec, REC_Q), first, TRACK_U, ENTROPY,
+        ARGMAX)
+    z_y = tl.sum(_field(rec, REC_ZY), axis=0) + tl.zeros((1,), tl.float32)
+    return m, s, S, U, z_y, Q, idx
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -765,6 +810,123 @@ def _two_pass_finish_kernel(
 
 
 @triton.jit
+def _sweep_kernel(
+    # pointers
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
+    entropy_ptr, argmax_ptr, row_weight_ptr, entropy_weight_ptr,
+    # sizes
+    n_rows, n_cols, n_inner,
+    # strides (sample, class, position) of logits, gradient and targets
+    stride_x_n, stride_x_c, stride_x_d,
+    stride_g_n, stride_g_c, stride_g_d,
+    stride_t_n, stride_t_c, stride_t_d,
+    # options
+    ignore_index, label_smoothing, lse_square_scale, softcap, inv_temperature,
+    # compile-time switches
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    # the sweep: BLOCK_V columns a step as BLOCK_V / VEC lanes of VEC adjacent columns
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+    REVERSE: tl.constexpr, FIRST_EVICT: tl.constexpr, SECOND_EVICT: tl.constexpr,
+):
+    """LONG_ROWS = "sweep": a program walks whole rows (grid-stride order), each in two sweeps
+    of BLOCK_V columns: the first reads the row and keeps the statistics (m, s, S, U, Q,
+    argmax) of each lane; they merge once at the row's end into the loss; the second (with a
+    gradient) reads the row again (last block first if REVERSE) and writes the gradient.
+    VEC divides V and every row's first offset (row_align()), so lanes load VEC columns at
+    once. PREFETCH issues block k + 1's loads before block k's arithmetic (into registers);
+    STAGES > 1 lets Triton's pipeliner keep STAGES - 1 blocks in flight (cp.async into shared
+    memory on NVIDIA; 1: no pipelining). FIRST_EVICT and
+    SECOND_EVICT are the eviction policies of the two sweeps' accesses ("" for none;
+    "evict_last" keeps the row in L2 for the second sweep, "evict_first" lets the second
+    sweep's reads and the gradient go first)."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    LANES: tl.constexpr = BLOCK_V // VEC
+    lane_cols = tl.arange(0, LANES).to(tl.int64) * VEC  # (LANES,) first column of each lane
+    vec = tl.arange(0, VEC)  # (VEC,)
+    n_blocks = tl.cdiv(n_cols, BLOCK_V)
+    # Per row, bytes: V * elem read by the first sweep (HBM), and with a gradient V * elem
+    # read by the second (L2 for the blocks the first read last: REVERSE) and V * elem
+    # written. Lanes keep their own statistics, so a step's reductions stay inside a
+    # thread: no barrier between a step's loads and the next step's.
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        rows = row + tl.zeros((1,), tl.int64)
+        row_mask = rows >= 0
+        x_row = tl.multiple_of(_row_offsets(row, n_inner, stride_x_n, stride_x_d), VEC)
+        t_rows = _row_offsets(rows, n_inner, stride_t_n, stride_t_d)
+        y, row_ok, row_nan, a, b = _row_targets(
+            target_ptr, weight_ptr, t_rows, row_mask, ignore_index, 0, n_cols,
+            label_smoothing, PROB_TARGET, HAS_WEIGHT)
+        # The target's z, read where it is (the first sweep never looks for it).
+        x_y = tl.load(logits_ptr + x_row + tl.where(row_ok, y, 0) * stride_x_c, mask=row_ok,
+                      other=0.0)
+        z_y, _ = _tile_z(x_y, row_ok, softcap, inv_temperature, HAS_SOFTCAP)
+        z_y = tl.where(row_ok, z_y, 0.0)
+
+        # First sweep. Lane statistics, merged as blocks come (the module docstring's
+        # merge, per lane: _merge_pair); a lane's argmax moves only to a strictly larger max.
+        m = tl.full((LANES,), NEG_INF, tl.float32)
+        s = tl.zeros((LANES,), tl.float32)
+        S = tl.zeros((LANES,), tl.float32)
+        U = tl.zeros((LANES,), tl.float32)
+        Q = tl.zeros((LANES,), tl.float32)
+        idx = tl.zeros((LANES,), tl.int64)
+        if PREFETCH:
+            cols = lane_cols[:, None] + vec[None, :]
+            x_next = tl.load(logits_ptr + x_row + cols * stride_x_c, mask=cols < n_cols,
+                             other=0.0, eviction_policy=FIRST_EVICT)
+        for blk in tl.range(0, n_blocks, num_stages=STAGES):
+            start = blk * BLOCK_V
+            cols = start + lane_cols[:, None] + vec[None, :]
+            mask = cols < n_cols
+            if PREFETCH:  # the next block's loads go out before this block's arithmetic
+                x = x_next
+                ahead = cols + BLOCK_V
+                x_next = tl.load(logits_ptr + x_row + ahead * stride_x_c, mask=ahead < n_cols,
+                                 other=0.0, eviction_policy=FIRST_EVICT)
+            else:
+                x = tl.load(logits_ptr + x_row + cols * stride_x_c, mask=mask, other=0.0,
+                            eviction_policy=FIRST_EVICT)
+            z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
+            u = _tile_u(target_ptr, t_rows[:, None] + cols * stride_t_c, weight_ptr, cols,
+                        mask, label_smoothing, n_cols, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+            bm, bs, bS, bU, bQ, b_idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
+            if ARGMAX:
+                idx = tl.where(bm > m, b_idx + start + lane_cols, idx)
+            m, s, S, U, Q = _merge_pair(m, s, S, U, Q, bm, bs, bS, bU, bQ, TRACK_U, ENTROPY)
+        m, s, S, U, Q, idx = _reduce_stats(m, s, S, U, Q, idx, TRACK_U, ENTROPY, ARGMAX)
+        _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, row_mask, m, s, S, U, z_y,
+                    Q, idx, a, b, row_ok, row_nan, TRACK_U, ENTROPY, ARGMAX)
+
+        if COMPUTE_GRAD:  # Second sweep: the gradient, one block at a time.
+            r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask,
+                                HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
+            H = _entropy(s, Q)
+            g_row = tl.multiple_of(_row_offsets(row, n_inner, stride_g_n, stride_g_d), VEC)
+            for k in tl.range(0, n_blocks, num_stages=STAGES):
+                blk = n_blocks - 1 - k if REVERSE else k
+                start = blk * BLOCK_V
+                cols = start + lane_cols[:, None] + vec[None, :]
+                mask = cols < n_cols
+                x = tl.load(logits_ptr + x_row + cols * stride_x_c, mask=mask, other=0.0,
+                            eviction_policy=SECOND_EVICT)
+                z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
+                u = _tile_u(target_ptr, t_rows[:, None] + cols * stride_t_c, weight_ptr, cols,
+                            mask, label_smoothing, n_cols, PROB_TARGET, HAS_WEIGHT,
+                            HAS_SMOOTHING)
+                # Lanes as the tile's rows: lane l's columns are start + lane_cols[l] + vec.
+                lane_start = start + lane_cols
+                g = _grad_tile(vec, z, t, u, y - lane_start, m, s, U, H, a, b, r, e, row_ok,
+                               row_nan, scale_ptr, lse_square_scale, softcap, inv_temperature,
+                               HAS_SCALE, HAS_ZLOSS, HAS_SOFTCAP, TRACK_U, HAS_ROW_WEIGHT,
+                               HAS_ENTROPY_WEIGHT)
+                tl.store(grad_ptr + g_row + cols * stride_g_c, g.to(grad_ptr.dtype.element_ty),
+                         mask=mask, eviction_policy=SECOND_EVICT)
+
+
+@triton.jit
 def _slice_stats_kernel(
     # pointers
     logits_ptr, target_ptr, weight_ptr, stats_ptr, argmax_ptr,
@@ -949,10 +1111,40 @@ def long_rows_path(n_slices: int, device: torch.device, programs_per_sm: int) ->
     SMs: one program at a time) "exchange" stays: deferral covers it, and tests run it."""
     path = config.long_rows()
     sms = _sm_count(device)
-    if path == "two_pass" or sms is None:
+    if path != "exchange" or sms is None:
         return path
     fits = n_slices <= config.SPLIT_RESIDENT_MARGIN * sms * programs_per_sm
     return "exchange" if fits else "two_pass"
+
+
+def sweep_plan(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row sweep: config.SWEEP_BLOCK_V columns a step, or the
+    row's width to the next power of 2 if that is less."""
+    return (min(config.SWEEP_BLOCK_V, triton.next_power_of_2(n_cols)),
+            config.SWEEP_NUM_WARPS)
+
+
+def sweep_grid(n_rows: int, row_bytes: int, device: torch.device) -> tuple[int]:
+    """Programs of the row sweep: one a row, at most config.SWEEP_PROGRAMS_PER_SM per SM if
+    set, and at most as many rows as fill config.SWEEP_L2_FRACTION of the device's L2 if set
+    (each program holds one row between its sweeps). Off a GPU (the interpreter) one a row,
+    at most 3 with a cap, so that tests run the grid-stride loop."""
+    programs = n_rows
+    if device.type != "cuda":
+        capped = config.SWEEP_PROGRAMS_PER_SM or config.SWEEP_L2_FRACTION
+        return (max(1, min(n_rows, 3 if capped else n_rows)),)
+    props = torch.cuda.get_device_properties(device)
+    if config.SWEEP_PROGRAMS_PER_SM:
+        programs = min(programs, props.multi_processor_count * config.SWEEP_PROGRAMS_PER_SM)
+    if config.SWEEP_L2_FRACTION:
+        programs = min(programs, int(props.L2_cache_size * config.SWEEP_L2_FRACTION
+                                     // max(row_bytes, 1)))
+    return (max(1, programs),)
+
+
+def sweep_policies() -> tuple[str, str]:
+    """The eviction policies of the sweep's first and second sweeps (config.SWEEP_EVICT)."""
+    return ("evict_last", "evict_first") if config.SWEEP_EVICT else ("", "")
 
 
 def timed_wait(device: torch.device) -> bool:
@@ -1034,6 +1226,15 @@ def xent_rows(
     n_slices, slice_width, block_v, warps = split_plan(V)
     path = long_rows_path(n_slices, device,
                           split_programs_per_sm(logits.element_size(), switches))
+    if path == "sweep":
+        block_v, warps = sweep_plan(V)
+        first, second = sweep_policies()
+        _sweep_kernel[sweep_grid(n_rows, V * logits.element_size(), device)](
+            *pointers, n_rows, V, D, *strides, *options, **switches, BLOCK_V=block_v,
+            VEC=min(row_align(V, logits, g), block_v), PREFETCH=config.SWEEP_PREFETCH,
+            STAGES=config.SWEEP_STAGES, REVERSE=config.SWEEP_REVERSE, FIRST_EVICT=first, SECOND_EVICT=second,
+            num_warps=warps, enable_fp_fusion=fusion)
+        return ce, lse, H, idx
     records = torch.empty(n_rows * n_slices * RECORD_WIDTH.value, device=device,
                           dtype=torch.float32)
     grid = _grid(n_rows * n_slices, device)
