@@ -1,0 +1,448 @@
+"""The prepared tuning command for a lent GPU: times every candidate design of the
+cross-entropy kernels side by side with eager PyTorch, torch.compile and Liger, in one run on
+one device, prints the table and writes one CSV, within a time budget.
+
+    python bench/gpu_tune.py OUT_DIR                     # step "lm": at most ~150 s cold
+    python bench/gpu_tune.py OUT_DIR --steps fp32 small options
+    python bench/gpu_tune.py OUT_DIR --dry-run           # tiny shapes on a CPU (CI)
+
+Steps (--steps; "lm" by default):
+  lm       bf16, N = 16384. First a search at V = 128256, forward + backward: the long-row
+           paths as they are configured ("two_pass", the default, and "exchange"), both with
+           big slices (16384 columns, 32 warps: 32 KB a program), and the row sweep, whose
+           knobs (config.SWEEP_*) are chosen one at a time, each factor's best value kept
+           for the next (FACTORS below). Then the finals: eager, torch.compile, Liger, the
+           default, the best exchange and the best sweep, forward and forward + backward, at
+           V = 32000, 128256 and 256000, with the goals of the issue checked against each
+           peer. The sweep's chosen knobs go to OUT_DIR/tuned.json for the later steps.
+  fp32     float32, N = 16384, V = 128256: the default, the tuned sweep, the peers.
+  small    N = 2^20, V = 10 and 1000 (whole rows): the default tile, other tile sizes, the
+           peers.
+  options  bf16, N = 16384, V = 128256, forward + backward on the default and the tuned
+           sweep: the plain call and each option alone (smoothing, class weights, softcap,
+           z-loss, temperature, entropy, row weights, argmax), and inplace_backward with its
+           peak memory: each against the plain call's time.
+Steps run in order and share one budget (--budget-s, 150 s): a measurement that would not
+fit what is left is skipped and named, never cut in the middle, and the CSV is written row by
+row. The numbers are for config.py: each tuned value there names this command, the device
+and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_xent  # noqa: E402
+import common  # noqa: E402
+
+BUDGET_S = 150.0
+REP_MS = 100  # do_bench's timing budget per measurement (bench_xent uses 500)
+
+# bf16, N = 16384 (the issue's case); the search at Llama 3's vocabulary.
+LM_TOKENS = 16384
+LM_VOCAB = (32000, 128256, 256000)
+SEARCH_VOCAB = 128256
+PEERS = ("torch", "torch_compile", "liger")
+
+# Fixed candidates of the search, as config values: the configured paths and big slices.
+PATHS = {
+    "two_pass": dict(LONG_ROWS="two_pass"),
+    "exchange": dict(LONG_ROWS="exchange"),
+    "two_pass_s16384_w32": dict(LONG_ROWS="two_pass", ROW_SLICE_MAX_V=16384,
+                                SPLIT_NUM_WARPS=32),
+    "exchange_s16384_w32": dict(LONG_ROWS="exchange", ROW_SLICE_MAX_V=16384,
+                                SPLIT_NUM_WARPS=32),
+}
+# The sweep's factors, in the order they are chosen; each value is a set of config values.
+# (columns a step, warps), then how the next step's loads go out, then how many rows are
+# between their sweeps at once, then the second sweep's direction and the eviction hints.
+FACTORS = (
+    ("block", [dict(SWEEP_BLOCK_V=b, SWEEP_NUM_WARPS=w)
+               for b, w in ((8192, 16), (4096, 8), (8192, 8), (16384, 16), (16384, 32))]),
+    ("loads", [dict(SWEEP_PREFETCH=p, SWEEP_STAGES=s)
+               for p, s in ((True, 1), (False, 1), (False, 2), (False, 3))]),
+    ("rows", [dict(SWEEP_PROGRAMS_PER_SM=k, SWEEP_L2_FRACTION=f)
+              for k, f in ((None, None), (1, None), (2, None), (None, 0.5), (None, 1.0))]),
+    ("reverse", [dict(SWEEP_REVERSE=r) for r in (True, False)]),
+    ("evict", [dict(SWEEP_EVICT=e) for e in (True, False)]),
+)
+SHORT = {"SWEEP_BLOCK_V": "b", "SWEEP_NUM_WARPS": "w", "SWEEP_PREFETCH": "pf",
+         "SWEEP_STAGES": "st", "SWEEP_PROGRAMS_PER_SM": "pps", "SWEEP_L2_FRACTION": "l2",
+         "SWEEP_REVERSE": "rev", "SWEEP_EVICT": "ev"}
+
+# The options step: each option alone, as cross_entropy keyword arguments (weights and
+# row weights are made on the device by option_kwargs).
+OPTIONS = ("label_smoothing", "weight", "softcap", "lse_square_scale", "temperature",
+           "return_entropy", "row_weight", "return_argmax")
+SMALL_VOCAB = (10, 1000)
+SMALL_TOKENS = 1 << 20
+SMALL_TILES = (1024, 2048, 4096, 8192)  # config.ROWS_TILE_ELEMENTS candidates
+
+# The issue's goals, checked in the finals: fraction of the copy bandwidth, and speed-ups.
+GOAL_COPY_FRACTION = 0.80
+GOAL_SPEEDUP = {"liger": 1.5, "torch_compile": 2.0, "torch": 3.0}
+
+# --dry-run: tiny shapes through the interpreter on a CPU (V above one slice and one block).
+DRY_TOKENS = 4
+DRY_VOCAB = (300,)
+DRY_SMALL = (10, 100)
+DRY_PEERS = ("torch",)  # torch.compile: seconds of C++ compile; liger: its interpreter run
+
+
+def sweep_name(values: dict) -> str:
+    """'sweep_b8192_w16_pf1_st1_pps-_l2-_rev1_ev1' from the sweep's config values."""
+    def text(v):
+        return "-" if v is None else str(int(v)) if isinstance(v, bool) else str(v)
+    return "sweep_" + "_".join(f"{SHORT[k]}{text(values[k])}" for k in SHORT)
+
+
+def sweep_defaults() -> dict:
+    from triton_xent import config
+
+    return {k: getattr(config, k) for k in SHORT}
+
+
+class Budget:
+    """Seconds left of the run's budget, and what was skipped for lack of them."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def allows(self, label: str, estimate_s: float) -> bool:
+        if self.left() >= estimate_s:
+            return True
+        self.skipped.append(label)
+        print(f"  skip {label}: {self.left():.0f} s left, about {estimate_s:.0f} s needed")
+        return False
+
+
+class Tuner:
+    """Measures providers and config variants, writes each row, remembers each time."""
+
+    def __init__(self, out_csv: str, device: torch.device, budget: Budget, dry: bool):
+        self.device, self.budget, self.dry = device, budget, dry
+        self.info = common.run_info(device)
+        self.writer = common.CsvWriter(out_csv, append=True)
+        self.copy = common.run_copy_gbps(device, quick=dry, cpu_budget_s=0.2)
+        self.times: dict[tuple, float] = {}  # (provider, mode, dtype, N, V) -> ms
+        self.refs: dict[tuple, tuple] = {}
+        self.compiled: set = set()  # what was run once: its compiles are done
+
+    def reference(self, N: int, V: int, dtype: torch.dtype, option: str | None = None):
+        """(mean loss, gradient of the first rows) that bench_xent.check compares with:
+        F.cross_entropy's in float32, or with an option our PyTorch backend's (the readable
+        statement of the semantics, tested against float64 on CPU; rows a chunk at a time)."""
+        key = (N, V, dtype, option)
+        if key not in self.refs:
+            x, t = bench_xent.make_inputs(N, V, dtype, self.device,
+                                          requires_grad=option is not None)
+            if option is None:
+                self.refs[key] = bench_xent.reference(x, t)
+            else:
+                import triton_xent
+
+                out = triton_xent.cross_entropy(x, t, backend="torch",
+                                                **option_kwargs(option, N, V, self.device))
+                loss = out if isinstance(out, torch.Tensor) else out.loss
+                loss.backward()
+                rows = min(N, bench_xent.CHECK_ROWS)
+                self.refs[key] = float(loss), x.grad[:rows].float()
+            del x, t
+        return self.refs[key]
+
+    def estimate_s(self, name: str, mode: str, V: int, dtype: torch.dtype) -> float:
+        """Seconds a measurement is expected to take (a guess, not measured on a GPU yet):
+        the check, REP_MS of timing and the peak-memory call, about a second; plus a
+        compile the first time: a Triton variant's for each mode and dtype (the three LM
+        V specialise alike), torch.compile's for each V and mode."""
+        if self.dry:
+            return 1.0
+        if name == "torch_compile":
+            first = (name, mode, dtype, V) not in self.compiled
+            return 1.5 + (20.0 if first else 0.0)
+        return 1.5 + (4.0 if (name, mode, dtype) not in self.compiled else 0.0)
+
+    def time(self, provider: bench_xent.Provider, mode: str, N: int, V: int,
+             dtype: torch.dtype, option: str | None = None) -> float | None:
+        """Median ms of the provider (checked first against the reference, with `option`
+        if it takes one), written to the CSV; None if skipped."""
+        label = f"{provider.name} {mode} {bench_xent.dtype_name(dtype)} N={N} V={V}"
+        if not self.budget.allows(label, self.estimate_s(provider.name, mode, V, dtype)):
+            return None
+        result = bench_xent.measure(provider, mode, N, V, dtype, self.device,
+                                    self.reference(N, V, dtype, option), cpu_budget_s=0.2)
+        self.compiled.update({(provider.name, mode, dtype, V), (provider.name, mode, dtype)})
+        if result is None:
+            return None
+        ms, peak = result
+        elem = torch.finfo(dtype).bits // 8
+        nbytes = N * V * elem * (1 if mode == "fwd" else 2)
+        gbps = nbytes / (ms * 1e-3) / common.GB
+        self.writer.write(**self.info, op="cross_entropy", provider=provider.name, mode=mode,
+                          dtype=bench_xent.dtype_name(dtype), N=N, V=V, D=0, ms=ms, gbps=gbps,
+                          copy_gbps=self.copy, peak_mem_mb=peak)
+        mem = f"{peak:9.1f} MB" if peak is not None else "        -"
+        print(f"  {provider.name:58s} {mode:7s} {ms:9.3f} ms {gbps / self.copy:6.2f} of copy"
+              f"  peak {mem}", flush=True)
+        self.times[(provider.name, mode, dtype, N, V)] = ms
+        return ms
+
+    def variant(self, name: str, values: dict, fn=None) -> bench_xent.Provider:
+        """triton_xent under config `values` (fn: the call, cross_entropy(x, t) by default)."""
+        import triton_xent
+
+        call = fn or (lambda x, t: triton_xent.cross_entropy(x, t))
+
+        def run(x, t):
+            with bench_xent.config_values(values):
+                return call(x, t)
+        return bench_xent.Provider(f"triton_xent[{name}]", run)
+
+    def peer(self, name: str) -> bench_xent.Provider | None:
+        try:
+            return bench_xent.make_provider(name, self.device)
+        except common.Unavailable as e:
+            print(f"  skip provider {name}: {e}")
+            return None
+
+
+# --- the steps ----------------------------------------------------------------------------
+
+def search(tuner: Tuner, N: int, V: int, dtype: torch.dtype, paths: dict,
+           factors) -> tuple[dict, str]:
+    """The sweep's config values, chosen one factor at a time by forward + backward time,
+    and the fastest of the fixed `paths`; every candidate timed is a CSV row."""
+    print(f"search: {bench_xent.dtype_name(dtype)} N={N} V={V}, fwd_bwd")
+    path_ms = {}
+    for name, values in paths.items():
+        ms = tuner.time(tuner.variant(name, values), "fwd_bwd", N, V, dtype)
+        if ms is not None:
+            path_ms[name] = ms
+    best = dict(LONG_ROWS="sweep", **sweep_defaults())
+    timed: dict[str, float] = {}
+    for factor, choices in factors:
+        scores = {}
+        for choice in choices:
+            values = {**best, **choice}
+            name = sweep_name(values)
+            if name not in timed:
+                ms = tuner.time(tuner.variant(name, values), "fwd_bwd", N, V, dtype)
+                timed[name] = ms if ms is not None else float("inf")
+            scores[name] = (timed[name], choice)
+        name, (ms, choice) = min(scores.items(), key=lambda item: item[1][0])
+        if ms < float("inf"):
+            best.update(choice)
+            print(f"  {factor}: {name} ({ms:.3f} ms)")
+    best_path = min(path_ms, key=path_ms.get) if path_ms else "two_pass"
+    return best, best_path
+
+
+def finals(tuner: Tuner, N: int, vocab, dtype: torch.dtype, candidates: dict, peers,
+           modes=("fwd_bwd", "fwd")) -> None:
+    """Peers and our candidates side by side at each V, both modes; then the goals."""
+    providers = [p for p in (tuner.peer(name) for name in peers) if p is not None]
+    providers += [tuner.variant(name, values) for name, values in candidates.items()]
+    for V in vocab:
+        print(f"case {bench_xent.dtype_name(dtype)} N={N} V={V}")
+        for provider in providers:
+            provider.new_case()
+            for mode in modes:
+                tuner.time(provider, mode, N, V, dtype)
+    report(tuner, N, vocab, dtype, [p.name for p in providers], peers)
+
+
+def report(tuner: Tuner, N: int, vocab, dtype: torch.dtype, names: list[str], peers) -> None:
+    """The table: ms and fraction of the copy bandwidth per provider and V (fwd_bwd), and
+    for each of ours its speed-up over each peer against the issue's goals."""
+    ours = [n for n in names if n.startswith("triton_xent")]
+    print(f"\n{bench_xent.dtype_name(dtype)} N={N}, forward + backward: ms (fraction of the "
+          f"{tuner.copy:.0f} GB/s copy)")
+    print(f"{'provider':58s} " + " ".join(f"{'V=' + str(V):>16s}" for V in vocab))
+    elem = torch.finfo(dtype).bits // 8
+    for name in names:
+        cells = []
+        for V in vocab:
+            ms = tuner.times.get((name, "fwd_bwd", dtype, N, V))
+            frac = 2 * N * V * elem / (ms * 1e-3) / common.GB / tuner.copy if ms else None
+            cells.append(f"{ms:8.3f} ({frac:.2f})" if ms else f"{'-':>16s}")
+        print(f"{name:58s} " + " ".join(cells))
+    for name in ours:
+        for V in vocab:
+            ms = tuner.times.get((name, "fwd_bwd", dtype, N, V))
+            if not ms:
+                continue
+            frac = 2 * N * V * elem / (ms * 1e-3) / common.GB / tuner.copy
+            goals = [f"copy {frac:.2f} {'>=' if frac >= GOAL_COPY_FRACTION else '<'} "
+                     f"{GOAL_COPY_FRACTION}"]
+            for peer in peers:
+                theirs = tuner.times.get((peer, "fwd_bwd", dtype, N, V))
+                if theirs:
+                    x = theirs / ms
+                    goal = GOAL_SPEEDUP.get(peer)
+                    mark = "" if goal is None else (" met" if x >= goal else f" < {goal}")
+                    goals.append(f"{x:.2f}x {peer}{mark}")
+            print(f"  {name} V={V}: " + ", ".join(goals))
+
+
+def dry_plan(paths: dict, factors):
+    """--dry-run's candidates: big slices of 128 columns at 4 warps and sweep blocks of at
+    most 64, so that V = 300 is a long row for every one of them."""
+    small = {name: dict(v, ROW_SLICE_MAX_V=128, SPLIT_NUM_WARPS=4) if "ROW_SLICE_MAX_V" in v
+             else v for name, v in paths.items()}
+    return small, tuple((f, [dict(c, SWEEP_BLOCK_V=min(c["SWEEP_BLOCK_V"], 64), SWEEP_NUM_WARPS=4)
+                             if "SWEEP_BLOCK_V" in c else c for c in choices])
+                        for f, choices in factors)
+
+
+def step_lm(tuner: Tuner, out_dir: str, dry: bool) -> None:
+    N = DRY_TOKENS if dry else LM_TOKENS
+    vocab = DRY_VOCAB if dry else LM_VOCAB
+    search_v = vocab[0] if dry else SEARCH_VOCAB
+    dtype = torch.bfloat16
+    paths, factors = dry_plan(PATHS, FACTORS) if dry else (PATHS, FACTORS)
+    best, best_path = search(tuner, N, search_v, dtype, paths, factors)
+    save_tuned(out_dir, best)
+    candidates = {"two_pass": paths["two_pass"], sweep_name(best): best}
+    exchanges = [n for n in paths if n.startswith("exchange")]
+    fastest_exchange = min(exchanges, key=lambda n: tuner.times.get(
+        (f"triton_xent[{n}]", "fwd_bwd", dtype, N, search_v), float("inf")))
+    candidates[fastest_exchange] = paths[fastest_exchange]
+    candidates.setdefault(best_path, paths[best_path])
+    finals(tuner, N, vocab, dtype, candidates, DRY_PEERS if dry else PEERS)
+
+
+def step_fp32(tuner: Tuner, out_dir: str, dry: bool) -> None:
+    N = DRY_TOKENS if dry else LM_TOKENS
+    V = DRY_VOCAB[0] if dry else SEARCH_VOCAB
+    best = load_tuned(out_dir, dry)
+    finals(tuner, N, (V,), torch.float32, {"two_pass": PATHS["two_pass"], sweep_name(best): best},
+           DRY_PEERS if dry else PEERS)
+
+
+def step_small(tuner: Tuner, out_dir: str, dry: bool) -> None:
+    N = DRY_TOKENS * 64 if dry else SMALL_TOKENS
+    vocab = DRY_SMALL if dry else SMALL_VOCAB
+    candidates = {f"tile{n}": dict(ROWS_TILE_ELEMENTS=n) for n in SMALL_TILES}
+    finals(tuner, N, vocab, torch.bfloat16, candidates,
+           DRY_PEERS if dry else ("torch", "torch_compile"))
+
+
+def option_kwargs(name: str, N: int, V: int, device: torch.device) -> dict:
+    """cross_entropy's keyword arguments for one option alone."""
+    g = torch.Generator(device=device).manual_seed(1)
+    return {
+        "label_smoothing": dict(label_smoothing=0.1),
+        "weight": dict(weight=torch.rand(V, device=device, generator=g) + 0.5),
+        "softcap": dict(softcap=30.0),
+        "lse_square_scale": dict(lse_square_scale=1e-4),
+        "temperature": dict(temperature=0.7),
+        "return_entropy": dict(return_entropy=True),
+        "row_weight": dict(row_weight=torch.rand(N, device=device, generator=g)),
+        "return_argmax": dict(return_argmax=True),
+    }[name]
+
+
+def step_options(tuner: Tuner, out_dir: str, dry: bool) -> None:
+    import triton_xent
+
+    N = DRY_TOKENS if dry else LM_TOKENS
+    V = DRY_VOCAB[0] if dry else SEARCH_VOCAB
+    dtype = torch.bfloat16
+    best = load_tuned(out_dir, dry)
+    print(f"options: {bench_xent.dtype_name(dtype)} N={N} V={V}, fwd_bwd")
+    for path, values in (("two_pass", PATHS["two_pass"]), (sweep_name(best), best)):
+        plain = tuner.time(tuner.variant(path, values), "fwd_bwd", N, V, dtype)
+        for option in OPTIONS:
+            kwargs = option_kwargs(option, N, V, tuner.device)
+
+            def call(x, t, kwargs=kwargs):
+                out = triton_xent.cross_entropy(x, t, **kwargs)
+                return out if isinstance(out, torch.Tensor) else out.loss
+            ms = tuner.time(tuner.variant(f"{path}+{option}", values, call), "fwd_bwd", N,
+                            V, dtype, option)
+            if ms and plain:
+                print(f"    {option}: {ms / plain - 1:+.1%} over the plain call")
+        inplace = tuner.variant(f"{path}+inplace_backward", values, lambda x, t: (
+            triton_xent.cross_entropy(x, t, inplace_backward=True)))
+        ms = tuner.time(inplace, "fwd_bwd", N, V, dtype)
+        if ms and plain:
+            print(f"    inplace_backward: {ms / plain - 1:+.1%} over the plain call")
+
+
+STEPS = {"lm": step_lm, "fp32": step_fp32, "small": step_small, "options": step_options}
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+def save_tuned(out_dir: str, best: dict) -> None:
+    with open(os.path.join(out_dir, "tuned.json"), "w") as f:
+        json.dump(best, f, indent=1)
+    print(f"sweep chosen: {sweep_name(best)} (written to tuned.json)")
+
+
+def load_tuned(out_dir: str, dry: bool) -> dict:
+    """The sweep's values chosen by a step "lm" into out_dir, else config's (--dry-run: in
+    blocks of 64 columns)."""
+    path = os.path.join(out_dir, "tuned.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    values = dict(LONG_ROWS="sweep", **sweep_defaults())
+    return dict(values, SWEEP_BLOCK_V=64, SWEEP_NUM_WARPS=4) if dry else values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="folder for gpu_tune.csv (appended to) and tuned.json")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=["lm"],
+                   help="steps to run, in this order (default: lm)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help=f"seconds for all the steps (default {BUDGET_S:.0f})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes on a CPU, through Triton's interpreter")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    start = time.monotonic()
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter is chosen when Triton is imported (bench/common.py imports it).
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  dict(os.environ, TRITON_INTERPRET="1"))
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no GPU: run with --dry-run on a CPU", file=sys.stderr)
+        return 2
+    common.DO_BENCH_REP_MS = REP_MS
+    budget = Budget(args.budget_s - (time.monotonic() - start))
+    out_csv = os.path.join(args.out_dir, "gpu_tune.csv")
+    tuner = Tuner(out_csv, device, budget, args.dry_run)
+    print(f"device: {tuner.info['device']}; torch {tuner.info['torch']}, triton "
+          f"{tuner.info['triton']}; writing {out_csv}; budget {args.budget_s:.0f} s")
+    for step in args.steps:
+        print(f"\n=== step {step} ({budget.left():.0f} s left)")
+        STEPS[step](tuner, args.out_dir, args.dry_run)
+    tuner.writer.close()
+    print(f"\ndone in {time.monotonic() - start:.0f} s; skipped {len(budget.skipped)}"
+          + "".join(f"\n  {s}" for s in budget.skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""bench/gpu_tune.py --dry-run: the tuning command's plumbing on a CPU (tiny shapes, the
+Triton interpreter). The search tries every fixed path and each of the sweep's factors, the
+finals put the peers beside our candidates, the choice is saved for the later steps, and a
+budget too small for a measurement skips it by name instead of running over."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import common  # noqa: E402
+import gpu_tune  # noqa: E402
+
+
+def _run(out, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_tune.py"),
+                          str(out), "--dry-run", *args], env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    return run.stdout
+
+
+def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(tmp_path):
+    stdout = _run(tmp_path)
+    rows = common.read_csv(tmp_path / "gpu_tune.csv")
+    providers = {r["provider"] for r in rows}
+    assert {f"triton_xent[{name}]" for name in gpu_tune.PATHS} <= providers
+    sweeps = {p for p in providers if p.startswith("triton_xent[sweep_")}
+    # every value of every factor was timed: the defaults, then each factor's other values
+    _, factors = gpu_tune.dry_plan(gpu_tune.PATHS, gpu_tune.FACTORS)
+    distinct = [{json.dumps(c, sort_keys=True) for c in choices} for _, choices in factors]
+    assert len(sweeps) == 1 + sum(len(d) - 1 for d in distinct)
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    assert tuned["LONG_ROWS"] == "sweep" and set(gpu_tune.SHORT) <= set(tuned)
+    finals = {(r["provider"], r["mode"]) for r in rows if r["mode"] == "fwd"}
+    assert ("torch", "fwd") in finals
+    assert (f"triton_xent[{gpu_tune.sweep_name(tuned)}]", "fwd") in finals
+    assert "forward + backward: ms (fraction of the" in stdout and "skipped 0" in stdout
+
+
+def test_a_budget_too_small_skips_measurements_by_name(tmp_path):
+    stdout = _run(tmp_path, "--budget-s", "0", "--steps", "fp32")
+    assert "skip torch fwd_bwd float32" in stdout
+    assert "skipped 0" not in stdout
+
+
+def test_sweep_names_spell_every_knob():
+    values = dict(LONG_ROWS="sweep", SWEEP_BLOCK_V=8192, SWEEP_NUM_WARPS=16,
+                  SWEEP_PREFETCH=True, SWEEP_STAGES=1, SWEEP_PROGRAMS_PER_SM=None,
+                  SWEEP_L2_FRACTION=0.5, SWEEP_REVERSE=False, SWEEP_EVICT=True)
+    assert gpu_tune.sweep_name(values) == "sweep_b8192_w16_pf1_st1_pps-_l20.5_rev0_ev1"
