@@ -44,10 +44,17 @@ import common  # noqa: E402
 
 BUDGET_S = 150.0
 REP_MS = 100  # do_bench's timing budget per measurement (bench_xent uses 500)
+# What a measurement costs, for the budget. From the 2026-12-04 H200 check's log (not a
+# measurement of this script): its step of 18 measurements (ours, torch.compile, Liger at
+# three V, two modes; 500 ms of do_bench each) took 48.5 s, which leaves about 6 s for each
+# of torch.compile's six first calls. A Triton compile took 0.3 to 1.5 s in the offline audit.
+MEASURE_S = 0.8
+TRITON_COMPILE_S = 2.0
+INDUCTOR_COMPILE_S = 8.0
 
 # bf16, N = 16384 (the issue's case); the search at Llama 3's vocabulary.
 LM_TOKENS = 16384
-LM_VOCAB = (32000, 128256, 256000)
+LM_VOCAB = (128256, 32000, 256000)  # the searched one first: the budget may end the rest
 SEARCH_VOCAB = 128256
 PEERS = ("torch", "torch_compile", "liger")
 
@@ -162,16 +169,17 @@ class Tuner:
         return self.refs[key]
 
     def estimate_s(self, name: str, mode: str, V: int, dtype: torch.dtype) -> float:
-        """Seconds a measurement is expected to take (a guess, not measured on a GPU yet):
-        the check, REP_MS of timing and the peak-memory call, about a second; plus a
-        compile the first time: a Triton variant's for each mode and dtype (the three LM
-        V specialise alike), torch.compile's for each V and mode."""
+        """Seconds a measurement is expected to take: the check, REP_MS of timing and the
+        peak-memory call (MEASURE_S), plus a compile the first time: a Triton variant's for
+        each mode and dtype (the three LM V specialise alike), torch.compile's for each V and
+        mode. The figures are guesses from the 2026-12-04 H200 log, not measurements."""
         if self.dry:
             return 1.0
         if name == "torch_compile":
             first = (name, mode, dtype, V) not in self.compiled
-            return 1.5 + (20.0 if first else 0.0)
-        return 1.5 + (4.0 if (name, mode, dtype) not in self.compiled else 0.0)
+            return MEASURE_S + (INDUCTOR_COMPILE_S if first else 0.0)
+        first = (name, mode, dtype) not in self.compiled
+        return MEASURE_S + (TRITON_COMPILE_S if first else 0.0)
 
     def time(self, provider: bench_xent.Provider, mode: str, N: int, V: int,
              dtype: torch.dtype, option: str | None = None) -> float | None:
@@ -259,7 +267,7 @@ def finals(tuner: Tuner, N: int, vocab, dtype: torch.dtype, candidates: dict, pe
             provider.new_case()
             for mode in modes:
                 tuner.time(provider, mode, N, V, dtype)
-    report(tuner, N, vocab, dtype, [p.name for p in providers], peers)
+    report(tuner, N, sorted(vocab), dtype, [p.name for p in providers], peers)
 
 
 def report(tuner: Tuner, N: int, vocab, dtype: torch.dtype, names: list[str], peers) -> None:
