@@ -109,3 +109,22 @@ def test_vocab_parallel_slices_longer_than_a_block_match_one_block(device, monke
     monkeypatch.setattr(config, "ROWS_TILE_ELEMENTS", 64)
     for blocked, whole in zip(run(), one_block):
         torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+
+
+# The backward's scaling kernel takes tiles of rows too: per-row factors, some 1 (their tile
+# may still be scaled for its other rows), on short rows (many a tile), on rows longer than
+# its block (two blocks), and with positions between the samples' rows.
+@pytest.mark.parametrize("shape", [(37, 10), (3, 70), (4, 6, 5)],
+                         ids=["short_rows", "two_blocks", "positions"])
+def test_scale_rows_takes_tiles_of_rows(monkeypatch, device, shape):
+    monkeypatch.setattr(config, "ROWS_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(config, "SCALE_BLOCK_V", 32)
+    g = torch.Generator().manual_seed(11)
+    grad = torch.randn(*shape, generator=g).to(device)
+    rows = grad.unsqueeze(-1) if grad.dim() == 2 else grad.flatten(2)
+    factors = torch.randn(rows.shape[0] * rows.shape[2], generator=g)
+    factors[::3] = 1.0
+    expected = rows * factors.view(rows.shape[0], 1, rows.shape[2]).to(device)
+    xent.scale_rows_(rows, factors.to(device))
+    torch.testing.assert_close(rows, expected)
+

@@ -121,9 +121,15 @@ ROWS_TILE_ELEMENTS = 2048
 PERSISTENT = False
 PERSISTENT_PROGRAMS_PER_SM = 2
 
-# Columns per program of the backward's grad_output scaling kernel. Not yet measured on a GPU.
+# The backward's grad_output scaling kernel: blocks of at most SCALE_BLOCK_V columns, tiles
+# of rows as the whole-row kernel's (ROWS_TILE_ELEMENTS), at most SCALE_PROGRAMS_PER_SM
+# programs an SM walking the tiles. A program a row, as before, cost the H200 (2026-12-04,
+# bench/results/nvidia-h200.csv) about 1.6 ms for 2^20 rows even with a grad_output of 1 (the
+# mean's): forward + backward 2.05 ms against the forward's 0.46 at V = 10, 4.35 against
+# 2.73 at V = 1000. The values below are not yet measured on a GPU.
 SCALE_BLOCK_V = 4096
 SCALE_NUM_WARPS = 8
+SCALE_PROGRAMS_PER_SM = 4
 
 # Floating-point contraction (a * b + c as one fused multiply-add) in every kernel we compile,
 # passed to each launch as `enable_fp_fusion`, so that our numerics do not follow Triton's

@@ -1022,21 +1022,28 @@ def _slice_grad_kernel(
 @triton.jit
 def _scale_rows_kernel(
     grad_ptr, grad_out_ptr,  # pointers
-    n_cols, n_inner,  # sizes
+    n_rows, n_cols, n_inner,  # sizes
     stride_g_n, stride_g_c, stride_g_d, stride_go_row,  # strides
-    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """grad[row, :] *= grad_out[row], skipping the row's memory traffic when it is 1."""
-    row = tl.program_id(0).to(tl.int64)
-    go = tl.load(grad_out_ptr + row * stride_go_row).to(tl.float32)
-    if go != 1.0:
-        row_ptr = grad_ptr + (row // n_inner) * stride_g_n + (row % n_inner) * stride_g_d
-        cols = tl.arange(0, BLOCK_V)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = (start + cols).to(tl.int64) * stride_g_c
-            mask = start + cols < n_cols
-            g = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(row_ptr + offs, (g * go).to(row_ptr.dtype.element_ty), mask=mask)
+    """grad[row, :] *= grad_out[row] for tiles of ROWS rows (grid-stride order), in blocks of
+    BLOCK_V columns; a tile whose factors are all 1 moves no gradient bytes (a scalar
+    grad_output of 1, the mean's and the sum's usual one, costs one load a tile)."""
+    cols = tl.arange(0, BLOCK_V)
+    for tile in range(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, ROWS),
+                      tl.num_programs(0)):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        go = tl.load(grad_out_ptr + rows * stride_go_row, mask=row_mask, other=1.0)
+        go = go.to(tl.float32)
+        if tl.max((go != 1.0).to(tl.int32), axis=0) != 0:
+            g_rows = _row_offsets(rows, n_inner, stride_g_n, stride_g_d)
+            for start in range(0, n_cols, BLOCK_V):
+                offs = g_rows[:, None] + (start + cols).to(tl.int64)[None, :] * stride_g_c
+                mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
+                g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(grad_ptr + offs, (g * go[:, None]).to(grad_ptr.dtype.element_ty),
+                         mask=mask)
 
 
 # --- launch plans -----------------------------------------------------------------------------
@@ -1334,16 +1341,21 @@ def scale_rows_(
     grad: torch.Tensor,  # (N, V, D), scaled in place
     grad_output: torch.Tensor,  # (N*D,) per row, or a single value (stride 0 over rows)
 ) -> torch.Tensor:
-    """grad[n, :, d] *= grad_output[n * D + d] in place; rows whose factor is 1 are not touched."""
+    """grad[n, :, d] *= grad_output[n * D + d] in place; rows whose factor is 1 are not touched.
+    Tiles of rows as the whole-row kernel's (row_tile) on rows of at most SCALE_BLOCK_V
+    columns, one row otherwise, at most config.SCALE_PROGRAMS_PER_SM programs an SM walking
+    them (the interpreter counts as one SM)."""
     N, V, D = grad.shape
     rows = N * D
     if rows == 0 or V == 0:
         return grad
     go = grad_output.reshape(-1)
     go_stride = 0 if go.numel() == 1 else go.stride(0)
-    _scale_rows_kernel[(rows,)](
-        grad, go, V, D, *grad.stride(), go_stride,
-        BLOCK_V=min(config.SCALE_BLOCK_V, triton.next_power_of_2(V)),
+    tile_rows, block_v, _ = row_tile(min(V, config.SCALE_BLOCK_V), rows)
+    n_tiles = triton.cdiv(rows, tile_rows)
+    programs = (_sm_count(grad.device) or 1) * config.SCALE_PROGRAMS_PER_SM
+    _scale_rows_kernel[(min(n_tiles, programs),)](
+        grad, go, rows, V, D, *grad.stride(), go_stride, ROWS=tile_rows, BLOCK_V=block_v,
         num_warps=config.SCALE_NUM_WARPS, enable_fp_fusion=config.FP_FUSION,
     )
     return grad
