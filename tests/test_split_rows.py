@@ -371,7 +371,7 @@ def test_long_rows_bad_value_in_code_fails_the_next_call(monkeypatch, device):
 def test_exchange_only_where_a_rows_slices_fit_the_device(monkeypatch, sms, n_slices, lean,
                                                            expected):
     monkeypatch.setattr(config, "LONG_ROWS", "exchange")
-    monkeypatch.setattr(xent, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(xent, "sm_count", lambda device: sms)
     per_sm = config.SPLIT_PROGRAMS_PER_SM_LEAN if lean else config.SPLIT_PROGRAMS_PER_SM
     assert xent.long_rows_path(n_slices, torch.device("cuda"), per_sm) == expected
     for path in ("two_pass", "sweep"):
@@ -397,7 +397,7 @@ def test_exchange_on_a_small_device_runs_two_pass(monkeypatch, launches, device,
     # with the margin; a 132-SM device holds them.
     monkeypatch.setattr(config, "LONG_ROWS", "exchange")
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
-    monkeypatch.setattr(xent, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(xent, "sm_count", lambda device: sms)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 257, generator=g).to(device)
     t = torch.tensor([3, 256], device=device)
@@ -410,3 +410,21 @@ def test_exchange_on_a_small_device_runs_two_pass(monkeypatch, launches, device,
 def test_interpreter_takes_the_exchange_when_asked(monkeypatch, launches):
     monkeypatch.setattr(config, "LONG_ROWS", "exchange")
     assert xent.long_rows_path(10**6, torch.device("cpu"), 1) == "exchange"
+
+
+# The sweep's grid: one program a row, or capped by programs per SM and by the rows that fill
+# a share of the L2 (an H200's 132 SMs and 60 MB; rows of V = 128256 in bf16: 256 KB).
+@pytest.mark.parametrize("per_sm, l2_fraction, expected", [
+    (None, None, 16384), (2, None, 264), (None, 0.5, 122), (1, 0.5, 122), (1, 2.0, 132),
+], ids=["one_a_row", "per_sm", "l2_half", "both_l2_binds", "both_sms_bind"])
+def test_sweep_grid_caps_the_rows_between_their_sweeps(monkeypatch, per_sm, l2_fraction,
+                                                        expected):
+    from triton_xent.kernels import tiles
+
+    class Props:
+        multi_processor_count, L2_cache_size = 132, 60 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    monkeypatch.setattr(config, "SWEEP_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(config, "SWEEP_L2_FRACTION", l2_fraction)
+    assert tiles.sweep_grid(16384, 128256 * 2, torch.device("cuda")) == (expected,)

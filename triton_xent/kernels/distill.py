@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .xent import NEG_INF, _row_offsets, row_align, row_tile, split_plan
+from .tiles import NEG_INF, _row_offsets, row_align, row_tile, split_plan
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -219,7 +219,7 @@ def _distill_rows_kernel(
 ):
     """Loss and gradient of ROWS whole rows of at most BLOCK_V columns, from registers.
     ROW_ALIGN divides V and every row's first element offset in the three tensors
-    (kernels.xent.row_align), so short rows (V = 1000 in bf16) still get vector loads."""
+    (kernels.tiles.row_align), so short rows (V = 1000 in bf16) still get vector loads."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
@@ -345,7 +345,7 @@ def rows3(x: torch.Tensor) -> torch.Tensor:
 
 def slice_plan(n_cols: int, n_rows: int) -> tuple[int, int, int, int, int]:
     """(ROWS, P, slice_width, BLOCK_V, num_warps) of the slice kernels: whole-row tiles when a
-    row fits in one slice, else P slices of one row each (kernels.xent.split_plan)."""
+    row fits in one slice, else P slices of one row each (kernels.tiles.split_plan)."""
     if n_cols <= config.ROW_SLICE_MAX_V:
         rows, block_v, warps = row_tile(n_cols, n_rows)
         return rows, 1, max(n_cols, 1), block_v, warps

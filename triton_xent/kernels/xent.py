@@ -7,6 +7,7 @@ One kernel per job, sharing the @triton.jit helpers at the top:
     _finish_kernel       the second launch: only the slices deferred by the first
     _two_pass_stats_kernel   longer rows without the exchange: each slice's statistics
     _two_pass_finish_kernel  then each slice's loss and gradient from all of its row's
+    _sweep_kernel        longer rows, one program walking each whole row twice in blocks
     _slice_stats_kernel  per-row statistics of a vocab-parallel rank's classes
     _slice_grad_kernel   a rank's gradient from the merged statistics of the whole rows
     _scale_rows_kernel   grad[row] *= grad_output[row] (backward)
@@ -44,7 +45,7 @@ many rows per program, so the lanes of a warp spread over rows instead of idling
 and ROW_ALIGN (row_align()) tells the compiler how far apart aligned row starts are, so
 that V = 1000 in bf16 (2000-byte rows) still gets 16-byte loads.
 
-Long rows: two paths, config.LONG_ROWS. A row of V > config.ROW_SLICE_MAX_V columns is cut
+Long rows: three paths, config.LONG_ROWS. A row of V > config.ROW_SLICE_MAX_V columns is cut
 into P slices of equal width (a multiple of 16, so slices start aligned), one program a
 slice, so that even a few rows fill the GPU. The slices' statistics are merged by the
 formulas above; the paths differ in how a slice learns the merged row:
@@ -53,6 +54,8 @@ formulas above; the paths differ in how a slice learns the merged row:
   "two_pass"  no program waits on another: a first launch writes each slice's record, a
               second reads the slice again, merges the records and writes the loss and
               gradient (below). 1.5x the exchange's bytes with a gradient (read, read, write).
+  "sweep"     no slices: one program a row reads it twice in blocks (below), the second
+              time from L2 where the first read left it; HBM sees one read when it does.
 A call under "exchange" takes "two_pass" where a row's P slices might not all be resident at
 once (long_rows_path(): P > config.SPLIT_RESIDENT_MARGIN x SMs x programs per SM), since
 the exchange is fast only when a row's siblings run together. Vocab parallelism uses neither:
@@ -134,6 +137,22 @@ _merge_records), then writes the gradient of slice j (and slice 0 the row's loss
 record is written before any gradient, so the gradient may overwrite the logits. Without a
 gradient only slice 0 of each row runs in the second launch, and reads no logits.
 
+The row sweep (_sweep_kernel; LONG_ROWS = "sweep"). A program takes whole rows in grid-stride
+order (one a program unless config.SWEEP_PROGRAMS_PER_SM or SWEEP_L2_FRACTION caps the
+grid). Its first sweep reads the row in blocks of BLOCK_V columns seen as LANES = BLOCK_V /
+VEC lanes of VEC adjacent columns (VEC = row_align(): 16 bytes where the strides allow); each
+lane keeps the statistics (m, s, S, U, Q, argmax) of its columns across blocks, merged block
+by block with the formulas above (_tile_stats over the lane's VEC columns, then _merge_pair),
+so a block's reductions stay inside a thread: no barrier, and no wait between one block's
+loads and the next's (config.SWEEP_PREFETCH issues block k + 1's loads before block k's
+arithmetic; SWEEP_STAGES lets Triton's pipeliner keep blocks in flight). At the row's end
+the lanes merge once (_reduce_stats) into the loss; the target's z is one load. With a
+gradient a second sweep reads the row again, last block first (SWEEP_REVERSE: the blocks the
+first sweep read last are the likeliest still in L2), and writes each block's gradient over
+nothing but that block, after reading it, so the gradient may overwrite the logits.
+Per row: V elem bytes read from HBM, V elem read again (from L2 where it held them) and V
+elem written.
+
 Records. float32, RECORD_WIDTH fields a slice (32 bytes, aligned for vector loads), at
 record_ptr + (row * P + j) * RECORD_WIDTH, fields by name: REC_M, REC_SUM_EXP, REC_S, REC_U,
 REC_ZY, REC_Q, REC_ARGMAX (a column index as a float, exact below ARGMAX_MAX_COLS); the
@@ -151,8 +170,8 @@ import triton
 import triton.language as tl
 
 from .. import config
-
-NEG_INF = tl.constexpr(float("-inf"))
+from .tiles import (NEG_INF, _row_offsets, interpreting, row_align, row_tile, sm_count,
+                    split_plan, sweep_grid, sweep_plan, sweep_policies)
 
 # The split-row record (see the module docstring).
 RECORD_WIDTH = tl.constexpr(8)
@@ -180,12 +199,6 @@ def _tanh(x):
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
         62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
     return tl.where(tl.abs(x) < 0.35, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
-
-
-@triton.jit
-def _row_offsets(rows, n_inner, stride_n, stride_d):
-    """(R,) int64 offsets of rows r = n * D + d of a (N, ., D) tensor."""
-    return (rows // n_inner) * stride_n + (rows % n_inner) * stride_d
 
 
 @triton.jit
@@ -1049,56 +1062,12 @@ def _scale_rows_kernel(
 # --- launch plans -----------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def row_tile(n_cols: int, n_rows: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_V, num_warps) of a whole-rows tile: rows of n_cols <= ROW_SLICE_MAX_V
-    columns, as many as fill config.ROWS_TILE_ELEMENTS (but no more than there are rows)."""
-    block_v = triton.next_power_of_2(max(n_cols, 1))
-    rows = max(1, config.ROWS_TILE_ELEMENTS // block_v)
-    rows = min(rows, triton.next_power_of_2(max(n_rows, 1)))
-    return rows, block_v, config.num_warps_for(rows * block_v)
-
-
-def row_align(n_cols: int, *tensors: torch.Tensor) -> int:
-    """The largest power of 2, up to 16 bytes' worth of elements, that divides n_cols and the
-    offset of every row's first element in each (N, V, D) tensor (its strides other than the
-    class stride). Triton's JIT proves 16 by itself only when a number divides by 16."""
-    align = 16 // tensors[0].element_size()
-    while n_cols % align:
-        align //= 2
-    for x in tensors:
-        for stride, size in ((x.stride(0), x.shape[0]), (x.stride(2), x.shape[2])):
-            while size > 1 and stride % align:
-                align //= 2
-    return align
-
-
-def split_plan(n_cols: int) -> tuple[int, int, int, int]:
-    """(P, slice_width, BLOCK_V, num_warps) of rows of n_cols > ROW_SLICE_MAX_V columns: P
-    slices of equal width, a multiple of 16 so that every slice starts aligned."""
-    n_slices = triton.cdiv(n_cols, config.ROW_SLICE_MAX_V)
-    slice_width = triton.cdiv(triton.cdiv(n_cols, n_slices), 16) * 16
-    n_slices = triton.cdiv(n_cols, slice_width)  # rounding up the width may spare a slice
-    block_v = triton.next_power_of_2(slice_width)
-    return n_slices, slice_width, block_v, config.SPLIT_NUM_WARPS
-
-
-def _sm_count(device: torch.device) -> int | None:
-    """The GPU's SMs (CUs on ROCm; a MIG slice's own), None off a GPU (the interpreter)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _grid(n_items: int, device: torch.device) -> tuple[int]:
     """One program an item, or, persistent, config.PERSISTENT_PROGRAMS_PER_SM per SM (the
     interpreter counts as one SM) walking the items in grid-stride order."""
     if not config.PERSISTENT:
         return (n_items,)
-    sms = _sm_count(device) or 1
+    sms = sm_count(device) or 1
     return (max(1, min(n_items, sms * config.PERSISTENT_PROGRAMS_PER_SM)),)
 
 
@@ -1117,41 +1086,11 @@ def long_rows_path(n_slices: int, device: torch.device, programs_per_sm: int) ->
     SPLIT_RESIDENT_MARGIN x SMs x programs_per_sm (config.py). Under the interpreter (no
     SMs: one program at a time) "exchange" stays: deferral covers it, and tests run it."""
     path = config.long_rows()
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if path != "exchange" or sms is None:
         return path
     fits = n_slices <= config.SPLIT_RESIDENT_MARGIN * sms * programs_per_sm
     return "exchange" if fits else "two_pass"
-
-
-def sweep_plan(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row sweep: config.SWEEP_BLOCK_V columns a step, or the
-    row's width to the next power of 2 if that is less."""
-    return (min(config.SWEEP_BLOCK_V, triton.next_power_of_2(n_cols)),
-            config.SWEEP_NUM_WARPS)
-
-
-def sweep_grid(n_rows: int, row_bytes: int, device: torch.device) -> tuple[int]:
-    """Programs of the row sweep: one a row, at most config.SWEEP_PROGRAMS_PER_SM per SM if
-    set, and at most as many rows as fill config.SWEEP_L2_FRACTION of the device's L2 if set
-    (each program holds one row between its sweeps). Off a GPU (the interpreter) one a row,
-    at most 3 with a cap, so that tests run the grid-stride loop."""
-    programs = n_rows
-    if device.type != "cuda":
-        capped = config.SWEEP_PROGRAMS_PER_SM or config.SWEEP_L2_FRACTION
-        return (max(1, min(n_rows, 3 if capped else n_rows)),)
-    props = torch.cuda.get_device_properties(device)
-    if config.SWEEP_PROGRAMS_PER_SM:
-        programs = min(programs, props.multi_processor_count * config.SWEEP_PROGRAMS_PER_SM)
-    if config.SWEEP_L2_FRACTION:
-        programs = min(programs, int(props.L2_cache_size * config.SWEEP_L2_FRACTION
-                                     // max(row_bytes, 1)))
-    return (max(1, programs),)
-
-
-def sweep_policies() -> tuple[str, str]:
-    """The eviction policies of the sweep's first and second sweeps (config.SWEEP_EVICT)."""
-    return ("evict_last", "evict_first") if config.SWEEP_EVICT else ("", "")
 
 
 def timed_wait(device: torch.device) -> bool:
@@ -1259,7 +1198,7 @@ def xent_rows(
                                         **common)
         return ce, lse, H, idx
     sync = torch.zeros(n_rows * (1 + n_slices), device=device, dtype=torch.int32)
-    spin = config.INTERPRET_SLICE_SPIN_LIMIT if _interpreting() else config.SLICE_SPIN_LIMIT
+    spin = config.INTERPRET_SLICE_SPIN_LIMIT if interpreting() else config.SLICE_SPIN_LIMIT
     _split_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, spin,
                         config.SLICE_WAIT_NS, **common, TIMED_WAIT=timed_wait(device))
     _finish_kernel[grid](*pointers, records, sync, *sizes, *strides, *options, **common)
@@ -1353,7 +1292,7 @@ def scale_rows_(
     go_stride = 0 if go.numel() == 1 else go.stride(0)
     tile_rows, block_v, _ = row_tile(min(V, config.SCALE_BLOCK_V), rows)
     n_tiles = triton.cdiv(rows, tile_rows)
-    programs = (_sm_count(grad.device) or 1) * config.SCALE_PROGRAMS_PER_SM
+    programs = (sm_count(grad.device) or 1) * config.SCALE_PROGRAMS_PER_SM
     _scale_rows_kernel[(min(n_tiles, programs),)](
         grad, go, rows, V, D, *grad.stride(), go_stride, ROWS=tile_rows, BLOCK_V=block_v,
         num_warps=config.SCALE_NUM_WARPS, enable_fp_fusion=config.FP_FUSION,
