@@ -138,18 +138,27 @@ def make_provider(name: str, device: torch.device) -> Provider:
 # triton_xent with triton_xent/config.py values overridden, one provider each, named
 # "triton_xent[<name>]" in the CSV: the candidates for the values config.py marks "not yet
 # measured" (slice width and warps of split rows, persistent or not, the exchange's wait,
-# whole-row tile size), and the two long-row paths side by side: "exchange" (which still
-# takes "two_pass" on a device too small for a row's slices, see config.py) and "two_pass".
+# whole-row tile size), and the three long-row paths side by side: "exchange" (which still
+# takes "two_pass" on a device too small for a row's slices, see config.py), "two_pass"
+# and "sweep" (its own knobs: bench/gpu_tune.py searches them); the first two also with
+# slices of 16384 columns at 32 warps (32 KB of bf16 a program). The slice and persistent
+# variants name the exchange, as they did when the H200 measured them (2026-12-04), when
+# the exchange was the default.
 # spin0 makes every early slice wait for the finish launch: its cost.
 SWEEP = {
     "exchange": dict(LONG_ROWS="exchange"),
     "two_pass": dict(LONG_ROWS="two_pass"),
-    "slice8192_w16": dict(ROW_SLICE_MAX_V=8192, SPLIT_NUM_WARPS=16),
-    "slice4096_w8": dict(ROW_SLICE_MAX_V=4096, SPLIT_NUM_WARPS=8),
-    "slice2048_w4": dict(ROW_SLICE_MAX_V=2048, SPLIT_NUM_WARPS=4),
-    "slice2048_w8": dict(ROW_SLICE_MAX_V=2048, SPLIT_NUM_WARPS=8),
-    "persistent2": dict(PERSISTENT=True, PERSISTENT_PROGRAMS_PER_SM=2),
-    "persistent4": dict(PERSISTENT=True, PERSISTENT_PROGRAMS_PER_SM=4),
+    "sweep": dict(LONG_ROWS="sweep"),
+    "exchange_s16384_w32": dict(LONG_ROWS="exchange", ROW_SLICE_MAX_V=16384,
+                                SPLIT_NUM_WARPS=32),
+    "two_pass_s16384_w32": dict(LONG_ROWS="two_pass", ROW_SLICE_MAX_V=16384,
+                                SPLIT_NUM_WARPS=32),
+    "slice8192_w16": dict(ROW_SLICE_MAX_V=8192, SPLIT_NUM_WARPS=16, LONG_ROWS="exchange"),
+    "slice4096_w8": dict(ROW_SLICE_MAX_V=4096, SPLIT_NUM_WARPS=8, LONG_ROWS="exchange"),
+    "slice2048_w4": dict(ROW_SLICE_MAX_V=2048, SPLIT_NUM_WARPS=4, LONG_ROWS="exchange"),
+    "slice2048_w8": dict(ROW_SLICE_MAX_V=2048, SPLIT_NUM_WARPS=8, LONG_ROWS="exchange"),
+    "persistent2": dict(PERSISTENT=True, PERSISTENT_PROGRAMS_PER_SM=2, LONG_ROWS="exchange"),
+    "persistent4": dict(PERSISTENT=True, PERSISTENT_PROGRAMS_PER_SM=4, LONG_ROWS="exchange"),
     "spin1k": dict(SLICE_SPIN_LIMIT=1 << 10, LONG_ROWS="exchange"),
     "spin0": dict(SLICE_SPIN_LIMIT=0, LONG_ROWS="exchange"),
     "wait5us": dict(SLICE_WAIT_NS=5_000, LONG_ROWS="exchange"),
