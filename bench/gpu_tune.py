@@ -10,8 +10,8 @@ Steps (--steps; "lm" by default):
   lm       bf16, N = 16384. First a search at V = 128256, forward + backward: the long-row
            paths as they are configured ("two_pass", the default, and "exchange"), both with
            big slices (16384 columns, 32 warps: 32 KB a program), and the row sweep, whose
-           knobs (config.SWEEP_*) are chosen one at a time, each factor's best value kept
-           for the next (FACTORS below). Then the finals: eager, torch.compile, Liger, the
+           knobs (config.SWEEP_*) are chosen a factor at a time, each factor's best value
+           kept for the next (FACTORS below: 13 variants). Then the finals: eager, torch.compile, Liger, the
            default, the best exchange and the best sweep, forward and forward + backward, at
            V = 32000, 128256 and 256000, with the goals of the issue checked against each
            peer. The sweep's chosen knobs go to OUT_DIR/tuned.json for the later steps.
@@ -68,15 +68,21 @@ PATHS = {
                                 SPLIT_NUM_WARPS=32),
 }
 # The sweep's factors, in the order they are chosen; each value is a set of config values.
-# (columns a step, warps), then how the next step's loads go out, then how many rows are
-# between their sweeps at once, then the second sweep's direction and the eviction hints.
+# First the shape of the work, chosen jointly because its parts trade against each other:
+# (columns a step, warps) set the bytes a program has in flight, and the rows between their
+# sweeps at once (one a program unless capped by programs per SM or by a share of the L2)
+# decide whether the second sweep finds its row in L2 (a bf16 row of V = 128256 is 256 KB:
+# 264 rows, two programs an SM of 132, are 67 MB, past an H200's 60 MB). Then how the next
+# step's loads go out, the second sweep's direction and the eviction hints.
 FACTORS = (
-    ("block", [dict(SWEEP_BLOCK_V=b, SWEEP_NUM_WARPS=w)
-               for b, w in ((8192, 16), (4096, 8), (8192, 8), (16384, 16), (16384, 32))]),
+    ("shape", [dict(SWEEP_BLOCK_V=b, SWEEP_NUM_WARPS=w, SWEEP_PROGRAMS_PER_SM=k,
+                    SWEEP_L2_FRACTION=f)
+               for b, w, k, f in ((8192, 16, None, None), (8192, 16, None, 0.5),
+                                  (4096, 8, None, None), (4096, 8, None, 0.5),
+                                  (8192, 8, None, None), (16384, 16, None, None),
+                                  (16384, 32, 1, None), (16384, 32, None, 0.5))]),
     ("loads", [dict(SWEEP_PREFETCH=p, SWEEP_STAGES=s)
                for p, s in ((True, 1), (False, 1), (False, 2), (False, 3))]),
-    ("rows", [dict(SWEEP_PROGRAMS_PER_SM=k, SWEEP_L2_FRACTION=f)
-              for k, f in ((None, None), (1, None), (2, None), (None, 0.5), (None, 1.0))]),
     ("reverse", [dict(SWEEP_REVERSE=r) for r in (True, False)]),
     ("evict", [dict(SWEEP_EVICT=e) for e in (True, False)]),
 )
