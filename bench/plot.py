@@ -1,6 +1,6 @@
 """Figures of benchmark CSVs (the columns of csvio.py). For each CSV <stem>.csv:
 
-- cross_entropy rows (bench_xent.py): one panel per dtype x mode x N, V on a log axis with a
+- cross_entropy rows (bench_xent.py): one panel per dtype x N x mode, V on a log axis with a
   tick labelled at every measured V, one line per provider:
   <stem>_bandwidth.png  floor bytes / median time, with the run's copy bandwidth drawn as
                         the ceiling (right axis: the fraction of it);
@@ -12,8 +12,8 @@
   <stem>_variants.png   median ms of each variant beside plain triton_xent, one panel per
                         case x mode, each bar labelled with its ratio to plain triton_xent;
 - linear_cross_entropy rows (bench_linear.py), a few (N, D, V) cases bound by their GEMMs:
-  <stem>_time.png (ms, bars grouped by case, labelled with their ratio to the case's
-  matmul_floor row) and <stem>_memory.png (peak memory), one panel per dtype x mode;
+  <stem>_time.png (ms, bars grouped by case, labelled with ms and their ratio to the
+  case's matmul_floor row) and <stem>_memory.png (peak memory), one panel per dtype x mode;
 - distillation rows (bench_distill.py, ops distill_* and linear_distill_*): the same two
   figures, the time bars labelled in ms; from logits (D = 0) a dashed floor marks the time
   that one read of both logits and one write of the gradient take at the copy bandwidth.
@@ -284,7 +284,6 @@ def _variants_figure(rows):
                              figsize=(5.6 * len(modes) + 1.2, 0.32 * sum(heights)
                                       + 1.0 * len(cases) + 1.0),
                              gridspec_kw={"height_ratios": [h + 2 for h in heights]})
-    used = []
     for i, (dtype, N, V) in enumerate(cases):
         for j, mode in enumerate(modes):
             ax = axes[i, j]
@@ -292,7 +291,6 @@ def _variants_figure(rows):
             if not panel:
                 ax.set_visible(False)
                 continue
-            used.append(ax)
             base = latest.get((BASE, dtype, mode, N, V))
             for k, p in enumerate(panel):
                 ms = latest[(p, dtype, mode, N, V)]["ms"]
