@@ -1,4 +1,4 @@
-"""What every benchmark script of this repository shares: the CSV columns and writer, the
+"""What every benchmark script of this repository shares: the CSV format (from csvio.py), the
 device and version information of a run, timing and peak-memory helpers, and the
 device-to-device copy that gives each run its bandwidth ceiling.
 
@@ -7,7 +7,6 @@ Units, everywhere: ms = milliseconds (median), GB = 1e9 bytes, MB = 1e6 bytes.
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import ctypes.util
 import datetime
@@ -21,18 +20,14 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+# The CSV format: csvio.py, without torch for plot.py; the scripts reach it through here.
+from csvio import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, CsvWriter, read_csv  # noqa: F401
+
 try:  # triton is optional on CPU-only installs; do_bench is only needed on CUDA
     import triton
     import triton.testing
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
-
-# One row per (case, provider, mode), in this order. `D` is the hidden size of ops that take
-# one (linear_cross_entropy); 0 for plain cross_entropy on logits.
-COLUMNS = ("device", "torch", "triton", "date", "op", "provider", "mode", "dtype",
-           "N", "V", "D", "ms", "gbps", "copy_gbps", "peak_mem_mb")
-INT_COLUMNS = ("N", "V", "D")
-FLOAT_COLUMNS = ("ms", "gbps", "copy_gbps", "peak_mem_mb")  # peak_mem_mb may be empty
 
 GB = 1e9  # bytes
 MB = 1e6  # bytes
@@ -272,78 +267,3 @@ def run_copy_gbps(device: torch.device, *, quick: bool, cpu_budget_s: float) -> 
     print(f"copy: {nbytes / GB:.3g} GB buffers, {gbps:.1f} GB/s")
     return gbps
 
-
-# --- CSV ----------------------------------------------------------------------------------
-
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-class CsvWriter:
-    """Writes rows with exactly COLUMNS, flushing each row so an interrupted run keeps what it
-    measured. append=True adds to an existing file (whose header must be COLUMNS).
-
-        with CsvWriter("bench/results/x.csv") as out:
-            out.write(device=..., ..., peak_mem_mb=None)   # None -> empty field
-    """
-
-    def __init__(self, path: str | os.PathLike, *, append: bool = False):
-        self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        exists = append and os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        if exists:
-            with open(self.path, newline="") as f:
-                header = tuple(next(csv.reader(f), ()))
-            if header != COLUMNS:
-                raise ValueError(f"{self.path} has columns {header}, expected {COLUMNS}")
-        self._file = open(self.path, "a" if exists else "w", newline="")
-        self._csv = csv.writer(self._file)
-        if not exists:
-            self._csv.writerow(COLUMNS)
-            self._file.flush()
-
-    def write(self, **row) -> None:
-        if set(row) != set(COLUMNS):
-            missing = set(COLUMNS) - set(row)
-            extra = set(row) - set(COLUMNS)
-            raise ValueError(f"row must have exactly COLUMNS; missing {sorted(missing)}, "
-                             f"unknown {sorted(extra)}")
-        self._csv.writerow([_format(row[c]) for c in COLUMNS])
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def read_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of a CSV written by CsvWriter, with N/V/D as int and ms/gbps/copy_gbps/
-    peak_mem_mb as float (None where empty). Raises ValueError on another header."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = tuple(next(reader, ()))
-        if header != COLUMNS:
-            raise ValueError(f"{path} has columns {header}, expected {COLUMNS}")
-        rows = []
-        for values in reader:
-            if not values:
-                continue
-            if len(values) != len(COLUMNS):
-                raise ValueError(f"{path}: row {values} has {len(values)} fields, "
-                                 f"expected {len(COLUMNS)}")
-            row = dict(zip(COLUMNS, values))
-            for c in INT_COLUMNS:
-                row[c] = int(row[c])
-            for c in FLOAT_COLUMNS:
-                row[c] = float(row[c]) if row[c] != "" else None
-            rows.append(row)
-    return rows

@@ -29,8 +29,9 @@ written as each step ends, and the CSVs row by row:
      through both heads (D = 4096), triton_xent against the naive PyTorch distillation and
      Liger's JSD and fused linear JSD (one fresh process per measurement);
   8. plot.py on both cross-entropy CSVs.
-OUT_DIR receives at most 9 files: gpu_check.log (every step's command, output and time),
-the three CSVs (named after the device) and the cross-entropy ones' PNGs.
+OUT_DIR receives at most 10 files: gpu_check.log (every step's command, output and time),
+the three CSVs (named after the device) and the PNGs of the cross-entropy CSV (bandwidth,
+speed-up, memory, the config sweep) and of the linear one (time, memory).
 """
 
 from __future__ import annotations

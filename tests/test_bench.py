@@ -121,6 +121,152 @@ def test_plot_memory_panel_and_append(quick_csv, tmp_path):
         _assert_png(tmp_path / os.path.basename(p))
 
 
+# --- plot.py: what the figures show, on rows made up here (not measurements) ----------------
+
+def _row(provider, V, *, mode="fwd_bwd", dtype="bfloat16", N=64, ms=1.0, copy=100.0,
+         op="cross_entropy", D=0):
+    return dict(device="synthetic", torch="0", triton="0", date="2026-01-01T00:00:00+00:00",
+                op=op, provider=provider, mode=mode, dtype=dtype, N=N, V=V, D=D, ms=ms,
+                gbps=10.0 / ms, copy_gbps=copy, peak_mem_mb=1.0)
+
+
+# The providers bench_xent.py can write (the peers, the long-row paths and some of the
+# sweep's variants) and two that plot.py does not know; V sets differ between the panels.
+PEERS = ("triton_xent", "triton_xent_entropy", "triton_xent_inplace", "torch", "torch_compile",
+         "liger", "quack", "triton_xent[two_pass]", "triton_xent[exchange]", "mystery",
+         "mystery_2")
+VARIANTS = ("triton_xent[slice2048_w4]", "triton_xent[spin0]", "triton_xent[new_knob]")
+PANEL_V = {("bfloat16", 64): (32000, 128256, 256000), ("float32", 32): (10, 1000)}
+
+
+@pytest.fixture(scope="module")
+def sweep_figures():
+    """{name: figure} of plot.figures() on rows of every provider above, in both modes."""
+    import matplotlib.pyplot as plt
+    import plot
+
+    rows = [_row(p, V, mode=m, dtype=d, N=n, ms=1.0 + i / 7, copy=100.0 + n)
+            for (d, n), vocab in PANEL_V.items() for V in vocab for m in ("fwd", "fwd_bwd")
+            for i, p in enumerate(PEERS + VARIANTS)]
+    figs = dict(plot.figures(rows, "synthetic"))
+    yield figs
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+
+
+def _line_styles(fig):
+    """{label: {(colour, marker)}} of every labelled line of the figure's panels."""
+    import matplotlib.colors as mcolors
+
+    seen = {}
+    for ax in _panels(fig):
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                seen.setdefault(line.get_label(), set()).add(
+                    (mcolors.to_hex(line.get_color()), line.get_marker()))
+    return seen
+
+
+def test_plot_figures_of_a_sweep(sweep_figures):
+    assert list(sweep_figures) == ["bandwidth", "speedup", "memory", "variants"]
+
+
+@pytest.mark.parametrize("name", ["bandwidth", "speedup", "memory"])
+def test_plot_one_style_per_provider(sweep_figures, name):
+    """Each provider: one (colour, marker) in every panel, STYLES' pair where it has one, no
+    pair twice in the figure; the providers plot.py does not know get distinct ones too."""
+    import plot
+
+    seen = _line_styles(sweep_figures[name])
+    assert set(PEERS) <= set(seen)
+    for p in PEERS:
+        assert len(seen[p]) == 1, (p, seen[p])
+    pairs = {p: next(iter(seen[p])) for p in PEERS}
+    assert len(set(pairs.values())) == len(PEERS), pairs
+    for p, pair in pairs.items():
+        if p in plot.STYLES:
+            assert pair == plot.STYLES[p], p
+    assert len({c for c, _ in pairs.values()}) == len(PEERS)  # the colours alone differ too
+
+
+def test_plot_styles_never_repeat():
+    import plot
+
+    names = [f"unknown_{i}" for i in range(250)] + list(plot.STYLES)
+    style = plot.styles(names)
+    assert len(style) == len(names) and len(set(style.values())) == len(names)
+    assert plot.styles(["torch", "unknown_0"])["torch"] == plot.STYLES["torch"]
+
+
+@pytest.mark.parametrize("name", ["bandwidth", "speedup", "memory"])
+def test_plot_ticks_at_each_measured_v(sweep_figures, name):
+    panels = _panels(sweep_figures[name])
+    assert len(panels) == 4  # (dtype, N) x mode
+    for ax in panels:
+        (vocab,) = [v for (d, n), v in PANEL_V.items() if ax.get_title().startswith(d)
+                    and ax.get_title().endswith(f"N={n}")]
+        assert list(ax.get_xticks()) == list(vocab), ax.get_title()
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(v) for v in vocab]
+        assert not len(ax.xaxis.get_minorticklocs())
+
+
+def test_plot_variants_on_their_own_figure(sweep_figures):
+    """The peer figures show the peers and both long-row paths, none of the other variants;
+    the sweep's figure shows each variant and plain triton_xent, no peer."""
+    for name in ("bandwidth", "speedup", "memory"):
+        providers = set(_line_styles(sweep_figures[name]))
+        assert set(PEERS) <= providers and not providers & set(VARIANTS), name
+    bars = {c.get_label() for ax in _panels(sweep_figures["variants"]) for c in ax.containers}
+    assert set(VARIANTS) | {"triton_xent"} <= bars
+    assert not bars & {"torch", "torch_compile", "liger", "quack", "mystery"}
+
+
+def test_plot_bandwidth_has_the_copy_ceiling(sweep_figures):
+    fig = sweep_figures["bandwidth"]
+    for ax in _panels(fig):
+        n = 64 if ax.get_title().endswith("N=64") else 32
+        (ceiling,) = [line for line in ax.get_lines() if line.get_label().startswith("copy")]
+        assert list(ceiling.get_ydata()) == [100.0 + n] * 2
+        assert ax.get_ylim()[1] > 100.0 + n
+    assert any(t.get_text().startswith("copy") for t in fig.legends[0].get_texts())
+
+
+def test_plot_reads_without_torch():
+    """plot.py reads CSVs through csvio.py: importing it loads neither torch nor triton (a
+    CUDA build of torch took seconds of the GPU check's plot step)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import plot; "
+            "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, BENCH], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_plot_the_committed_h200_csvs():
+    """The committed H200 CSVs draw the figures the README links: the sweep apart, the
+    distillation's copy-bandwidth floor from logits."""
+    import matplotlib.pyplot as plt
+    import plot
+
+    results = os.path.join(BENCH, "results")
+    expected = {"nvidia-h200.csv": ["bandwidth", "speedup", "memory", "variants"],
+                "nvidia-h200-linear.csv": ["time", "memory"],
+                "nvidia-h200-distill.csv": ["time", "memory"]}
+    for csv_name, names in expected.items():
+        figs = dict(plot.figures(common.read_csv(os.path.join(results, csv_name)), csv_name))
+        try:
+            assert list(figs) == names, csv_name
+            if csv_name.endswith("-distill.csv"):
+                labels = [c.get_label() for c in _panels(figs["time"])[0].collections]
+                assert len(labels) == 2 and labels[0] == "copy-bandwidth floor", labels
+        finally:
+            for fig in figs.values():
+                plt.close(fig)
+
+
 def test_slug_and_default_out():
     assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     import bench_xent
