@@ -118,6 +118,11 @@ ROWS_TILE_ELEMENTS = 2048
 # PERSISTENT_PROGRAMS_PER_SM programs per SM (the interpreter counts as one SM) that walk them
 # in grid-stride order (see kernels/xent.py). Not yet measured on a GPU:
 # `python bench/bench_xent.py --sweep` times both.
+# On the H200 (2026-12-04) the exchange with PERSISTENT_PROGRAMS_PER_SM = 4 (more programs
+# than fit at once, so many waits ran out) gave a NaN loss; 2 did not. The likely cause,
+# found by reading the code since: each thread read the wait's timer itself, so the warps of
+# one program could disagree on leaving the wait, whose loop holds barriers. The timer is now
+# one value a program (kernels/xent.py _clock_ns); not yet run on a GPU.
 PERSISTENT = False
 PERSISTENT_PROGRAMS_PER_SM = 2
 
