@@ -473,16 +473,22 @@ def _slice_record(z, u, cols, mask, y, row_ok, j, slice_width, TRACK_U: tl.const
 
 
 @triton.jit
-def _clock_ns(lanes):
-    """The GPU's global nanosecond timer (%globaltimer, NVIDIA only: PTX), one value for the
-    whole program: every thread reads the timer (at its own moment) for its elements of
-    `lanes`, a tensor spread over all of the program's threads, and the program takes the
-    latest. Each thread's own reading would differ between warps, and a wait whose exit
-    differs between warps would leave the barriers inside it (a scalar atomic's broadcast)
-    unmatched."""
-    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [lanes],
-                                  dtype=tl.int64, is_pure=False, pack=1)
-    return tl.max(t, axis=0)
+def _clock_ns():
+    """The GPU's global nanosecond timer (%globaltimer, NVIDIA only: PTX), as this thread
+    reads it: threads read it at their own moments, so values differ between warps."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _any_thread(flag):
+    """1 in every thread of the program if the int32 `flag` is nonzero in any of them, else
+    0 (PTX's barrier reduction, bar.red.or: every thread of the program must reach it). A
+    loop that holds barriers (a scalar atomic's broadcast) must be left by all warps at
+    once: a per-thread timer reading alone would let them disagree."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $1, 0; bar.red.or.pred p, 0, p; selp.s32 $0, 1, 0, p; }",
+        "=r,r", [flag], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -702,12 +708,12 @@ def _split_kernel(
             polls = 0
             in_time = True  # stays so without the timer
             if TIMED_WAIT:
-                deadline = _clock_ns(tl.arange(0, BLOCK_V)) + wait_ns
+                deadline = _clock_ns() + wait_ns
             while (arrived < n_slices) & (polls < spin_limit) & in_time:
                 arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
                 polls += 1
                 if TIMED_WAIT:
-                    in_time = _clock_ns(tl.arange(0, BLOCK_V)) < deadline
+                    in_time = _any_thread((_clock_ns() >= deadline).to(tl.int32)) == 0
             if arrived < n_slices:  # a sibling is late: finish in the second launch
                 tl.store(sync_ptr + n_rows + item, 1)
             else:  # 3-4. Merge and write.
