@@ -69,16 +69,16 @@ DRY_LIMIT_S = 60  # the least limit of a step in --dry-run (a loaded 2-core CPU)
 
 # What things cost on the GPU machine, fitted to the first run's log (H200, 2026-12-04;
 # bench/README.md, "The GPU check", has the arithmetic). Fits, not measurements of each.
-START_S = 8.5  # a process that imports torch and triton_xent, opens the GPU and measures
+START_S = 6.7  # a process that imports torch and triton_xent, opens the GPU and measures
 #                the copy bandwidth: fitted, with MEASURE_S, to the two_pass and config-sweep
-#                steps (22.0 s with 12 measurements and 8 compilations, 35.0 s with 22 and 18)
+#                steps (22.0 s with 12 measurements and 8 compilations, 35.0 s with 20 and 18)
 COMPILE_S = 0.5  # one Triton compilation, with the test or call around it: the three pytest
 #                  steps' own time over their compilations, 21.5 s / 44, 10.0 / 20, 30.2 / 64
-MEASURE_S = 0.17  # a measurement beyond do_bench's warmup, rep and its calls: the inputs,
-#                   the memory checks, the garbage collection
+MEASURE_S = 0.36  # a measurement beyond do_bench's warmup, rep and its calls: the inputs,
+#                   the memory checks, the garbage collection, do_bench's own overhead
 COMPETITORS_S = 22.0  # torch.compile's first graph in a process (inductor's import and its
 #                       compile workers) and Liger's import: what the bf16 LM and float32
-#                       steps took beyond the above, 21.2 s with 6 graphs and 22.6 s with 2
+#                       steps took beyond the above, 20.0 s with 6 graphs and 23.3 s with 2
 GRAPH_S = 1.0  # an inductor graph beyond the 6 of that fit: a prediction (it cannot tell)
 LIGER_S = 5.0  # Liger's import (transformers) alone: a prediction, part of COMPETITORS_S
 REP_MS = 100  # do_bench's rep in the cross-entropy steps (triton.testing's own default):
@@ -418,26 +418,27 @@ def plan(py: str, out_dir: str, slug: str, env: dict, *, dry: bool) -> list[Step
     xent("bench_xent two_pass, torch: bf16 LM, float32", LM + FP32,
          DRY_LM + DRY_FP32, ["torch"], ["torch"], ["--sweep", "two_pass"],
          # two_pass in float32 was not run: ~triton_xent's 7.6 and 22.5 ms (a prediction)
-         Cost(processes=1, compiles=10, rep_ms=REP_MS, call_ms=8.5), first=True)
+         Cost(processes=1, compiles=11, rep_ms=REP_MS, call_ms=8.9), first=True)
     xent("bench_xent torch.compile, Liger: every case", LM + FP32 + SMALL,
          DRY_LM + DRY_FP32 + DRY_SMALL, ["torch_compile", "liger"], ["torch", "liger"], [],
          Cost(processes=1, rep_ms=REP_MS, call_ms=4.2, extra_s=COMPETITORS_S + 6 * GRAPH_S,
               extra="torch.compile's start and Liger's import, 12 graphs"))
     xent("bench_xent small vocabularies: torch, tile1024", SMALL, DRY_SMALL, ["torch"],
          ["torch"], ["--sweep", *TILE_SWEEP],
-         Cost(processes=1, compiles=4, rep_ms=REP_MS, call_ms=2.5))
+         Cost(processes=1, compiles=6, rep_ms=REP_MS, call_ms=2.5))
     xent("bench_xent triton_xent: every other case",
          [c for c in LM + FP32 + SMALL if c != SWEEP_CASE],
          DRY_FP32 + DRY_SMALL, ["triton_xent"], ["triton_xent"], [],
-         Cost(processes=1, compiles=14, rep_ms=REP_MS, call_ms=8.8))
+         Cost(processes=1, compiles=12, rep_ms=REP_MS, call_ms=8.8))
     xent("bench_xent config sweep: bf16 V = 128256", [SWEEP_CASE], DRY_LM, ["triton_xent"],
          ["triton_xent"], ["--sweep", *SPLIT_SWEEP],
-         Cost(processes=1, compiles=13, rep_ms=REP_MS, call_ms=9.5))
+         Cost(processes=1, compiles=8, rep_ms=REP_MS, call_ms=10.0))
 
     # 6. The linear + cross-entropy benchmark at the default rep (calls of 42 to 166 ms:
     # 3 to 12 timed). Measured: the first shape, 45.2 s with its 6 rows written (its
     # providers' start-up and CCE's and Liger's compiles among them); the second shape
-    # counted on top, with 4 compilations of the others' kernels (a prediction).
+    # counted on top, with 4 compilations of the others' kernels (a prediction; ours are
+    # compiled by then).
     linear_csv = os.path.join(out_dir, f"{slug}-linear.csv")
     run, gpu = bench("bench_linear.py", ["--dtypes", "bf16", "--shapes", *LINEAR_SHAPES,
                                          "--out", linear_csv],
@@ -446,8 +447,9 @@ def plan(py: str, out_dir: str, slug: str, env: dict, *, dry: bool) -> list[Step
     import common
 
     steps.append(Step("bench_linear", run, Cost(
-        measured_s=45.2, compiles=4, measurements=linear_measurements(gpu, len(
-            LINEAR_SHAPES) - 1), rep_ms=common.DO_BENCH_REP_MS, call_ms=86), env))
+        measured_s=45.2, measurements=linear_measurements(gpu, len(LINEAR_SHAPES) - 1),
+        rep_ms=common.DO_BENCH_REP_MS, call_ms=86, extra_s=4 * COMPILE_S,
+        extra="CCE's and Liger's compiles"), env))
 
     # 7. Distillation: both ops, the naive PyTorch losses and Liger's JSD, in one process.
     # Dry run: one divergence, ours against torch's (the plumbing is the same).
@@ -460,11 +462,12 @@ def plan(py: str, out_dir: str, slug: str, env: dict, *, dry: bool) -> list[Step
                       "--divergences", "jsd", "--providers", "triton_xent", "torch",
                       "--in-process", "--out", distill_csv])
     # Calls: from logits 4.2 to 40.8 ms (the log's README run), through the heads ~100 ms
-    # (a prediction: four GEMMs of 8.6 TFLOP); our 4 compilations and Liger's 3 (these a
-    # prediction).
+    # (a prediction: four GEMMs of 8.6 TFLOP); our 4 compilations, Liger's import and its 3
+    # (a prediction).
     steps.append(Step("bench_distill", run, Cost(
-        processes=1, compiles=7, measurements=distill_measurements(gpu),
-        rep_ms=DISTILL_REP_MS, call_ms=58, extra_s=LIGER_S, extra="Liger's import"), env))
+        processes=1, compiles=4, measurements=distill_measurements(gpu),
+        rep_ms=DISTILL_REP_MS, call_ms=58.5, extra_s=LIGER_S + 3 * COMPILE_S,
+        extra="Liger's import and compiles"), env))
 
     # 8. Plots: measured 9.9 s for its 5 figures (cut at 10 s, the PNGs written), and its
     # exit (a prediction).
