@@ -82,7 +82,7 @@ COMPETITORS_S = 22.0  # torch.compile's first graph in a process (inductor's imp
 GRAPH_S = 1.0  # an inductor graph beyond the 6 of that fit: a prediction (it cannot tell)
 LIGER_S = 5.0  # Liger's import (transformers) alone: a prediction, part of COMPETITORS_S
 REP_MS = 100  # do_bench's rep in the cross-entropy steps (triton.testing's own default):
-#               5 to 1000 timed calls of 0.1 to 28 ms there, against 500 ms by default
+#               from 3 timed calls of 28 ms to hundreds of 0.1 ms there; 500 ms by default
 DISTILL_REP_MS = 200  # bench_distill's: at least 2 timed calls of the linear op's ~100 ms
 
 # The small split-row case of the sanitizers: 3 slices (the last one short) of 4 rows.
@@ -114,7 +114,8 @@ DRY_LM, DRY_FP32, DRY_SMALL = ["bf16,4,100"], ["fp32,4,100"], ["bf16,32,10"]
 # The split-row variants the check measures: the fastest split row of the 2026-12-04 sweep
 # (11.3 ms against 13.6 fwd_bwd), the persistent schedule (the faster backward there) and
 # spin0 (every early slice deferred: the finish launch's work). The wait and spin variants,
-# which changed nothing there, and the other slice widths are bench/gpu_tune.py's.
+# which changed nothing there, and the other slice widths are for a tuning command apart
+# from the check (bench/gpu_tune.py).
 SPLIT_SWEEP = ["slice2048_w4", "persistent2", "spin0"]
 # The whole-row tile variant of the small vocabularies (the faster at V = 1000 there;
 # tile4096 and persistent2 were slower at both V).
@@ -182,6 +183,7 @@ class Step:
     cost: Cost  # on the GPU machine, for its own command
     env: dict | None = None
     skip: str = ""  # why it does not run here, if it does not
+    optional: tuple[str, ...] = ()  # files in cmd left out when an earlier step wrote none
     limit_s: float = field(init=False)
 
     def __post_init__(self):
@@ -248,11 +250,12 @@ class Runner:
     def run(self, step: Step, spare_s: float) -> bool:
         limit = max(step.limit_s, DRY_LIMIT_S) if self.dry else step.limit_s
         limit = max(1.0, min(limit, spare_s))
+        cmd = [a for a in step.cmd if a not in step.optional or os.path.exists(a)]
         self.log(f"\n=== {step.name} (limit {limit:.0f} s, expected "
-                 f"{step.cost.expected_s:.0f} s)\n$ {' '.join(step.cmd)}")
+                 f"{step.cost.expected_s:.0f} s)\n$ {' '.join(cmd)}")
         start = time.monotonic()
         try:
-            out = subprocess.run(step.cmd, cwd=ROOT, env=step.env, stdout=subprocess.PIPE,
+            out = subprocess.run(cmd, cwd=ROOT, env=step.env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, timeout=limit)
             text, status = out.stdout, ("ok" if out.returncode == 0
                                         else f"failed (exit {out.returncode})")
@@ -473,7 +476,8 @@ def plan(py: str, out_dir: str, slug: str, env: dict, *, dry: bool) -> list[Step
     # exit (a prediction).
     steps.append(Step("plot", [py, os.path.join(BENCH, "plot.py"), xent_csv, linear_csv,
                                "--out-dir", out_dir],
-                      Cost(measured_s=9.9, extra_s=2, extra="its exit"), env))
+                      Cost(measured_s=9.9, extra_s=2, extra="its exit"), env,
+                      optional=(xent_csv, linear_csv)))
     return steps
 
 
