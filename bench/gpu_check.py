@@ -321,10 +321,11 @@ def sanitize_case() -> int:
         loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        if not smoothing and abs(float(loss) - float(ref)) > 2e-2 * max(1.0, abs(float(ref))):
-            print(f"{path}, spin {spin}: loss {float(loss)} differs from {float(ref)}")
+        value = float(loss.detach())
+        if not smoothing and abs(value - float(ref)) > 2e-2 * max(1.0, abs(float(ref))):
+            print(f"{path}, spin {spin}: loss {value} differs from {float(ref)}")
             return 1
-        print(f"{path}, spin limit {spin}: loss {float(loss):.5f}, grad norm "
+        print(f"{path}, spin limit {spin}: loss {value:.5f}, grad norm "
               f"{float(xg.grad.float().norm()):.5f}")
     return 0
 
