@@ -10,17 +10,21 @@ triton_xent against the naive PyTorch distillation
 (and its reverse-KL and JSD twins, below), the linear op against the same on naive (N, V)
 logits of both heads, and Liger's JSD and fused linear JSD where they run (a CUDA GPU: its
 Triton kernels have no CPU path). Every measurement runs in a fresh process, so that one
-provider's freed memory never hides another's peak (peak RSS on a CPU). One CSV row per
-(case, provider, mode), bench_xent.py's columns; the goals are checked at the end.
+provider's freed memory never hides another's peak (peak RSS on a CPU); --in-process
+measures all in this one (on a GPU the peak is the caching allocator's count of one call's
+allocations, which freed memory cannot hide; on a CPU the peak is then left empty). One CSV
+row per (case, provider, mode), bench_xent.py's columns; the goals are checked at the end.
 
     python bench/bench_distill.py --cpu     # the CPU cases: bench/results/<cpu>-cpu-distill.csv
     python bench/bench_distill.py --quick   # tiny cases: a smoke test of the script
     python bench/bench_distill.py --shapes 8192,0,128256 --dtypes bf16   # a GPU case
+    python bench/bench_distill.py --shapes 8192,0,128256 --dtypes bf16 --in-process
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -125,7 +129,7 @@ def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device
 def measure_one(provider: str, op: str, N: int, D: int, V: int, dtype: torch.dtype,
                 mode: str, device: torch.device, cpu_budget_s: float) -> dict:
     """{ms, peak_mem_mb, loss} of one provider, op and mode on fresh inputs (run in a fresh
-    process by main; bench/gpu_check.py calls it in its own)."""
+    process by main, or in main's own with --in-process)."""
     divergence = op.split("_distill_")[-1] if op.startswith("linear") else \
         op.removeprefix("distill_")
     fn = make_provider(provider, op, divergence, device)
@@ -172,6 +176,12 @@ def parse_args(argv=None):
                         "small parallel regions suffer most from oversubscribed cores)")
     p.add_argument("--report", metavar="CSV",
                    help="only print the table and the goals of a CSV (its last row per case)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process, not one fresh process each (start-up "
+                        "paid once; on a CPU peak_mem_mb is then left empty)")
+    p.add_argument("--rep-ms", type=float, default=common.DO_BENCH_REP_MS,
+                   help="triton.testing.do_bench's timed milliseconds per measurement on a "
+                        f"GPU (default {common.DO_BENCH_REP_MS})")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a JSON measurement, in a child process
     return p.parse_args(argv)
 
@@ -182,6 +192,7 @@ def _child(spec: str) -> int:
     device = torch.device(a["device"])
     if device.type == "cpu":
         torch.set_num_threads(a["threads"])
+    common.DO_BENCH_REP_MS = a["rep_ms"]
     try:
         result = measure_one(a["provider"], a["op"], a["N"], a["D"], a["V"],
                              getattr(torch, a["dtype"]), a["mode"], device, a["budget"])
@@ -189,6 +200,26 @@ def _child(spec: str) -> int:
         result = dict(skip=str(e))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def _in_this_process(spec: dict) -> dict:
+    """measure_one here; a provider that fails (out of memory, say) is a skip, as a crashed
+    child is. On a CPU the peak is left empty: earlier measurements' freed pages hide it."""
+    device = torch.device(spec["device"])
+    try:
+        result = measure_one(spec["provider"], spec["op"], spec["N"], spec["D"], spec["V"],
+                             getattr(torch, spec["dtype"]), spec["mode"], device,
+                             spec["budget"])
+    except Exception as e:  # reported as the row's skip reason
+        first = str(e).splitlines()[0] if str(e) else ""
+        result = dict(skip=f"failed: {type(e).__name__}: {first}")
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if device.type == "cpu" and "peak_mem_mb" in result:
+        result["peak_mem_mb"] = None
+    return result
 
 
 def _in_fresh_process(spec: dict) -> dict:
@@ -227,9 +258,19 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print(f"note: {args.threads} torch thread(s) per measurement, "
               f"{os.cpu_count()} cores", flush=True)
+    if args.in_process:
+        print("note: every measurement in this process" + (
+            "; peak_mem_mb left empty (freed pages would hide a peak RSS)"
+            if device.type == "cpu" else ""), flush=True)
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads)
     cases = args.shapes or (QUICK_CASES if args.quick else CPU_CASES)
     budget = 0.2 if args.quick else CPU_BUDGET_S
+    common.DO_BENCH_REP_MS = args.rep_ms  # read by common.median_ms on each measurement
+    if device.type == "cuda":
+        print(f"do_bench: warmup {common.DO_BENCH_WARMUP_MS} ms, rep {args.rep_ms:g} ms")
     copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=budget)
+    measure = _in_this_process if args.in_process else _in_fresh_process
     results = {}
     with common.CsvWriter(out, append=args.append) as writer:
         for (N, D, V), dtype in ((case, DTYPES[d]) for d in args.dtypes for case in cases):
@@ -245,8 +286,8 @@ def main(argv=None) -> int:
                             continue
                         spec = dict(provider=provider, op=op, N=N, D=D, V=V, dtype=dtype,
                                     mode=mode, device=device.type, budget=budget,
-                                    threads=args.threads)
-                        r = _in_fresh_process(spec)
+                                    threads=args.threads, rep_ms=args.rep_ms)
+                        r = measure(spec)
                         if "skip" in r:
                             print(f"  skip {provider}: {r['skip']}")
                             continue

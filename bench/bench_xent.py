@@ -8,6 +8,7 @@ installed. Writes one CSV row per (case, provider, mode); see bench/README.md.
     python bench/bench_xent.py --cpu           # the CPU cases (bench/cpu_report.py runs it)
     python bench/bench_xent.py --small-vocab   # classifier rows: V = 2 .. 1000, N = 2^20
     python bench/bench_xent.py --sweep         # also triton_xent with config values changed
+    python bench/bench_xent.py --cases bf16,16384,128256 fp32,16384,128256   # these cases only
 """
 
 from __future__ import annotations
@@ -305,6 +306,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # --- command line ---------------------------------------------------------------------------
 
+def _case(text: str) -> tuple[str, int, int]:
+    """'bf16,16384,128256' -> ('bf16', 16384, 128256)."""
+    try:
+        dtype, n, v = text.split(",")
+        n, v = int(n), int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DTYPE,N,V (e.g. bf16,16384,128256), got "
+                                         f"{text!r}") from None
+    if dtype not in DTYPES or min(n, v) < 1:
+        raise argparse.ArgumentTypeError(f"DTYPE must be one of {', '.join(DTYPES)} and N, V "
+                                         f">= 1, got {text!r}")
+    return dtype, n, v
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,6 +338,12 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: fwd fwd_bwd")
     p.add_argument("--vocab", nargs="+", type=int, help=f"V values; default {VOCAB}")
     p.add_argument("--tokens", nargs="+", type=int, help=f"N values; default {TOKENS}")
+    p.add_argument("--cases", nargs="+", type=_case, metavar="DTYPE,N,V",
+                   help="exactly these cases, in this order, instead of the product of "
+                        "--dtypes, --tokens and --vocab (which it excludes)")
+    p.add_argument("--rep-ms", type=float, default=common.DO_BENCH_REP_MS,
+                   help="triton.testing.do_bench's timed milliseconds per measurement on a "
+                        f"GPU (default {common.DO_BENCH_REP_MS}; at least one timed call)")
     p.add_argument("--small-vocab", action="store_true",
                    help=f"classifier cases: V={SMALL_VOCAB}, N={SMALL_TOKENS} (--vocab and "
                         "--tokens still override)")
@@ -334,17 +355,22 @@ def parse_args(argv=None):
                    help="add rows to an existing --out CSV instead of overwriting it")
     args = p.parse_args(argv)
     args.sweep = list(SWEEP) if args.sweep == [] else (args.sweep or [])
+    if args.cases and (args.dtypes or args.vocab or args.tokens or args.small_vocab):
+        p.error("--cases names the cases: no --dtypes, --vocab, --tokens or --small-vocab")
     if args.cpu:
-        if args.dtypes or args.vocab or args.tokens:
-            p.error("--cpu has its own cases: no --dtypes, --vocab or --tokens")
+        if args.dtypes or args.vocab or args.tokens or args.cases:
+            p.error("--cpu has its own cases: no --dtypes, --vocab, --tokens or --cases")
         args.cases = [(DTYPES[d], n, v) for d, n, v in
                       (CPU_QUICK_CASES if args.quick else CPU_CASES)]
         args.providers = args.providers or CPU_PROVIDERS
         args.modes = args.modes or MODES
         return args
     args.providers = args.providers or (QUICK_PROVIDERS if args.quick else PROVIDERS)
-    args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16", "float32"))]
     args.modes = args.modes or MODES
+    if args.cases:
+        args.cases = [(DTYPES[d], N, V) for d, N, V in args.cases]
+        return args
+    args.dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or ("bfloat16", "float32"))]
     args.vocab = args.vocab or (SMALL_VOCAB if args.small_vocab else
                                 QUICK_VOCAB if args.quick else VOCAB)
     args.tokens = args.tokens or (SMALL_TOKENS if args.small_vocab else
@@ -375,6 +401,9 @@ def main(argv=None) -> int:
                                             lambda name: sweep_provider(variants[name], device))
 
     cpu_budget_s = 0.2 if args.quick else (CPU_BUDGET_S if args.cpu else 1.0)
+    common.DO_BENCH_REP_MS = args.rep_ms  # read by common.median_ms on each measurement
+    if device.type == "cuda":
+        print(f"do_bench: warmup {common.DO_BENCH_WARMUP_MS} ms, rep {args.rep_ms:g} ms")
     copy = common.run_copy_gbps(device, quick=args.quick, cpu_budget_s=cpu_budget_s)
 
     rows = 0

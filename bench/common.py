@@ -34,6 +34,9 @@ MB = 1e6  # bytes
 
 # triton.testing.do_bench budgets, ms. It times max(1, rep / estimated call time) calls:
 # 500 ms gives 8 calls of 60 ms (eager float32 fwd_bwd at N=16384, V=256000), 500 of 1 ms.
+# A measurement takes about warmup + rep + 8 calls (five to estimate, the first, the check
+# and the peak-memory call). median_ms reads DO_BENCH_REP_MS on each call: bench_xent.py's
+# and bench_distill.py's --rep-ms set it (bench/gpu_check.py's shorter measurements).
 DO_BENCH_WARMUP_MS = 25
 DO_BENCH_REP_MS = 500
 

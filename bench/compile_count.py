@@ -8,7 +8,7 @@ the launch options (warps, fp fusion). Its on-disk cache is shared by every proc
 machine, so across the check's steps each distinct (kernel, specialisation) compiles once.
 
 This script runs gpu_check.py's own plan with each step's command replaced by one that counts
-instead (gpu_check.Steps.run is swapped, so the steps are gpu_check's, not a copy):
+instead (gpu_check.Runner.run is swapped, so the steps are gpu_check's, not a copy):
   pytest steps     the same pytest command on the CPU under TRITON_INTERPRET=1, with this file
                    as a plugin (`-p compile_count`): every launch of a kernel is recorded, then
                    run by the interpreter, so the tests pass as they do on a GPU;
@@ -16,7 +16,8 @@ instead (gpu_check.Steps.run is swapped, so the steps are gpu_check's, not a cop
                    each test gpu_check runs, the calls it makes (same shapes, dtypes and
                    options), which are recorded without running the kernels;
   sanitizer cases  gpu_check.py --sanitize-case on the CPU, recorded and interpreted;
-  benchmarks       the same bench command with N = BENCH_TOKENS rows (D = 64 for the linear ops,
+  benchmarks       the same bench command with N = BENCH_TOKENS rows (in --tokens or --cases;
+                   D = 64 for the linear ops,
                    triton_xent providers only; bench_distill's cases are called here, since
                    it measures in child processes), recorded without running the kernels: only
                    the first call of each case matters (the rest hit the cache), and a
@@ -208,24 +209,37 @@ def counting_command(cmd: list[str], env: dict | None, keys: str):
         return [py, __file__, "--run", os.path.join(BENCH, "gpu_check.py"), "--sanitize-case"], env
     script = os.path.basename(cmd[1]) if len(cmd) > 1 else ""
     if script == "bench_xent.py":
-        args = _replace(cmd[2:], "--tokens", [str(BENCH_TOKENS)])
+        if "--cases" in cmd:  # DTYPE,N,V each
+            args = [a if a.count(",") != 2 else _xent_case(a) for a in cmd[2:]]
+        else:
+            args = _replace(cmd[2:], "--tokens", [str(BENCH_TOKENS)])
         if "--providers" in args:  # torch where none of ours is left (--sweep adds them)
             i = j = args.index("--providers") + 1
             while j < len(args) and not args[j].startswith("--"):
                 j += 1
             ours = [p for p in args[i:j] if p.startswith("triton_xent")]
+            if not ours and "--sweep" not in args:
+                return None  # others' kernels only (torch.compile, Liger)
             args = _replace(args, "--providers", ours or ["torch"])
         return [py, __file__, "--record", cmd[1], *args], env
     if script == "bench_linear.py":
-        i = cmd.index("--shapes") + 1
-        _, _, V = cmd[i].split(",")
-        args = _replace(cmd[2:], "--shapes", [f"{BENCH_TOKENS},64,{V}"])
+        i = j = cmd.index("--shapes") + 1
+        while j < len(cmd) and not cmd[j].startswith("--"):
+            j += 1
+        args = _replace(cmd[2:], "--shapes", [f"{BENCH_TOKENS},64,{shape.split(',')[2]}"
+                                               for shape in cmd[i:j]])
         args = _replace(args, "--providers", ["triton_xent"])
         return [py, __file__, "--record", cmd[1], *args], env
     if script == "bench_distill.py":  # it measures in child processes: call the ops here
         args = [a if "," not in a else _distill_shape(a) for a in cmd[2:]]
         return [py, __file__, "--record-distill", *args], env
     return None
+
+
+def _xent_case(case: str) -> str:
+    """A bench_xent case DTYPE,N,V with N = BENCH_TOKENS."""
+    dtype, _, V = case.split(",")
+    return f"{dtype},{BENCH_TOKENS},{V}"
 
 
 def _distill_shape(shape: str) -> str:
@@ -272,7 +286,7 @@ def audit_seconds() -> dict[str, float]:
 
 def count(workdir: str) -> list[dict]:
     """Runs gpu_check's plan with each step counted; returns one dict a step: name, limit,
-    keys (the step's distinct launches)."""
+    the compilations its cost assumes, keys (the step's distinct launches)."""
     sys.path.insert(0, BENCH)
     import gpu_check
 
@@ -280,11 +294,10 @@ def count(workdir: str) -> list[dict]:
     keys_dir = os.path.join(workdir, "keys")
     os.makedirs(keys_dir)
 
-    def run(self, name, cmd, limit_s, env=None):
-        self.left -= 1
+    def run(self, step, spare_s):
         path = os.path.join(keys_dir, f"{len(steps):02d}.jsonl")
         open(path, "w").close()
-        counted = counting_command(cmd, env, path)
+        counted = counting_command(step.cmd, step.env, path)
         status = "no kernels of ours"
         if counted is not None:
             start = time.monotonic()
@@ -293,38 +306,58 @@ def count(workdir: str) -> list[dict]:
             status = f"exit {out.returncode} in {time.monotonic() - start:.0f} s"
             if out.returncode != 0:
                 print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-        nodes = cuda_test_ids(cmd)
+        nodes = cuda_test_ids(step.cmd)
         if nodes:
             subprocess.run([sys.executable, __file__, "--cuda-tests", *nodes], cwd=ROOT,
-                           env=counting_command(["", "-m", "pytest"], env, path)[1], check=True)
+                           env=counting_command(["", "-m", "pytest"], step.env, path)[1],
+                           check=True)
         keys = {line for line in open(path) if line.strip() and not line.startswith("#")}
         failed = counted is not None and out.returncode != 0
-        steps.append(dict(name=name, limit_s=limit_s, keys=keys, status=status, failed=failed))
-        print(f"{name:44s} {len(keys):4d} launches ({status})", flush=True)
-        self.results.append((name, "ok"))
+        steps.append(dict(name=step.name, limit_s=step.limit_s, keys=keys, status=status,
+                          failed=failed, expected_s=step.cost.expected_s,
+                          assumed=step.cost.measured_compiles + step.cost.compiles))
+        print(f"{step.name:52s} {len(keys):4d} launches ({status})", flush=True)
+        self.results.append((step, "ok", 0.0))
         return True
 
-    gpu_check.Steps.run = run
+    gpu_check.Runner.run = run
     gpu_check.sanitizer = lambda: "compute-sanitizer"
+    # gpu_check's own log to its file only: its times here are the counting's, not a check's
+    gpu_check.Log.__call__ = lambda self, text="": (self.file.write(text + "\n"),
+                                                    self.file.flush())
     gpu_check.main([os.path.join(workdir, "check")])
     return steps
 
 
 def report(steps: list[dict], seconds: dict[str, float]) -> tuple[int, float]:
+    """The table per step: its limit and expected time (gpu_check's), the compilations new
+    to it, their estimated time on this CPU, and the count its cost assumes; a step whose
+    count exceeds that is named with the seconds to add (gpu_check.COMPILE_S each)."""
+    import gpu_check
+
     seen: set = set()
     total_s = 0.0
     kinds = collections.Counter()
-    print(f"\n{'step':44s} {'limit':>6s} {'new':>4s} {'est. s':>7s}")
+    short = []
+    print(f"\n{'step':52s} {'limit':>6s} {'expect':>6s} {'new':>4s} {'est. s':>7s} "
+          f"{'assumed':>7s}")
     for step in steps:
         new = step["keys"] - seen
         seen |= new
         est = sum(seconds.get(json.loads(k)["kernel"], seconds["*"]) for k in new)
         total_s += est
         kinds.update(json.loads(k)["kernel"] for k in new)
-        print(f"{step['name']:44s} {step['limit_s']:5.0f}s {len(new):4d} {est:7.1f}")
+        print(f"{step['name']:52s} {step['limit_s']:5.0f}s {step['expected_s']:5.0f}s "
+              f"{len(new):4d} {est:7.1f} {step['assumed']:7d}")
+        if len(new) > step["assumed"]:
+            short.append(f"{step['name']}: {len(new) - step['assumed']} more than its cost "
+                         f"assumes, about {(len(new) - step['assumed']) * gpu_check.COMPILE_S:.1f}"
+                         " s more on the GPU machine")
     print(f"\n{len(seen)} distinct compilations, about {total_s:.0f} s of compiling on this "
           f"CPU ({seconds['*']:.2f} s a compile on average in the sm_90 audit)")
     print("by kernel: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    print("compilations beyond gpu_check's costs: " + ("none" if not short else
+                                                        "\n  " + "\n  ".join(short)))
     return len(seen), total_s
 
 
