@@ -25,7 +25,8 @@ head its backward recomputes the chunks: two more all-reduces per chunk and that
 input gradient again.
 
 A rank's slice may be empty (m = -inf, s = S = U = 0: it adds nothing), as long as some
-rank holds a class.
+rank holds a class. The same statistics, merged in one process (merge_slices) over blocks of
+classes instead of ranks, are the linear op's "vocab" schedule (linear.py, chunks.py).
 
 Distillation (distill_rows_vocab_parallel, after prepare_distill's one all_gather of facts):
 student and teacher are sharded alike; each rank's six statistics per row (m_s, s_s, m_t,
