@@ -60,6 +60,8 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
     "torch" backend) an out-of-range target raises here and the ignored rows are dropped, for
     one host synchronisation; without, nothing syncs and ignored rows are computed as zeros."""
     N = x.shape[0]  # V: all classes (of every rank, with vocab parallelism)
+    if schedule == "vocab" and problem.prob_target:  # _schedule never asks for it
+        raise ValueError("the 'vocab' schedule takes class-index targets")
     checked = not problem.prob_target and (problem.check_targets or not problem.use_triton)
     if checked:
         core.check_targets(target, V, problem.ignore_index)
@@ -102,10 +104,10 @@ def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=No
     float64 x) and 0 on rows not computed; argmax (N,) int64 if `problem.argmax`, -1 on rows
     not computed. d_input (N, D) in x's dtype, d_weight (V, D) in accum_dtype ("rows") or
     x's dtype ("vocab"), d_bias (V,) in accum_dtype, each None unless asked for. When none
-    is asked for, the row function
-    computes no gradient at all. `scale`: (2,) "mean" factors of the CE and z-loss
-    gradients; row_weight, entropy_weight: (N,) factors of each row's CE gradient and dH;
-    rows_fn: the row function (core.row_fns' by default; distributed.sliced_rows')."""
+    is asked for, the row function computes no gradient at all. `scale`: (2,) "mean" factors
+    of the CE and z-loss gradients; row_weight, entropy_weight: (N,) factors of each row's
+    CE gradient and dH; rows_fn: the row function (core.row_fns' by default;
+    distributed.sliced_rows')."""
     problem = plan.problem
     kernel_dtype = torch.float32 if problem.use_triton else None
     row_weight, entropy_weight = (
