@@ -9,16 +9,21 @@ triton_xent against the naive PyTorch distillation
 
 (and its reverse-KL and JSD twins, below), the linear op against the same on naive (N, V)
 logits of both heads, and Liger's JSD and fused linear JSD where they run (a CUDA GPU: its
-Triton kernels have no CPU path). Every measurement runs in a fresh process, so that one
-provider's freed memory never hides another's peak (peak RSS on a CPU); --in-process
-measures all in this one (on a GPU the peak is the caching allocator's count of one call's
-allocations, which freed memory cannot hide; on a CPU the peak is then left empty). One CSV
-row per (case, provider, mode), bench_xent.py's columns; the goals are checked at the end.
+Triton kernels have no CPU path). For the linear op, matmul_floor times the four GEMMs any
+exact implementation runs (both heads' logits, the student's d_x and d_W), and --variants
+adds triton_xent under the chunk driver's choices (bench_linear.py's VARIANTS). Every
+measurement runs in a fresh process, so that one provider's freed memory never hides
+another's peak (peak RSS on a CPU); --in-process measures all in this one (on a GPU the peak
+is the caching allocator's count of one call's allocations, which freed memory cannot hide;
+on a CPU the peak is then left empty). One CSV row per (case, provider, mode), bench_xent.py's
+columns; the goals are checked at the end.
 
     python bench/bench_distill.py --cpu     # the CPU cases: bench/results/<cpu>-cpu-distill.csv
     python bench/bench_distill.py --quick   # tiny cases: a smoke test of the script
     python bench/bench_distill.py --shapes 8192,0,128256 --dtypes bf16   # a GPU case
     python bench/bench_distill.py --shapes 8192,0,128256 --dtypes bf16 --in-process
+    python bench/bench_distill.py --shapes 8192,4096,128256 --dtypes bf16 \
+        --providers triton_xent matmul_floor --variants    # the linear op's choices (GPU)
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from common import Unavailable  # noqa: E402
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 PROVIDERS = ("triton_xent", "torch", "liger")
+FLOOR = "matmul_floor"  # the linear op only: its GEMMs alone, not a loss
 MODES = ("fwd", "fwd_bwd")
 TEMPERATURE = 2.0  # any T != 1 (the divisions are part of the work)
 BETA = 0.5  # JSD's
@@ -72,8 +78,25 @@ def naive_loss(s: torch.Tensor, t: torch.Tensor, divergence: str) -> torch.Tenso
 
 def make_provider(name: str, op: str, divergence: str, device: torch.device) -> Callable:
     """The provider's loss: f(s, t) on logits, f(x, w, tx, tw) through the heads. Unavailable
-    with the reason where it cannot run."""
+    with the reason where it cannot run. "triton_xent[<variant>]": triton_xent under
+    bench_linear.VARIANTS[variant]'s config values (the linear op only)."""
     linear = op.startswith("linear")
+    if name == FLOOR:
+        if not linear:
+            raise Unavailable("the GEMM floor is the linear op's")
+        return floor_gemms
+    if name.startswith("triton_xent["):
+        from bench_linear import VARIANTS, config_values
+
+        spec = VARIANTS[name[len("triton_xent["):-1]]
+        if not linear or set(spec) != {"config"}:
+            raise Unavailable("the variants of the chunk driver's config are the linear op's")
+        base = make_provider("triton_xent", op, divergence, device)
+
+        def fn(*inputs):
+            with config_values(spec["config"]):
+                return base(*inputs)
+        return fn
     if name == "triton_xent":
         import triton_xent
 
@@ -126,13 +149,30 @@ def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device
             randn(N, dt), randn(V, dt, scale=dt ** -0.5))
 
 
+def floor_gemms(x, w, tx, tw, d_logits=None):
+    """The GEMMs of the linear op: both heads' logits (fwd), and with a random (N, V)
+    d_logits the student's d_x = d_logits @ W and d_W = d_logits.T @ x (fwd_bwd)."""
+    out = (x @ w.T, tx @ tw.T)
+    if d_logits is not None:
+        out += (d_logits @ w, d_logits.T @ x)
+    return out
+
+
 def measure_one(provider: str, op: str, N: int, D: int, V: int, dtype: torch.dtype,
                 mode: str, device: torch.device, cpu_budget_s: float) -> dict:
     """{ms, peak_mem_mb, loss} of one provider, op and mode on fresh inputs (run in a fresh
-    process by main, or in main's own with --in-process)."""
+    process by main, or in main's own with --in-process). matmul_floor: its ms only."""
     divergence = op.split("_distill_")[-1] if op.startswith("linear") else \
         op.removeprefix("distill_")
     fn = make_provider(provider, op, divergence, device)
+    if provider == FLOOR:
+        inputs = make_inputs(N, D, V, dtype, device, requires_grad=False)
+        g = torch.Generator(device=device).manual_seed(1)
+        d_logits = (torch.randn(N, V, generator=g, device=device).to(dtype)
+                    if mode == "fwd_bwd" else None)
+        ms = common.median_ms(lambda: fn(*inputs, d_logits), device,
+                              cpu_budget_s=cpu_budget_s)
+        return dict(ms=ms, peak_mem_mb=None, loss=float("nan"))
     inputs = make_inputs(N, D, V, dtype, device, requires_grad=mode == "fwd_bwd")
     grads = [t for t in inputs if t.requires_grad]
     if mode == "fwd":
@@ -164,7 +204,13 @@ def parse_args(argv=None):
     p.add_argument("--cpu", action="store_true", help="the CPU cases (fwd_bwd, float32)")
     p.add_argument("--quick", action="store_true", help="tiny cases: a smoke test")
     p.add_argument("--out", help="CSV path; default bench/results/<device>[-quick]-distill.csv")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS),
+                   choices=PROVIDERS + (FLOOR,),
+                   help=f"default: {' '.join(PROVIDERS)} ({FLOOR}: the linear op's GEMMs)")
+    p.add_argument("--variants", nargs="*", metavar="VARIANT",
+                   help="also triton_xent[<variant>] for these of bench_linear.py's VARIANTS "
+                        "that only set config values (all of them without a name): the "
+                        "linear op's chunk-driver choices")
     p.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=DIVERGENCES)
     p.add_argument("--modes", nargs="+", default=["fwd_bwd"], choices=MODES)
     p.add_argument("--shapes", nargs="+", type=_shape,
@@ -183,7 +229,18 @@ def parse_args(argv=None):
                    help="triton.testing.do_bench's timed milliseconds per measurement on a "
                         f"GPU (default {common.DO_BENCH_REP_MS})")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a JSON measurement, in a child process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.variants is not None:
+        from bench_linear import VARIANTS
+
+        config_only = [v for v, spec in VARIANTS.items() if set(spec) == {"config"}]
+        unknown = set(args.variants) - set(config_only)
+        if unknown:
+            p.error(f"--variants: choose from {', '.join(config_only)}; got "
+                    f"{', '.join(sorted(unknown))}")
+        args.providers = args.providers + [f"triton_xent[{v}]"
+                                           for v in (args.variants or config_only)]
+    return args
 
 
 def _child(spec: str) -> int:
@@ -303,7 +360,7 @@ def main(argv=None) -> int:
                                      gbps=moved / (r["ms"] * 1e-3) / common.GB,
                                      copy_gbps=copy, peak_mem_mb=r["peak_mem_mb"])
                         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MB"
-                        print(f"  {provider:12s} {mode:7s} {r['ms']:10.1f} ms  peak {mem}  "
+                        print(f"  {provider:24s} {mode:7s} {r['ms']:10.1f} ms  peak {mem}  "
                               f"loss {r['loss']:.6g}", flush=True)
     print(f"wrote {len(results)} rows to {out}\n")
     return report(results, goals=not args.quick)
@@ -336,6 +393,14 @@ def report(results: dict, goals: bool) -> int:
                 missed.append(f"{label}: memory {ratio:.3f}x naive's > {goal}x")
         print(f"| {op} | {dtype} | {N} | {D} | {V} | {mode} | {speed:.2f}x ({naive['ms']:.0f} / "
               f"{ours['ms']:.0f} ms) | {mem} |")
+    floors = {key[:6]: r["ms"] for key, r in results.items() if key[6] == FLOOR}
+    if floors:  # the linear op's time against its four GEMMs' (issue 24: at most 1.10x)
+        print("\n| op | dtype | N | D | V | mode | provider | ms | / matmul_floor |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for key, r in results.items():
+            if key[:6] in floors and key[6].startswith("triton_xent"):
+                print(f"| {' | '.join(map(str, key[:6]))} | {key[6]} | {r['ms']:.2f} | "
+                      f"{r['ms'] / floors[key[:6]]:.3f}x |")
     if goals:
         print("\ngoals: " + ("all met" if not missed else
                              "NOT met:\n  " + "\n  ".join(missed)))

@@ -365,11 +365,31 @@ def test_linear_default_out_and_shapes():
     assert os.path.basename(cpu).endswith("-cpu-quick-linear.csv")
     assert os.path.dirname(cpu) == os.path.join(BENCH, "results")
     args = bench_linear.parse_args([])
-    assert args.shapes == ((8192, 2304, 256000), (16384, 4096, 128256))
+    assert args.shapes == ((8192, 2304, 256000), (8192, 4096, 128256))
     assert args.modes == ("fwd_bwd",) and args.dtypes == [torch.bfloat16]
     assert "matmul_floor" in args.providers
     args = bench_linear.parse_args(["--shapes", "8,16,32", "4x5x6"])
     assert args.shapes == [(8, 16, 32), (4, 5, 6)]
+
+
+def test_linear_tune_dry_run(tmp_path):
+    """gpu_tune.py's linear step on tiny shapes: the floor, the defaults and every variant
+    of the chunk driver, each checked against the float32 reference before it is timed (a
+    variant that computed a wrong gradient would be skipped, and fail this test), then the
+    ranking."""
+    import bench_linear
+
+    out = tmp_path / "tune.csv"
+    stdout = _run([os.path.join(BENCH, "bench_linear.py"), "--tune", "--dry-run", "--out",
+                   str(out)])
+    assert "skip" not in stdout, stdout
+    names = {"matmul_floor", "triton_xent"} | {f"triton_xent[{v}]"
+                                               for v in bench_linear.VARIANTS}
+    rows = common.read_csv(out)
+    assert {r["provider"] for r in rows} == names
+    assert {(r["N"], r["D"], r["V"], r["mode"], r["dtype"]) for r in rows} == {
+        (*case, "fwd_bwd", "bfloat16") for case in bench_linear.TUNE_DRY_CASES}
+    assert "ranking bfloat16" in stdout and "fastest: " in stdout
 
 
 def test_linear_check_rejects_a_wrong_provider(capsys):

@@ -139,14 +139,18 @@ def test_compiled_linear_cross_entropy_step_equals_eager(backend, device, reduct
                                    (False, True, True)], ids=["all", "frozen_head", "frozen_x"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs):
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])  # "vocab": d_W in x's dtype
+def test_linear_custom_ops_pass_opcheck(backend, device, dtype, reduction, needs, schedule):
     torch.manual_seed(0)
     x = torch.randn(7, 11, device=device, dtype=dtype)
     w = torch.randn(13, 11, device=device, dtype=dtype)
     b = torch.randn(13, device=device, dtype=dtype)
     t = torch.tensor([0, 12, -100, 3, 4, 5, 6], device=device)
+    # "vocab" with a budget of 4 classes a block for the 6 kept rows: 4 + 4 + 4 + 1 classes
     options = (False, reduction, -100, 0.1, 1e-3, 4.0, [torch.tensor(0.2), None, None, None],
-               False, backend == "triton", 0.8, True, True, 3, None, torch.float32, *needs)
+               False, backend == "triton", 0.8, True, True, 3 if schedule == "rows" else None,
+               None if schedule == "rows" else 6 * 4 * x.element_size(), torch.float32,
+               schedule, *needs)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static",
              "test_aot_dispatch_dynamic")
     rw = torch.rand(7, device=device)  # the RL extras too: row and entropy weights, H, argmax

@@ -67,7 +67,7 @@ def test_vocab_parallel_launchers_are_guarded_too():
     # Their launches need a process group; the wrapping itself is what is checked here.
     from triton_xent import distributed
 
-    stats, grad = distributed._slice_fns(use_triton=True)
+    stats, grad = distributed.slice_fns(use_triton=True)
     assert stats.__wrapped__ is xent.xent_slice_stats and grad.__wrapped__ is xent.xent_slice_grad
     rows, scale = core.row_fns(use_triton=True)
     assert rows.__wrapped__ is xent.xent_rows and scale.__wrapped__ is xent.scale_rows_

@@ -1,17 +1,19 @@
 """linear_cross_entropy: loss, lse and the gradients of input, weight and bias against the
 float64 reference (helpers.reference on the float64 logits x @ W.T + b, its logits gradient
-chained through the linear layer by hand), for both backends, every option, all reductions,
-any grad_output, retain_graph, frozen parts, bf16, several chunks, and bad input."""
+chained through the linear layer by hand), for both backends, both schedules of the chunk
+driver ("rows", "vocab"), every option, all reductions, any grad_output, retain_graph,
+frozen parts, bf16, several chunks, and bad input."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import triton_xent.chunks as chunks_mod
 import triton_xent.linear as linear_mod
 from helpers import TOL, assert_close, needs_torch_linear_cross_entropy, reference
 from triton_xent import core
 from triton_xent import config
-from triton_xent.chunks import plan_chunk_rows
+from triton_xent.chunks import plan_block_cols, plan_chunk_rows
 from triton_xent.linear import LinearCrossEntropyLoss, linear_cross_entropy
 
 # D = 37 and V = 1001: odd, so no GEMM or row block divides them (the kernel masks a
@@ -20,6 +22,24 @@ from triton_xent.linear import LinearCrossEntropyLoss, linear_cross_entropy
 B, T, D, V = 2, 7, 37, 1001
 CHUNK = 4
 REDUCTIONS = ["mean", "sum", "none"]
+# The "vocab" schedule's block: 300 classes' logits of 14 rows (fewer rows once ignored ones
+# are dropped: wider blocks), evened out over V = 1001 (4 blocks of 251 and 248 classes; in
+# bf16 2 of 501 and 500), no rounding to a multiple (VOCAB_MULTIPLE).
+VOCAB_BUDGET = B * T * 300
+VOCAB_MULTIPLE = 1
+
+
+def schedule_options(schedule: str, device, dtype, monkeypatch) -> dict:
+    """The keyword arguments, and config for this test, of a schedule: "rows" with chunks
+    of CHUNK rows; "vocab" (config.LINEAR_SCHEDULE for the device) with blocks of about
+    VOCAB_BUDGET bytes of logits."""
+    if schedule == "rows":
+        return dict(chunk_size=CHUNK)
+    device_type = torch.device(device).type
+    monkeypatch.setitem(config.LINEAR_SCHEDULE, device_type, "vocab")
+    monkeypatch.setattr(config, "LINEAR_VOCAB_BLOCK_MULTIPLE", VOCAB_MULTIPLE)
+    itemsize = torch.finfo(dtype).bits // 8
+    return dict(memory_budget_bytes=VOCAB_BUDGET * itemsize)
 
 
 def _problem(seed=0, dtype=torch.float32, lead=(B, T), bias=True, device="cpu"):
@@ -115,14 +135,16 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_matches_float64_reference(backend, device, option, reduction):
+def test_matches_float64_reference(backend, device, option, reduction, schedule, monkeypatch):
     x, w, b, t = _problem(device=device)
     opts = OPTIONS[option](t)
     opts = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
     go = _grad_output(reduction, t.shape).to(device)
-    ours = _run(x, w, b, t, go, reduction=reduction, backend=backend, chunk_size=CHUNK, **opts)
+    ours = _run(x, w, b, t, go, reduction=reduction, backend=backend,
+                **schedule_options(schedule, device, torch.float32, monkeypatch), **opts)
     expected = linear_reference(x, w, b, t, grad_output=go, reduction=reduction, **opts)
     _check_all(ours, expected, torch.float32)
 
@@ -287,9 +309,12 @@ def test_nothing_requires_grad_runs_forward_only(backend, device, monkeypatch):
     assert loss.grad_fn is None
 
 
-@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16], ids=["acc32", "acc16"])
+@pytest.mark.parametrize("schedule, accum_dtype",
+                         [("rows", torch.float32), ("rows", torch.bfloat16),
+                          ("vocab", torch.float32)], ids=["acc32", "acc16", "vocab"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bf16_no_worse_than_pytorch_in_bf16(backend, device, reduction, accum_dtype):
+def test_bf16_no_worse_than_pytorch_in_bf16(backend, device, reduction, accum_dtype, schedule,
+                                           monkeypatch):
     # The fair bar: PyTorch's own bf16 F.linear + F.cross_entropy, measured against the same
     # float64 reference. Both round the logits and d_logits to bf16 (relative 2^-9), which
     # dominates, so ours may be twice as far off, plus 1e-3 of the reference's size for
@@ -298,12 +323,13 @@ def test_bf16_no_worse_than_pytorch_in_bf16(backend, device, reduction, accum_dt
     #   round-to-nearest's 1/2 ulp), so the kernel's d_logits are up to twice as far off
     #   there: factor 3 instead of 2 for the kernel backend off-GPU;
     # - bf16 accumulation rounds d_W and d_b once per chunk: n_chunks * 2^-9 of their size.
+    # The "vocab" schedule rounds d_W once, as float32 accumulation over row chunks does.
     x, w, b, t = _problem(seed=2, dtype=torch.bfloat16, device=device)
     t.view(-1)[4] = -100
     opts = dict(reduction=reduction, label_smoothing=0.1)
     go = _grad_output(reduction, t.shape).to(device=device, dtype=torch.bfloat16)
-    ours = _run(x, w, b, t, go, backend=backend, chunk_size=CHUNK, accum_dtype=accum_dtype,
-                **opts)
+    ours = _run(x, w, b, t, go, backend=backend, accum_dtype=accum_dtype,
+                **schedule_options(schedule, device, torch.bfloat16, monkeypatch), **opts)
     xt, wt, bt = _leaves(x, w, b)
     theirs_loss = F.cross_entropy(F.linear(xt, wt, bt).reshape(-1, V), t.reshape(-1), **opts)
     theirs_loss = theirs_loss.reshape(t.shape) if reduction == "none" else theirs_loss
@@ -486,3 +512,131 @@ def test_probability_target_refuses_ignore_index(device):
     x, w, b, _ = _problem(device=device)
     with pytest.raises(ValueError, match="ignore_index is not supported"):
         linear_cross_entropy(x, w, torch.rand(B, T, V), ignore_index=0)
+
+
+# --- the chunk driver's schedules and knobs (config.LINEAR_*) --------------------------------
+
+
+def test_vocab_schedule_drops_ignored_rows_before_every_gemm(backend, device, monkeypatch):
+    # Every logits GEMM of both passes sees only the kept rows; the blocks cover V once a
+    # pass (one stats pass and one gradient pass: 2 x V classes in all).
+    calls = []
+    real = chunks_mod.head_logits
+
+    def spy(x_c, weight, bias, out):
+        calls.append((x_c.shape[0], weight.shape[0]))
+        return real(x_c, weight, bias, out)
+
+    monkeypatch.setattr(chunks_mod, "head_logits", spy)
+    opts = schedule_options("vocab", device, torch.float32, monkeypatch)
+    x, w, b, t = _problem(device=device)
+    t.view(-1)[[1, 6, 7]] = -100
+    go = _grad_output("mean", t.shape).to(device)
+    ours = _run(x, w, b, t, go, backend=backend, label_smoothing=0.1, **opts)
+    assert {rows for rows, _ in calls} == {B * T - 3}
+    assert sum(cols for _, cols in calls) == 2 * V and len(calls) > 2
+    _check_all(ours, linear_reference(x, w, b, t, grad_output=go, label_smoothing=0.1),
+               torch.float32)
+    assert torch.all(ours[2].reshape(-1, D)[[1, 6, 7]] == 0)  # no gradient for ignored rows
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_schedule_every_row_ignored_and_empty_batch(backend, device, reduction,
+                                                          monkeypatch):
+    opts = schedule_options("vocab", device, torch.float32, monkeypatch)
+    x, w, b, t = _problem(device=device)
+    t.fill_(-100)
+    ours = _run(x, w, b, t, torch.ones(()) if reduction != "none" else torch.ones(B, T),
+                reduction=reduction, backend=backend, **opts)
+    assert torch.all(ours[0] == 0) if reduction == "none" else torch.isnan(ours[0])
+    for g in ours[2:]:
+        assert torch.all(g == 0)
+    x, w, b, t = _problem(lead=(0,), device=device)
+    ours = _run(x, w, b, t, None, reduction="sum", backend=backend, **opts)
+    assert ours[0].item() == 0.0 and ours[2].shape == (0, D)
+    assert torch.all(ours[3] == 0) and torch.all(ours[4] == 0)
+
+
+def test_vocab_schedule_is_taken_only_where_it_runs(device, monkeypatch):
+    # chunk_size asks for row chunks; probability targets need the row function; both take
+    # "rows" under a "vocab" config, with the same results as always.
+    seen = []
+    for name in ("linear_chunks", "vocab_blocks"):
+        real = getattr(linear_mod, name)
+        monkeypatch.setattr(linear_mod, name,
+                            lambda *a, _n=name, _r=real, **k: seen.append(_n) or _r(*a, **k))
+    opts = schedule_options("vocab", device, torch.float32, monkeypatch)
+    x, w, b, t = _problem(device=device)
+    linear_cross_entropy(x, w, t, linear_bias=b, **opts)
+    linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=CHUNK)
+    probs = torch.softmax(torch.randn(B, T, V), -1).to(device)
+    loss = linear_cross_entropy(x, w, probs, linear_bias=b, **opts)
+    assert_close(loss, linear_reference(x, w, b, probs)[0], torch.float32, "loss")
+    assert seen == ["vocab_blocks", "linear_chunks", "linear_chunks"]
+
+
+def test_bad_schedule_is_refused(device, monkeypatch):
+    monkeypatch.setitem(config.LINEAR_SCHEDULE, torch.device(device).type, "columns")
+    x, w, b, t = _problem(device=device)
+    with pytest.raises(ValueError, match="LINEAR_SCHEDULE"):
+        linear_cross_entropy(x, w, t, linear_bias=b)
+
+
+@pytest.mark.parametrize(
+    "n_rows, itemsize, budget, multiple, expected",
+    [
+        (8192, 2, None, 256, 4096),  # 64 MiB of bf16 logits over 8192 rows
+        (8192, 4, None, 256, 2048),  # float32
+        (16384, 2, 32 << 20, 256, 1024),  # a budget given
+        (8192, 2, 3000 * 8192 * 2, 256, 2816),  # rounded down to a multiple of 256
+        (8192, 2, 100 * 8192 * 2, 256, 100),  # under one multiple: not rounded
+        (10, 2, None, 256, 128256),  # few rows: one block of every class
+        (8192, 2, 70000 * 8192 * 2, 256, 64256),  # evened out: 2 blocks, not 69888 + 58368
+        (8192, 2, 1, 256, 1),  # a budget below one class: one class per block
+    ],
+)
+def test_plan_block_cols(n_rows, itemsize, budget, multiple, expected, monkeypatch):
+    assert config.LINEAR_VOCAB_BLOCK_BYTES == 64 * 2**20
+    monkeypatch.setattr(config, "LINEAR_VOCAB_BLOCK_MULTIPLE", multiple)
+    assert plan_block_cols(n_rows, 128256, itemsize, memory_budget_bytes=budget) == expected
+
+
+def test_gpu_chunk_rows_knob(monkeypatch):
+    monkeypatch.setattr(config, "LINEAR_GPU_CHUNK_ROWS", 1024)
+    kwargs = dict(chunk_size=None, memory_budget_bytes=None)
+    assert plan_chunk_rows(10**6, 256000, 2, cpu=False, **kwargs) == 1024
+    assert plan_chunk_rows(10**6, 256000, 2, cpu=True, **kwargs) == 128  # not on a CPU
+    assert plan_chunk_rows(1500, 256000, 2, cpu=False, **kwargs) == 768  # evened out
+    assert plan_chunk_rows(10**6, 256000, 2, cpu=False, chunk_size=None,
+                           memory_budget_bytes=3 * 256000 * 2) == 3  # a budget wins
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's float32 output (CUDA)")
+def test_float32_accumulation_holds_no_head_sized_temporary():
+    # "rows" with bf16 inputs and the float32 accumulator: each chunk's d_W product goes
+    # into the accumulator inside the GEMM (torch.addmm, out_dtype=float32, beta = 1), so the
+    # forward's peak is the accumulator, a chunk and d_x, with no second (V, D) float32
+    # buffer (torch 2.8 and 2.9 fall back to one: the test then says so by xfail).
+    torch.manual_seed(0)
+    N, Dh, Vh = 256, 512, 32768
+    x = torch.randn(N, Dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(Vh, Dh, device="cuda") / Dh ** 0.5).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, Vh, (N,), device="cuda")
+    linear_cross_entropy(x, w, t, chunk_size=64).backward()  # warm-up
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = linear_cross_entropy(x, w, t, chunk_size=64)
+    peak = torch.cuda.max_memory_allocated() - before
+    if chunks_mod._fused_fp32_addmm is False:
+        pytest.xfail(f"torch {torch.__version__} has no float32 self in addmm's out_dtype")
+    head32 = Vh * Dh * 4
+    assert peak < head32 + 64 * Vh * 2 + 4 * N * Dh * 2 + (8 << 20), peak / head32
+    loss.backward()
+    x64, w64 = x.detach().double(), w.detach().double()
+    logits = x64 @ w64.T
+    d = torch.softmax(logits, -1)
+    d[torch.arange(N), t] -= 1
+    torch.testing.assert_close(w.grad.double(), d.T @ x64 / N, atol=2e-3 * (d.T @ x64 / N)
+                               .abs().max().item(), rtol=1e-2)

@@ -3,7 +3,8 @@ followed by the divergence (helpers.distill_reference), with the chain rule to t
 hidden states, head and bias done in float64. Vocab parallelism: tests/test_distributed.py.
 
 Shapes: N = 11 rows (chunks of 4: an uneven last chunk), D = 8 for the student and Dt = 6
-for the teacher (hidden sizes that differ), V = 37 classes (prime: no tile fits it).
+for the teacher (hidden sizes that differ), V = 37 classes (prime: no tile fits it). The
+"vocab" schedule (config.LINEAR_SCHEDULE) takes blocks of VOCAB_COLS classes (10, 10, 10, 7).
 """
 
 import pytest
@@ -13,11 +14,24 @@ import triton_xent
 import triton_xent.chunks as chunks_mod
 import triton_xent.linear_distill as linear_distill_mod
 from helpers import assert_close, distill_reference
-from triton_xent import LinearDistillationLoss, linear_distillation_loss
+from triton_xent import LinearDistillationLoss, config, linear_distillation_loss
 
 N, D, DT, V = 11, 8, 6, 37
 CHUNK = 4
 IGNORED = [2, 5]
+VOCAB_COLS = 10
+
+
+def schedule_options(schedule: str, device, monkeypatch) -> dict:
+    """The keyword arguments, and config for this test, of a schedule: "rows" in chunks of
+    CHUNK rows, "vocab" in blocks of VOCAB_COLS classes over the kept rows."""
+    if schedule == "rows":
+        return dict(chunk_size=CHUNK)
+    monkeypatch.setitem(config.LINEAR_SCHEDULE, torch.device(device).type, "vocab")
+    monkeypatch.setattr(config, "LINEAR_VOCAB_BLOCK_MULTIPLE", 1)
+    # the budget of the kept rows' float32 logits (bf16: twice the classes, one block)
+    monkeypatch.setattr(config, "LINEAR_VOCAB_BLOCK_BYTES", (N - len(IGNORED)) * 4 * VOCAB_COLS)
+    return {}
 
 
 def _problem(device, dtype=torch.float32, seed=0, lead=(N,)):
@@ -83,14 +97,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(backend, device, case):
+def test_matches_float64_reference(backend, device, case, schedule, monkeypatch):
     options, (has_b, has_tb), reduction = CASES[case]
     x, w, b, tx, tw, tb, t = _problem(device)
     b, tb = (b if has_b else None), (tb if has_tb else None)
     go = (torch.linspace(0.5, 1.5, N, device=device) if reduction == "none" else None)
     got = _run(x, w, b, tx, tw, tb, t, grad_output=go, reduction=reduction, backend=backend,
-               chunk_size=CHUNK, **options)
+               **schedule_options(schedule, device, monkeypatch), **options)
     expected = linear_distill_reference(x, w, b, tx, tw, tb, t, grad_output=go,
                                         reduction=reduction, **options)
     _check(got, expected, torch.float32, case)
@@ -118,21 +133,28 @@ def test_chunk_size_does_not_change_the_result(backend, device):
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=2e-6)
 
 
-def test_ignored_rows_are_dropped_before_both_gemms(device, monkeypatch):
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
+def test_ignored_rows_are_dropped_before_both_gemms(device, monkeypatch, schedule):
     rows = []
     real = chunks_mod.head_logits
 
     def spy(x_c, weight, bias, out):
-        rows.append((weight.shape[1], x_c.shape[0]))
+        rows.append((weight.shape[1], x_c.shape[0], weight.shape[0]))
         return real(x_c, weight, bias, out)
 
     monkeypatch.setattr(chunks_mod, "head_logits", spy)
     monkeypatch.setattr(linear_distill_mod, "head_logits", spy)
     x, w, b, tx, tw, tb, t = _problem(device)
-    _run(x, w, b, tx, tw, tb, t, chunk_size=CHUNK)
+    _run(x, w, b, tx, tw, tb, t, divergence="jsd",
+         **schedule_options(schedule, device, monkeypatch))
     kept = N - len(IGNORED)
-    assert sum(r for d, r in rows if d == D) == kept  # the student's head
-    assert sum(r for d, r in rows if d == DT) == kept  # the teacher's
+    if schedule == "rows":  # each row once through each head
+        assert sum(r for d, r, _ in rows if d == D) == kept  # the student's head
+        assert sum(r for d, r, _ in rows if d == DT) == kept  # the teacher's
+    else:  # every block of every pass (JSD: stats, terms, gradient) over the kept rows only
+        assert {r for _, r, _ in rows} == {kept}
+        assert sum(v for d, _, v in rows if d == D) == 3 * V
+        assert sum(v for d, _, v in rows if d == DT) == 3 * V
 
 
 def test_every_row_ignored_gives_zero_loss_and_gradient(backend, device):
@@ -248,11 +270,12 @@ def test_public_names():
     assert "LinearDistillationLoss" in triton_xent.__all__
 
 
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_custom_ops_pass_opcheck(device, reduction):
+def test_custom_ops_pass_opcheck(device, reduction, schedule):
     x, w, b, tx, tw, tb, t = _problem(device)
     x, w, b = (a.requires_grad_(True) for a in (x, w, b))
-    options = ("jsd", 0.4, 1.3, -100, reduction, False, CHUNK)
+    options = ("jsd", 0.4, 1.3, -100, reduction, False, CHUNK, schedule)
     torch.library.opcheck(linear_distill_mod.linear_distillation_op,
                           (x, w, b, tx, tw, tb, t, *options, True, True, True))
     torch.library.opcheck(linear_distill_mod.linear_distillation_backward_op,

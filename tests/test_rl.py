@@ -349,16 +349,26 @@ def _linear_problem(device, seed=0, lead=(2, 5), d=13, v=V):
     return tuple(a.to(device) for a in (h, w, b, t, rw, ew, eg))
 
 
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_linear_op_with_every_new_argument(backend, device, reduction):
+def test_linear_op_with_every_new_argument(backend, device, reduction, schedule, monkeypatch):
     # "none" with a trainable head recomputes in backward; "mean" and "sum" do not, except
-    # for the returned entropy's own gradient. Chunks of 3 rows; row 3 is ignored.
+    # for the returned entropy's own gradient. Row 3 is ignored. "rows": chunks of 3 rows;
+    # "vocab" (config.LINEAR_SCHEDULE): blocks of 3 classes over the 9 kept rows, in passes
+    # whose statistics (entropy and argmax included) merge over the blocks.
     h, w, b, t, rw, ew, eg = _linear_problem(device)
     leaves = [a.clone().requires_grad_(True) for a in (h, w, b)]
+    if schedule == "rows":
+        tuning = dict(chunk_size=3)
+    else:
+        monkeypatch.setitem(config.LINEAR_SCHEDULE, torch.device(device).type,
+                            "vocab")
+        monkeypatch.setattr(config, "LINEAR_VOCAB_BLOCK_MULTIPLE", 1)
+        tuning = dict(memory_budget_bytes=9 * 4 * 3)
     out = triton_xent.linear_cross_entropy(
         *leaves[:2], t, linear_bias=leaves[2], reduction=reduction, temperature=0.8,
         label_smoothing=0.1, lse_square_scale=1e-2, row_weight=rw, entropy_weight=ew,
-        return_entropy=True, return_argmax=True, chunk_size=3, backend=backend)
+        return_entropy=True, return_argmax=True, backend=backend, **tuning)
     go = torch.rand(t.shape, device=device) + 0.5 if reduction == "none" else None
     out.loss.backward(go, retain_graph=True)
     (out.entropy * eg).sum().backward()

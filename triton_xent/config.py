@@ -179,11 +179,56 @@ SWEEP_L2_FRACTION = None
 # warps 29 to 38, 3 or 4 an SM; no spills. Speed not yet measured on a GPU.
 
 # --- the linear ops' chunk driver (triton_xent/chunks.py) ------------------------------
+#
+# The choices below are the chunk driver's: how the (N, V) logits are cut, which GEMMs run
+# and where the head's gradient d_W accumulates. bench/README.md ("Linear cross-entropy:
+# notes") has the arithmetic behind each; `python bench/bench_linear.py --variants` (or
+# bench_linear.tune_step, gpu_tune.py's linear step) times them side by side.
 
-# Bytes of one (chunk_rows, V) logits chunk when the caller gives neither `chunk_size` nor
-# `memory_budget_bytes`: 1024 rows of bf16 logits for V = 128256 (Llama 3), 512 in fp32.
-# Not yet measured on a GPU.
+# Schedule of the linear ops, per device type (read at each call; others get "rows"):
+#   "rows"   row chunks: per chunk of R rows the logits GEMM, the loss callback, d_x's rows
+#            (one GEMM, written once) and d_W += d_logits.T @ x_c, accumulated over the
+#            chunks in a (V, D) buffer of accum_dtype (float32 by default): 3 GEMMs, and
+#            that buffer (V * D * 4 bytes: 2.36 GB for Gemma 2's head) on top of the chunk.
+#   "vocab"  blocks of B classes over all (kept) rows, in two passes: the logits GEMM and
+#            each row's statistics of the block (merged over the blocks), then the logits
+#            GEMM again, the gradient of the block from the merged statistics, d_W's rows
+#            of the block in one GEMM over all rows (float32 accumulation inside the GEMM,
+#            written once in the head's dtype: no (V, D) accumulator) and d_x += d_logits @
+#            W_block into an (N, D) float32 buffer: 4 GEMMs, one (N, B) block on top.
+#            Cross-entropy with class-index targets and distillation; probability targets
+#            and vocab parallelism (process_group, DTensor heads) take "rows".
+# Neither has been timed on a GPU: "rows" stays the default there because it runs a GEMM
+# less (a prediction of about 1.33x the three GEMMs' time for "vocab"); bench_linear.tune_step
+# times both. On a CPU "rows" stays the default too (the CPU measurement is in
+# bench/README.md's notes).
+LINEAR_SCHEDULE_CHOICES = ("rows", "vocab")
+LINEAR_SCHEDULE = {"cuda": "rows", "cpu": "rows"}
+
+
+def linear_schedule(device: torch.device) -> str:
+    """LINEAR_SCHEDULE's entry for the device's type ("rows" for a type it does not name),
+    checked (it may be set in code at any time)."""
+    value = LINEAR_SCHEDULE.get(device.type, "rows")
+    if value not in LINEAR_SCHEDULE_CHOICES:
+        raise ValueError(f"triton_xent.config.LINEAR_SCHEDULE[{device.type!r}] = {value!r}: "
+                         f"choose one of {', '.join(map(repr, LINEAR_SCHEDULE_CHOICES))}")
+    return value
+
+
+# "rows": bytes of one (chunk_rows, V) logits chunk on a GPU when the caller gives neither
+# `chunk_size` nor `memory_budget_bytes`: 1024 rows of bf16 logits for V = 128256 (Llama 3),
+# 512 for V = 256000 (Gemma 2), 512 in fp32. Not yet measured on a GPU.
 LINEAR_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+# "rows": rows per chunk on a GPU when the caller gives neither `chunk_size` nor
+# `memory_budget_bytes`; None sizes the chunk from LINEAR_CHUNK_BUDGET_BYTES. The rows are the
+# inner size of d_W's GEMM, whose float32 (V, D) accumulator is read and written once per
+# chunk (8 bytes per element against 2 R flops): R >= 4 x (the GPU's flops per byte) keeps
+# that GEMM bound by its flops, about R >= 650 on an H200 from the first run's own numbers
+# (693 TFLOP/s in the three GEMMs, 4237 GB/s copy bandwidth). A prediction, not yet measured:
+# bench_linear.tune_step times 512, 1024 and 2048 rows.
+LINEAR_GPU_CHUNK_ROWS = None
 
 # Chunks from a budget are a multiple of this many rows (the M tile of the GEMMs) once they
 # are at least this large. Not yet measured on a GPU.
@@ -199,6 +244,26 @@ LINEAR_CHUNK_ROW_MULTIPLE = 64
 # 128 rows 3.6 s, 256 rows 3.0 s, 1024 rows 2.9 s; torch's chunked F.linear_cross_entropy
 # 9.6 s. 256 rows would cost a chunk twice the size for 16% less time.
 LINEAR_CPU_CHUNK_ROWS = 128
+
+# "vocab": bytes of one (rows, B) block of logits (B classes over all the kept rows), when
+# the caller gives no `chunk_size`; B is rounded down to a multiple of
+# LINEAR_VOCAB_BLOCK_MULTIPLE (at least one multiple). 64 MiB: B = 4096 for 8192 bf16 rows.
+# The block's GEMMs read x (N, D) once each, so B flops per byte of x: B >= 1024 keeps them
+# bound by their flops on an H200 (a prediction). Not yet measured on a GPU:
+# bench_linear.tune_step times B = 2048, 4096 and 8192 at N = 8192.
+LINEAR_VOCAB_BLOCK_BYTES = 64 * 2**20
+LINEAR_VOCAB_BLOCK_MULTIPLE = 256
+
+# "rows", a float32 accumulator and 16-bit inputs on CUDA: d_W += d_logits.T @ x_c as one
+# GEMM that reads and writes the float32 accumulator (torch.addmm with out_dtype=float32 and
+# out= the accumulator, beta = 1: cuBLAS adds the product to it in float32, so no chunk's
+# product is ever rounded to 16 bits and no (V, D) temporary exists). A torch without
+# pytorch/pytorch#167931 (Nov 2025: torch 2.8 and 2.9 at least) refuses a float32 `self`
+# there ("self and mat2 must have the same dtype"); the driver then falls back, once per
+# process, to a float32 product and an add (what False selects: one more (V, D) float32
+# write and two reads per chunk, 9.4 GB instead of 4.7 GB a chunk for Gemma 2's head). True
+# is the arithmetic's choice; timed against False by bench_linear.tune_step.
+LINEAR_FUSED_ACCUMULATE = True
 
 # --- CPU fallback (triton_xent/reference.py) ----------------------------------------------
 

@@ -25,7 +25,8 @@ head its backward recomputes the chunks: two more all-reduces per chunk and that
 input gradient again.
 
 A rank's slice may be empty (m = -inf, s = S = U = 0: it adds nothing), as long as some
-rank holds a class.
+rank holds a class. The same statistics, merged in one process (merge_slices) over blocks of
+classes instead of ranks, are the linear op's "vocab" schedule (linear.py, chunks.py).
 
 Distillation (distill_rows_vocab_parallel, after prepare_distill's one all_gather of facts):
 student and teacher are sharded alike; each rank's six statistics per row (m_s, s_s, m_t,
@@ -45,7 +46,10 @@ from . import core, reference
 NEG_INF = float("-inf")
 
 
-def _slice_fns(use_triton: bool):
+def slice_fns(use_triton: bool):
+    """(slice statistics, slice gradient) of the backend: the functions that split a row's
+    classes into slices (ranks here, blocks of classes in the linear ops' "vocab"
+    schedule)."""
     if use_triton:
         from .kernels import xent
 
@@ -169,7 +173,7 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
     H, argmax) of the whole rows, the same on every rank, and `grad` (if given) filled for
     the slice. Every rank must call it with the same rows: it runs two collectives (three
     with argmax)."""
-    stats_fn, grad_fn = _slice_fns(use_triton)
+    stats_fn, grad_fn = slice_fns(use_triton)
 
     def rows(logits, target, weight, scale, grad, row_weight=None, entropy_weight=None, *,
              prob_target, ignore_index, label_smoothing, lse_square_scale, softcap,
@@ -191,30 +195,58 @@ def sliced_rows(group, class_offset: int, n_classes: int, use_triton: bool):
                                   **options)
         stats = stats.to(acc)
         row_stats, z_y = _merge_across_ranks(stats, group)
-        m, s, S, U, Q = row_stats.unbind(1)
-        bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-        active = (target != ignore_index) & ~bad
-        w_y = (weight.to(acc)[torch.where(active, target, 0).long()] if weight is not None
-               else torch.ones_like(m))
-        log_s = torch.log(s)
-        ce = (1.0 - label_smoothing) * w_y * (log_s + (m - z_y))
-        if label_smoothing > 0:
-            ce = ce + label_smoothing / n_classes * (U * log_s + S)
-        ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
-        H = None
-        if entropy:  # H = log s - Q / s, two terms >= 0 (see kernels/xent.py)
-            H = torch.where(bad, float("nan"), torch.where(active, log_s - Q / s, 0.0))
+        ce, lse, H, grad_stats, active = slice_row_results(
+            row_stats, z_y, target, weight, n_classes=n_classes, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, entropy=entropy)
         if argmax:
-            idx = _argmax_across_ranks(idx, stats[:, 0], m, group)
+            idx = _argmax_across_ranks(idx, stats[:, 0], row_stats[:, 0], group)
             idx = torch.where(active, idx, -1)
         if grad is not None and grad.numel() > 0:
-            grad_stats = torch.stack([m, s, S, U, H if H is not None else torch.zeros_like(m)],
-                                     dim=1)
             grad_fn(logits, target, weight, grad_stats.to(stats.dtype), scale, grad,
                     row_weight, entropy_weight, lse_square_scale=lse_square_scale, **options)
-        return ce, m + log_s, H, idx
+        return ce, lse, H, idx
 
     return rows
+
+
+def slice_row_results(row_stats: torch.Tensor, z_y: torch.Tensor, target: torch.Tensor,
+                      weight: torch.Tensor | None, *, n_classes: int, ignore_index: int,
+                      label_smoothing: float, entropy: bool) -> tuple:
+    """(ce, lse, H or None, grad_stats, active) of whole rows from their merged statistics
+    row_stats (N, 5) = (m, s, S, U, Q) and target logit z_y (N,) (see the module docstring):
+    ce and H are 0 on ignored rows and NaN on rows whose target is out of range;
+    grad_stats (N, 5) = (m, s, S, U, H) is what the slice-gradient functions take; active
+    (N,) bool marks the rows with a target in range."""
+    m, s, S, U, Q = row_stats.unbind(1)
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    active = (target != ignore_index) & ~bad
+    w_y = (weight.to(m.dtype)[torch.where(active, target, 0).long()] if weight is not None
+           else torch.ones_like(m))
+    log_s = torch.log(s)
+    ce = (1.0 - label_smoothing) * w_y * (log_s + (m - z_y))
+    if label_smoothing > 0:
+        ce = ce + label_smoothing / n_classes * (U * log_s + S)
+    ce = torch.where(bad, float("nan"), torch.where(active, ce, 0.0))
+    H = None
+    if entropy:  # H = log s - Q / s, two terms >= 0 (see kernels/xent.py)
+        H = torch.where(bad, float("nan"), torch.where(active, log_s - Q / s, 0.0))
+    grad_stats = torch.stack([m, s, S, U, H if H is not None else torch.zeros_like(m)], dim=1)
+    return ce, m + log_s, H, grad_stats, active
+
+
+def merge_slices(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, s, S, U, Q) of whole rows (N, 5) and their target logit (N,), from (N, P, 6) rows
+    of (m, s, S, U, z_y, Q) of P column slices of them held in one process (the merge that
+    _merge_across_ranks makes over ranks)."""
+    m_p, s, S, U, z_y, Q = stats.unbind(2)  # each (N, P)
+    m = m_p.amax(1, keepdim=True)
+    m_ref = torch.where(m == NEG_INF, 0.0, m)  # a row all -inf everywhere keeps s = 0
+    scale = torch.exp(m_p - m_ref)
+    shift = torch.where((m == m_p) | (U == 0), 0.0, m - m_p)
+    q_shift = torch.where((m == m_p) | (s == 0), 0.0, m_p - m)
+    merged = torch.stack([m.squeeze(1), (s * scale).sum(1), (S + U * shift).sum(1), U.sum(1),
+                          (scale * (Q + s * q_shift)).sum(1)], dim=1)
+    return merged, z_y.sum(1)
 
 
 def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,

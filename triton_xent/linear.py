@@ -2,7 +2,8 @@
 for large vocabularies, computed chunk by chunk so the (N, V) logits are never stored.
 
 Layers: chunks.py (the chunk driver, shared with the linear distillation; here the row
-function is its per-chunk callback, in _run) -> the custom ops
+function is its per-chunk callback, in _run, or under the "vocab" schedule the slice
+statistics and gradient of distributed.py are its per-block callbacks) -> the custom ops
 `torch.ops.triton_xent.linear_cross_entropy` and `..._backward` (torch.library, with fake
 implementations and registered autograd, so that torch.compile sees opaque nodes) ->
 linear_cross_entropy and LinearCrossEntropyLoss.
@@ -17,12 +18,12 @@ from torch import nn
 
 import torch.distributed as dist
 
-from . import core, distributed, dtensor
+from . import config, core, distributed, dtensor
 from .autograd import func_function, option_list_grad, register_vmap_by_samples
 from .functional import (_check_options, _check_row_extras, _check_target, _check_temperature,
                          _check_weight, _class_indices, _func_op, _refuse_eager_only,
                          _results, _transformed, _use_triton, loss_dtype, op_options)
-from .chunks import linear_chunks, plan_chunk_rows
+from .chunks import BlockPass, linear_chunks, plan_block_cols, plan_chunk_rows, vocab_blocks
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class _Plan:
 
     problem: core.Problem
     rows: torch.Tensor | None  # (M,) int64 rows that are not ignored; None: all rows
-    chunk_rows: int
+    schedule: str  # "rows" or "vocab" (config.LINEAR_SCHEDULE, resolved by _schedule)
+    chunk_rows: int  # "rows": rows per chunk
+    block_cols: int  # "vocab": classes per block
     accum_dtype: torch.dtype
     active: torch.Tensor | None  # (N,) bool: rows that count (None: all, probability targets)
     weight_sum: torch.Tensor  # () "mean" divisor of the cross-entropy
@@ -40,12 +43,25 @@ class _Plan:
     scale: torch.Tensor | None  # (2,) [1 / weight_sum, 1 / count] for "mean", else None
 
 
+def _schedule(x: torch.Tensor, prob_target: bool, chunk_size: int | None,
+              vocab_parallel: bool) -> str:
+    """The schedule of a call: config.LINEAR_SCHEDULE's for x's device, except "rows" where
+    the caller gives chunk_size (rows per chunk) or "vocab" cannot run: probability
+    targets (the slice statistics take class indices) and vocab parallelism."""
+    schedule = config.linear_schedule(x.device)
+    if schedule == "vocab" and (chunk_size is not None or prob_target or vocab_parallel):
+        return "rows"
+    return schedule
+
+
 def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
-               memory_budget_bytes, accum_dtype, any_grad: bool):
+               memory_budget_bytes, accum_dtype, schedule: str, any_grad: bool):
     """(plan, class weights as the row function takes them). With checks on (always on the
     "torch" backend) an out-of-range target raises here and the ignored rows are dropped, for
     one host synchronisation; without, nothing syncs and ignored rows are computed as zeros."""
     N = x.shape[0]  # V: all classes (of every rank, with vocab parallelism)
+    if schedule == "vocab" and problem.prob_target:  # _schedule never asks for it
+        raise ValueError("the 'vocab' schedule takes class-index targets")
     checked = not problem.prob_target and (problem.check_targets or not problem.use_triton)
     if checked:
         core.check_targets(target, V, problem.ignore_index)
@@ -63,10 +79,12 @@ def _make_plan(problem: core.Problem, x, V: int, target, weight, chunk_size,
         scale = torch.stack([1.0 / weight_sum, 1.0 / count])
         scale = scale.to(torch.float32 if problem.use_triton else stat_dtype)
     plan = _Plan(
-        problem=problem, rows=rows,
+        problem=problem, rows=rows, schedule=schedule,
         chunk_rows=plan_chunk_rows(n_compute, V, x.element_size(), chunk_size=chunk_size,
                                    memory_budget_bytes=memory_budget_bytes,
                                    cpu=x.device.type == "cpu"),
+        block_cols=plan_block_cols(n_compute, V, x.element_size(),
+                                   memory_budget_bytes=memory_budget_bytes),
         accum_dtype=torch.promote_types(accum_dtype, x.dtype),
         active=active, weight_sum=weight_sum, count=count, scale=scale,
     )
@@ -77,17 +95,19 @@ def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=No
          row_weight=None, entropy_weight=None, need_input=False, need_weight=False,
          need_bias=False, rows_fn=None) -> tuple:
     """(ce, lse, H, argmax, d_input, d_weight, d_bias) of cross_entropy(x @ W.T + b, target)
-    per row, chunk by chunk (chunks.linear_chunks with the row function as its callback).
+    per row, chunk by chunk (chunks.linear_chunks with the row function as its callback),
+    or block by block under the "vocab" schedule (_vocab_blocks).
 
     ce (N,): the unreduced cross-entropy without the z-loss; lse (N,): the logsumexp of each
     row (after softcap and temperature); H (N,): the entropy if the row function is asked
     for it (`problem.entropy`, or an entropy_weight), else None; all float32 (float64 for
     float64 x) and 0 on rows not computed; argmax (N,) int64 if `problem.argmax`, -1 on rows
-    not computed. d_input (N, D) in x's dtype, d_weight (V, D) and d_bias (V,) in
-    accum_dtype, each None unless asked for. When none is asked for, the row function
-    computes no gradient at all. `scale`: (2,) "mean" factors of the CE and z-loss
-    gradients; row_weight, entropy_weight: (N,) factors of each row's CE gradient and dH;
-    rows_fn: the row function (core.row_fns' by default; distributed.sliced_rows')."""
+    not computed. d_input (N, D) in x's dtype, d_weight (V, D) in accum_dtype ("rows") or
+    x's dtype ("vocab"), d_bias (V,) in accum_dtype, each None unless asked for. When none
+    is asked for, the row function computes no gradient at all. `scale`: (2,) "mean" factors
+    of the CE and z-loss gradients; row_weight, entropy_weight: (N,) factors of each row's
+    CE gradient and dH; rows_fn: the row function (core.row_fns' by default;
+    distributed.sliced_rows')."""
     problem = plan.problem
     kernel_dtype = torch.float32 if problem.use_triton else None
     row_weight, entropy_weight = (
@@ -105,6 +125,12 @@ def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=No
         idx = (x.new_empty(N, dtype=torch.int64) if plan.rows is None
                else x.new_full((N,), -1, dtype=torch.int64))
     compute_grad = need_input or need_weight or need_bias
+    if plan.schedule == "vocab":
+        d_input, d_weight, d_bias = _vocab_blocks(
+            plan, x, linear_weight, linear_bias, target, weight, (ce, lse, H, idx), scale=scale,
+            row_weight=row_weight, entropy_weight=entropy_weight, need_input=need_input,
+            need_weight=need_weight, need_bias=need_bias)
+        return ce, lse, H, idx, d_input, d_weight, d_bias
     rows_fn = rows_fn or core.row_fns(problem.use_triton)[0]
     row_kwargs = problem.row_kwargs()
     row_kwargs["entropy"] = entropy
@@ -123,6 +149,74 @@ def _run(plan: _Plan, x, linear_weight, linear_bias, target, weight, *, scale=No
         chunk_rows=plan.chunk_rows, need_input=need_input, need_weight=need_weight,
         need_bias=need_bias, accum_dtype=plan.accum_dtype)
     return ce, lse, H, idx, d_input, d_weight, d_bias
+
+
+def _vocab_blocks(plan: _Plan, x, linear_weight, linear_bias, target, weight, outputs, *,
+                  scale, row_weight, entropy_weight, need_input, need_weight, need_bias):
+    """_run's "vocab" schedule (chunks.vocab_blocks): a first pass writes each block's slice
+    statistics (distributed.py's, as a rank of a vocab-parallel head does for its classes),
+    merged over the blocks into each row's (ce, lse, H, argmax), written into `outputs` at the
+    kept rows; with a gradient asked for, a second pass writes each block's d_logits from the
+    merged statistics. (d_input, d_weight, d_bias) as chunks.vocab_blocks returns them."""
+    problem = plan.problem
+    stats_fn, grad_fn = distributed.slice_fns(problem.use_triton)
+    rows = plan.rows
+
+    def take(t):
+        return t if t is None or rows is None else t.index_select(0, rows)
+
+    t_k, rw_k, ew_k = take(target), take(row_weight), take(entropy_weight)
+    V = linear_weight.shape[0]
+    n_blocks = -(-V // plan.block_cols)
+    stat_dtype = core.acc_dtype(x.dtype)
+    entropy = outputs[2] is not None
+    options = dict(n_classes=V, ignore_index=problem.ignore_index,
+                   label_smoothing=problem.label_smoothing, softcap=problem.softcap,
+                   temperature=problem.temperature)
+    stats = x.new_empty((t_k.shape[0], n_blocks, 6), dtype=stat_dtype)  # (M, P, 6)
+    idx = (x.new_empty((t_k.shape[0], n_blocks), dtype=torch.int64) if problem.argmax
+           else None)
+    merged = {}
+
+    def block_stats(logits, lo, hi):  # (M, B): the block's statistics, (M, 6)
+        block, block_idx = stats_fn(logits.unsqueeze(-1), t_k, weight, class_offset=lo,
+                                    entropy=entropy, argmax=problem.argmax, **options)
+        stats[:, lo // plan.block_cols] = block
+        if idx is not None:
+            idx[:, lo // plan.block_cols] = block_idx
+
+    def merge():  # the rows' results from all blocks' statistics
+        row_stats, z_y = distributed.merge_slices(stats)
+        ce, lse, H, grad_stats, active = distributed.slice_row_results(
+            row_stats, z_y, t_k, weight, n_classes=V, ignore_index=problem.ignore_index,
+            label_smoothing=problem.label_smoothing, entropy=entropy)
+        first_max = None
+        if idx is not None:  # the least index among the blocks that hold the row's maximum
+            at_max = stats[:, :, 0] == row_stats[:, :1]
+            first_max = torch.where(at_max, idx, V).amin(1)
+            first_max = torch.where(active, first_max, -1)
+        for out, value in zip(outputs, (ce, lse, H, first_max)):
+            if out is None:
+                continue
+            if rows is None:
+                out.copy_(value)
+            else:
+                out.index_copy_(0, rows, value.to(out.dtype))
+        merged["grad_stats"] = grad_stats.to(stats.dtype if not problem.use_triton
+                                             else torch.float32)
+
+    def block_grad(logits, lo, hi):  # (M, B): d loss / d logits written over the logits
+        logits3 = logits.unsqueeze(-1)
+        grad_fn(logits3, t_k, weight, merged["grad_stats"], scale, logits3, rw_k, ew_k,
+                class_offset=lo, lse_square_scale=problem.lse_square_scale, **options)
+
+    passes = [BlockPass(block_stats, merge)]
+    if need_input or need_weight or need_bias:
+        passes.append(BlockPass(block_grad))
+    return vocab_blocks(x, linear_weight, linear_bias, passes, rows=rows,
+                        block_cols=plan.block_cols, need_input=need_input,
+                        need_weight=need_weight, need_bias=need_bias,
+                        accum_dtype=plan.accum_dtype)
 
 
 def _coefficients(plan: _Plan, x, row_weight, entropy_weight):
@@ -200,13 +294,15 @@ def linear_cross_entropy_op(
     option_tensors: list[torch.Tensor | None],  # core.FLOAT_OPTIONS given as 0-dim tensors
     check_targets: bool, use_triton: bool, temperature: float, entropy: bool, argmax: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
+    schedule: str,  # "rows" or "vocab", as _schedule resolved it
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(loss, lse (N,), H (N,), argmax (N,), d_x (N, D), d_W (V, D), d_b (V,)): loss "none"
     is (N,), in core.acc_dtype (the caller casts it); H and argmax are empty unless asked
-    for; the gradients are empty where not asked for or not precomputed (d_W, d_b in the
-    accumulation dtype). Autocast is off inside."""
+    for; the gradients are empty where not asked for or not precomputed (d_W in the
+    accumulation dtype for "rows", x's for "vocab"; d_b in the accumulation dtype). Autocast
+    is off inside."""
     label_smoothing, lse_square_scale, softcap, temperature = core.resolve_options(
         (label_smoothing, lse_square_scale, softcap, temperature), option_tensors)
     problem = core.Problem(prob_target, reduction, ignore_index, label_smoothing,
@@ -216,7 +312,8 @@ def linear_cross_entropy_op(
     any_grad = pre and (need_input or need_weight or need_bias)
     with torch.autocast(x.device.type, enabled=False):
         plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight,
-                                  chunk_size, memory_budget_bytes, accum_dtype, any_grad)
+                                  chunk_size, memory_budget_bytes, accum_dtype, schedule,
+                                  any_grad)
         r, e, e_grad = _coefficients(plan, x, row_weight, entropy_weight)
         ce, lse, H, idx, d_x, d_w, d_b = _run(
             plan, x, linear_weight, linear_bias, target, weight, scale=plan.scale,
@@ -232,18 +329,19 @@ def linear_cross_entropy_op(
 def _(x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight, prob_target,
       reduction, ignore_index, label_smoothing, lse_square_scale, softcap, option_tensors,
       check_targets, use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes,
-      accum_dtype, need_input, need_weight, need_bias):
+      accum_dtype, schedule, need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     pre = _precomputed(reduction, need_weight, need_bias)
     acc = torch.promote_types(accum_dtype, x.dtype)
+    acc_w = x.dtype if schedule == "vocab" else acc
     return (x.new_empty((N,) if reduction == "none" else (), dtype=core.acc_dtype(x.dtype)),
             x.new_empty(N, dtype=torch.float32),
             x.new_empty(N if entropy else 0, dtype=torch.float32),
             x.new_empty(N if argmax else 0, dtype=torch.int64),
             x.new_empty((N, D) if need_input and pre else (0,)),
             # an empty placeholder has x's dtype, as _or_empty makes it
-            x.new_empty((V, D), dtype=acc) if need_weight and pre else x.new_empty(0),
+            x.new_empty((V, D), dtype=acc_w) if need_weight and pre else x.new_empty(0),
             x.new_empty((V,), dtype=acc) if need_bias and pre else x.new_empty(0))
 
 
@@ -257,7 +355,7 @@ def linear_cross_entropy_backward_op(
     lse_square_scale: float, softcap: float | None, option_tensors: list[torch.Tensor | None],
     check_targets: bool, use_triton: bool, temperature: float, entropy: bool, argmax: bool,
     chunk_size: int | None, memory_budget_bytes: int | None, accum_dtype: torch.dtype,
-    need_input: bool, need_weight: bool, need_bias: bool,
+    schedule: str, need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_x, d_W, d_b) recomputed chunk by chunk with the per-row factors, as the gradient of
     a "none" loss (no "mean" scaling: the factors carry it); empty if unasked."""
@@ -267,7 +365,8 @@ def linear_cross_entropy_backward_op(
                            lse_square_scale, softcap, check_targets, use_triton, temperature)
     with torch.autocast(x.device.type, enabled=False):
         plan, weight = _make_plan(problem, x, linear_weight.shape[0], target, weight,
-                                  chunk_size, memory_budget_bytes, accum_dtype, any_grad=False)
+                                  chunk_size, memory_budget_bytes, accum_dtype, schedule,
+                                  any_grad=False)
         *_, d_x, d_w, d_b = _run(plan, x, linear_weight, linear_bias, target, weight,
                                  row_weight=row_factor, entropy_weight=entropy_factor,
                                  need_input=need_input, need_weight=need_weight,
@@ -279,16 +378,17 @@ def linear_cross_entropy_backward_op(
 def _(x, linear_weight, linear_bias, target, weight, row_factor, entropy_factor, prob_target,
       reduction, ignore_index, label_smoothing, lse_square_scale, softcap, option_tensors,
       check_targets, use_triton, temperature, entropy, argmax, chunk_size, memory_budget_bytes,
-      accum_dtype, need_input, need_weight, need_bias):
+      accum_dtype, schedule, need_input, need_weight, need_bias):
     N, D = x.shape
     V = linear_weight.shape[0]
     acc = torch.promote_types(accum_dtype, x.dtype)
+    acc_w = x.dtype if schedule == "vocab" else acc
     return (x.new_empty((N, D) if need_input else (0,)),
-            x.new_empty((V, D), dtype=acc) if need_weight else x.new_empty(0),
+            x.new_empty((V, D), dtype=acc_w) if need_weight else x.new_empty(0),
             x.new_empty((V,), dtype=acc) if need_bias else x.new_empty(0))
 
 
-N_OP_ARGS = 25  # the forward op's arguments, for backward's tuple of gradients
+N_OP_ARGS = 26  # the forward op's arguments, for backward's tuple of gradients
 _OPTION_TENSORS = 13  # the position of option_tensors among them
 
 
@@ -319,15 +419,31 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _scaled(grads, grad_loss, precomputed: bool, reduction: str, need):
-    """The precomputed (d_x, d_W, d_b) times grad_output (per row for d_x with "none"), in
-    place when the saved gradients are spent; None where not wanted or not precomputed."""
+def _scaled(grads, grad_loss, precomputed: bool, reduction: str, need, dtypes=None):
+    """The precomputed (d_x, d_W, d_b) times grad_output (per row for d_x with "none"); None
+    where not wanted or not precomputed. With `dtypes` (the parameters'), each product is
+    written in its parameter's dtype by the multiplication itself: one pass over a float32
+    d_W instead of a scaling pass and a cast. In place when the saved gradients are spent
+    and already in that dtype."""
     if grad_loss is None or not precomputed:
         return [None, None, None]
     in_place = core.saved_grad_is_spent(grad_loss)
     per_row = grad_loss.reshape(-1, 1) if reduction == "none" else grad_loss
-    return [((g.mul_(f) if in_place else g * f) if wanted and g is not None else None)
-            for g, f, wanted in zip(grads, (per_row, grad_loss, grad_loss), need)]
+    out = []
+    for g, f, wanted, dtype in zip(grads, (per_row, grad_loss, grad_loss), need,
+                                   dtypes or (None,) * 3):
+        if not wanted or g is None:
+            out.append(None)
+        elif dtype is not None and dtype != g.dtype and not _transforms_active():
+            out.append(torch.mul(g, f, out=torch.empty_like(g, dtype=dtype)))
+        else:
+            out.append(g.mul_(f) if in_place else g * f)
+    return out
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform runs the backward (its batched tensors take no out=)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _add(a, b):
@@ -339,10 +455,12 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, grad_argmax, grad_dx, grad
     if not any(need) or (grad_loss is None and grad_entropy is None):
         return _grads(ctx)
     saved = ctx.saved_tensors
-    out = _scaled(saved[:3], grad_loss, ctx.precompute, ctx.options[1], need)
     x, linear_weight, linear_bias, target, weight, row_weight, entropy_weight = saved[3:]
     r, e = _recompute_factors(ctx.precompute, grad_loss, grad_entropy, row_weight,
                               entropy_weight)
+    # cast while scaling unless a recomputed part is still to be added (in the wider dtype)
+    out = _scaled(saved[:3], grad_loss, ctx.precompute, ctx.options[1], need,
+                  ctx.dtypes if r is None else None)
     if r is not None:
         again = linear_cross_entropy_backward_op(
             x, linear_weight, linear_bias, target, weight, r, e, *ctx.options)
@@ -390,7 +508,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = needs
         pre = _precomputed(problem.reduction, need_w, need_b)
         any_grad = pre and any(needs)
-        plan, weight = _make_plan(problem, x, n_classes, target, weight, *tuning,
+        plan, weight = _make_plan(problem, x, n_classes, target, weight, *tuning, "rows",
                                   any_grad=any_grad)
         r, e, e_grad = _coefficients(plan, x, row_weight, entropy_weight)
         ce, lse, H, idx, d_x, d_w, d_b = _run_sliced(
@@ -481,14 +599,21 @@ def linear_cross_entropy(
     dropped before the GEMMs, for one host synchronisation; with False nothing syncs, ignored
     rows are computed (and zeroed) like the others, and an out-of-range target gives NaN.
 
-    Tuning (keyword-only):
-    chunk_size: rows per chunk; None picks it from the memory budget.
-    memory_budget_bytes: bytes for one chunk of logits, chunk_size = budget / (V * itemsize)
-        rounded down to a multiple of 64 rows; None means 256 MiB (1024 rows of bf16 logits
-        for V = 128256). The gradient accumulators (d_W, d_b, d_input) come on top.
-    accum_dtype: dtype in which d_W and d_b are summed over chunks (default float32; never
-        narrower than input's dtype). They are kept in it until backward, then cast to the
-        parameters' dtypes: a bf16 head with accum_dtype=torch.bfloat16 halves that memory.
+    Tuning (keyword-only). The chunk driver's schedule is config.LINEAR_SCHEDULE's for the
+    device ("rows" by default; see triton_xent/config.py and chunks.py):
+    chunk_size: rows per chunk; giving it selects the "rows" schedule. None picks it from
+        the memory budget (on a CPU: config.LINEAR_CPU_CHUNK_ROWS).
+    memory_budget_bytes: bytes for one chunk of logits: "rows": chunk_size = budget /
+        (V * itemsize) rounded down to a multiple of 64 rows, None meaning 256 MiB on a GPU
+        (1024 rows of bf16 logits for V = 128256); "vocab": a block of budget / (N *
+        itemsize) classes over all N rows, None meaning 64 MiB. The gradients (d_W, d_b,
+        d_input) and their accumulators come on top.
+    accum_dtype: dtype in which d_W and d_b are summed over row chunks (default float32;
+        never narrower than input's dtype). They are kept in it until backward, then cast to
+        the parameters' dtypes: a bf16 head with accum_dtype=torch.bfloat16 halves that
+        memory, at the cost of a rounding of d_W per chunk (bench/README.md's notes measure
+        it). Under "vocab" d_W is summed over all rows inside one float32 GEMM per block and
+        kept in the head's dtype whatever accum_dtype is.
 
     process_group: vocab parallelism (see cross_entropy): linear_weight (V_r, D) and
         linear_bias (V_r,) are this rank's rows of the head, in group-rank order; input and
@@ -613,10 +738,11 @@ def linear_cross_entropy(
               else linear_cross_entropy_op)
         ls, lss, cap, temp, tensors = op_options(label_smoothing, lse_square_scale, softcap,
                                                  temperature)
+        schedule = _schedule(input, prob_target, chunk_size, vocab_parallel=False)
         out = op(input.reshape(N, D), linear_weight, linear_bias, tgt, weight, *rows,
                  prob_target, reduction, int(ignore_index), ls, lss, cap, tensors,
                  bool(check_targets), use_triton, temp, extras[1], extras[2], chunk_size,
-                 memory_budget_bytes, accum_dtype, *needs)[:4]
+                 memory_budget_bytes, accum_dtype, schedule, *needs)[:4]
     loss, lse, H, idx = out
     loss = loss.to(loss_dtype(input, tgt if prob_target else None))
     if reduction == "none":

@@ -10,9 +10,14 @@ Per chunk of R rows (chunks.linear_chunks drives it; `on_chunk` below is the cal
     then d_x, d_W, d_b from d s_c     (the driver's gradient GEMMs; the teacher gets none)
 
 so the memory beyond the inputs is two (R, V) chunks plus the student's gradient
-accumulators. The teacher's hidden size Dt may differ from the student's D; only the class
-count V is shared. Rows whose target is ignore_index are dropped before both GEMMs (one host
-synchronisation, to count them).
+accumulators. Under the "vocab" schedule (config.LINEAR_SCHEDULE; chunks.vocab_blocks) both
+heads are computed a block of classes at a time over all the kept rows instead, in passes:
+the blocks' statistics (distill.distill_stats, merged by distill.merge_stats), for JSD the
+sums of its terms (distill.distill_terms), then the gradient of each block
+(distill.distill_grad): two (M, B) blocks beyond the inputs and no (V, D) accumulator, at
+the cost of both logits GEMMs once per pass. The teacher's hidden size Dt may differ from the
+student's D; only the class count V is shared. Rows whose target is ignore_index are dropped
+before both GEMMs (one host synchronisation, to count them).
 
 Layers: chunks.py (driver) -> the custom ops `torch.ops.triton_xent.linear_distillation` and
 `..._backward` (torch.library: opaque to torch.compile, fullgraph included) ->
@@ -31,8 +36,9 @@ import functools
 import torch
 from torch import nn
 
-from . import core, distributed, dtensor
-from .chunks import head_logits, linear_chunks, plan_chunk_rows
+from . import config, core, distill, distributed, dtensor
+from .chunks import (BlockPass, head_logits, linear_chunks, plan_block_cols, plan_chunk_rows,
+                     vocab_blocks)
 from .distill import distill_rows
 from .functional import (_KERNEL_DTYPES, _check_distill_options, _refuse_eager_only,
                          _use_triton, loss_dtype)
@@ -63,14 +69,22 @@ def _row_factors(active: torch.Tensor | None, reduction: str, n_rows: int,
 
 def _run(x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_scale, *,
          options: dict, chunk_rows: int, need_input: bool, need_weight: bool, need_bias: bool,
-         rows_fn=distill_rows):
+         rows_fn=distill_rows, block_cols: int | None = None):
     """(loss_rows (N,) in core.acc_dtype, d_x (N, D), d_W (V, D), d_b (V,)): each row's
     divergence unscaled (0 on rows not computed) and the student's gradients of
-    sum_rows row_scale * loss_row (None where not asked for). `rows_fn`: distill_rows, or
-    distributed.distill_rows_vocab_parallel bound to a group for heads sharded by classes."""
+    sum_rows row_scale * loss_row (None where not asked for; d_W in float32 (float64 for
+    float64 x) under "rows", in x's dtype under "vocab"). `rows_fn`: distill_rows, or
+    distributed.distill_rows_vocab_parallel bound to a group for heads sharded by classes.
+    block_cols: the "vocab" schedule with blocks of that many classes; None: "rows"."""
     N = x.shape[0]
     loss_rows = x.new_zeros(N, dtype=core.acc_dtype(x.dtype))
     compute_grad = need_input or need_weight or need_bias
+    if block_cols is not None:
+        d_x, d_w, d_b = _vocab_blocks(
+            x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_scale,
+            loss_rows, options=options, block_cols=block_cols, need_input=need_input,
+            need_weight=need_weight, need_bias=need_bias)
+        return loss_rows, d_x, d_w, d_b
     teacher_buf = teacher_x.new_empty((min(chunk_rows, max(N, 1)), teacher_weight.shape[0]))
 
     def on_chunk(logits, take):  # student (R, V) -> (loss of the chunk's rows,)
@@ -83,6 +97,70 @@ def _run(x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_sca
         need_input=need_input, need_weight=need_weight, need_bias=need_bias,
         accum_dtype=torch.promote_types(torch.float32, x.dtype))
     return loss_rows, d_x, d_w, d_b
+
+
+def _vocab_blocks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_scale,
+                  loss_rows, *, options: dict, block_cols: int, need_input: bool,
+                  need_weight: bool, need_bias: bool) -> tuple:
+    """_run's "vocab" schedule: the passes over blocks of classes (see the module
+    docstring), each block of the teacher's logits computed beside the student's; the kept
+    rows' losses written into loss_rows. (d_x, d_W, d_b) as chunks.vocab_blocks returns
+    them."""
+    divergence, beta, temperature, use_triton = (
+        options["divergence"], options["beta"], options["temperature"], options["use_triton"])
+
+    def take(t):
+        return t if t is None or rows is None else t.index_select(0, rows)
+
+    tx_k, scale_k = take(teacher_x), take(row_scale)
+    M, V = tx_k.shape[0], weight.shape[0]
+    teacher_buf = teacher_x.new_empty(M * min(block_cols, V))
+    dtype = torch.float32 if use_triton else core.acc_dtype(x.dtype)
+    stats = x.new_empty((M, -(-V // block_cols), 6), dtype=dtype)  # (M, P, 6)
+    state = {}
+
+    def teacher(lo, hi):  # (M, B): the teacher's logits of the block
+        return head_logits(tx_k, teacher_weight[lo:hi],
+                           teacher_bias[lo:hi] if teacher_bias is not None else None,
+                           teacher_buf[:M * (hi - lo)].view(M, hi - lo))
+
+    def block_stats(student, lo, hi):
+        stats[:, lo // block_cols] = distill.distill_stats(
+            student, teacher(lo, hi), temperature=temperature, use_triton=use_triton)
+
+    def block_terms(student, lo, hi):  # JSD: its sums of terms add up over the blocks
+        state["terms"] += distill.distill_terms(student, teacher(lo, hi), state["merged"],
+                                                beta=beta, temperature=temperature,
+                                                use_triton=use_triton)
+
+    def merge():
+        state["merged"] = distill.merge_stats(stats)
+        state["terms"] = stats.new_zeros((M, 2)) if divergence == "jsd" else None
+        if divergence != "jsd":
+            losses()
+
+    def losses():
+        loss, state["kl_s"] = distill.row_losses(state["merged"], state["terms"], divergence)
+        if scale_k is not None:
+            loss = torch.where(scale_k == 0, 0.0, loss)
+        if rows is None:
+            loss_rows.copy_(loss)
+        else:
+            loss_rows.index_copy_(0, rows, loss.to(loss_rows.dtype))
+
+    def block_grad(student, lo, hi):  # the student's d_logits written over its logits
+        distill.distill_grad(student, teacher(lo, hi), state["merged"], state["kl_s"],
+                             student, scale_k, divergence=divergence, beta=beta,
+                             temperature=temperature, use_triton=use_triton)
+
+    passes = [BlockPass(block_stats, merge)]
+    if divergence == "jsd":
+        passes.append(BlockPass(block_terms, losses))
+    if need_input or need_weight or need_bias:
+        passes.append(BlockPass(block_grad))
+    return vocab_blocks(x, weight, bias, passes, rows=rows, block_cols=block_cols,
+                        need_input=need_input, need_weight=need_weight, need_bias=need_bias,
+                        accum_dtype=torch.promote_types(torch.float32, x.dtype))
 
 
 def _reduce(loss_rows: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -107,6 +185,20 @@ def _chunk_rows(x, V, n_compute, chunk_size):
                            memory_budget_bytes=None, cpu=x.device.type == "cpu")
 
 
+def _schedule(x: torch.Tensor, chunk_size: int | None, vocab_parallel: bool) -> str:
+    """config.LINEAR_SCHEDULE's schedule for x's device, except "rows" where the caller
+    gives chunk_size (rows per chunk) or the heads are vocab-parallel."""
+    schedule = config.linear_schedule(x.device)
+    return "rows" if chunk_size is not None or vocab_parallel else schedule
+
+
+def _block_cols(x, V, n_compute, schedule):
+    """Classes per block under "vocab" (chunks.plan_block_cols), None under "rows"."""
+    if schedule != "vocab":
+        return None
+    return plan_block_cols(n_compute, V, x.element_size(), memory_budget_bytes=None)
+
+
 @torch.library.custom_op("triton_xent::linear_distillation", mutates_args=())
 def linear_distillation_op(
     x: torch.Tensor,  # (N, D) the student's hidden states
@@ -118,11 +210,13 @@ def linear_distillation_op(
     target: torch.Tensor | None,  # (N,) class indices (only compared with ignore_index)
     divergence: str, beta: float, temperature: float, ignore_index: int, reduction: str,
     use_triton: bool, chunk_size: int | None,
+    schedule: str,  # "rows" or "vocab", as _schedule resolved it
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d_x (N, D), d_W (V, D), d_b (V,)): loss reduced ("none": (N,)) in
-    core.acc_dtype; the gradients empty where not asked for or not precomputed (d_W, d_b in
-    float32, or float64 for float64 x). Autocast is off inside."""
+    core.acc_dtype; the gradients empty where not asked for or not precomputed (d_b in
+    float32, or float64 for float64 x; d_W likewise under "rows", in x's dtype under
+    "vocab"). Autocast is off inside."""
     options = dict(divergence=divergence, beta=beta, temperature=temperature,
                    use_triton=use_triton)
     pre = _precomputed(reduction, need_weight, need_bias)
@@ -132,6 +226,7 @@ def linear_distillation_op(
         loss_rows, d_x, d_w, d_b = _run(
             x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_scale,
             options=options, chunk_rows=_chunk_rows(x, weight.shape[0], n_compute, chunk_size),
+            block_cols=_block_cols(x, weight.shape[0], n_compute, schedule),
             need_input=need_input and pre, need_weight=need_weight and pre,
             need_bias=need_bias and pre)
         loss = _reduce(loss_rows, count, reduction)
@@ -140,15 +235,16 @@ def linear_distillation_op(
 
 @linear_distillation_op.register_fake
 def _(x, weight, bias, teacher_x, teacher_weight, teacher_bias, target, divergence, beta,
-      temperature, ignore_index, reduction, use_triton, chunk_size, need_input, need_weight,
-      need_bias):
+      temperature, ignore_index, reduction, use_triton, chunk_size, schedule, need_input,
+      need_weight, need_bias):
     N, D = x.shape
     V = weight.shape[0]
     pre = _precomputed(reduction, need_weight, need_bias)
     acc = torch.promote_types(torch.float32, x.dtype)
+    acc_w = x.dtype if schedule == "vocab" else acc
     return (x.new_empty((N,) if reduction == "none" else (), dtype=core.acc_dtype(x.dtype)),
             x.new_empty((N, D) if need_input and pre else (0,)),
-            x.new_empty((V, D), dtype=acc) if need_weight and pre else x.new_empty(0),
+            x.new_empty((V, D), dtype=acc_w) if need_weight and pre else x.new_empty(0),
             x.new_empty((V,), dtype=acc) if need_bias and pre else x.new_empty(0))
 
 
@@ -159,7 +255,7 @@ def linear_distillation_backward_op(
     target: torch.Tensor | None,
     row_factor: torch.Tensor,  # (N,) grad_output of each row's loss
     divergence: str, beta: float, temperature: float, ignore_index: int, reduction: str,
-    use_triton: bool, chunk_size: int | None,
+    use_triton: bool, chunk_size: int | None, schedule: str,
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_x, d_W, d_b) of sum_rows row_factor * loss_row, recomputed chunk by chunk (the
@@ -172,6 +268,7 @@ def linear_distillation_backward_op(
             x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows,
             row_scale * row_factor.to(row_scale.dtype), options=options,
             chunk_rows=_chunk_rows(x, weight.shape[0], n_compute, chunk_size),
+            block_cols=_block_cols(x, weight.shape[0], n_compute, schedule),
             need_input=need_input, need_weight=need_weight, need_bias=need_bias)
     return _or_empty(d_x, x), _or_empty(d_w, x), _or_empty(d_b, x)
 
@@ -179,16 +276,17 @@ def linear_distillation_backward_op(
 @linear_distillation_backward_op.register_fake
 def _(x, weight, bias, teacher_x, teacher_weight, teacher_bias, target, row_factor,
       divergence, beta, temperature, ignore_index, reduction, use_triton, chunk_size,
-      need_input, need_weight, need_bias):
+      schedule, need_input, need_weight, need_bias):
     N, D = x.shape
     V = weight.shape[0]
     acc = torch.promote_types(torch.float32, x.dtype)
+    acc_w = x.dtype if schedule == "vocab" else acc
     return (x.new_empty((N, D) if need_input else (0,)),
-            x.new_empty((V, D), dtype=acc) if need_weight else x.new_empty(0),
+            x.new_empty((V, D), dtype=acc_w) if need_weight else x.new_empty(0),
             x.new_empty((V,), dtype=acc) if need_bias else x.new_empty(0))
 
 
-_N_OP_ARGS = 17  # the forward op's arguments, for backward's tuple of gradients
+_N_OP_ARGS = 18  # the forward op's arguments, for backward's tuple of gradients
 
 
 def _setup_context(ctx, inputs, output):
@@ -212,7 +310,8 @@ def _backward(ctx, grad_loss, grad_dx, grad_dw, grad_db):
     if not any(need) or grad_loss is None:
         return (None,) * _N_OP_ARGS
     saved = ctx.saved_tensors
-    out = _scaled(saved[:3], grad_loss, ctx.precompute, ctx.reduction, need)
+    out = _scaled(saved[:3], grad_loss, ctx.precompute, ctx.reduction, need,
+                  ctx.dtypes if ctx.precompute else None)  # cast while scaling
     if not ctx.precompute:
         again = linear_distillation_backward_op(*saved[3:], grad_loss.reshape(-1),
                                                 *ctx.options)
@@ -381,9 +480,12 @@ def linear_distillation_loss(
     computed in forward and backward multiplies by grad_output; for "none" with a trainable
     head backward recomputes the chunks.
 
-    chunk_size: rows per chunk; None: config.LINEAR_CPU_CHUNK_ROWS on a CPU, else as many
-        rows as config.LINEAR_CHUNK_BUDGET_BYTES of the student's logits hold (the teacher's
-        chunk comes on top).
+    chunk_size: rows per chunk; giving it selects the "rows" schedule. None: the schedule is
+        config.LINEAR_SCHEDULE's for the device; under "rows" config.LINEAR_CPU_CHUNK_ROWS on
+        a CPU, else config.LINEAR_GPU_CHUNK_ROWS or as many rows as
+        config.LINEAR_CHUNK_BUDGET_BYTES of the student's logits hold (the teacher's chunk
+        comes on top); under "vocab" blocks of config.LINEAR_VOCAB_BLOCK_BYTES of each head's
+        logits (see the module docstring).
     process_group: vocab parallelism. weight (V_r, D), bias (V_r,), teacher_weight (V_r, Dt)
         and teacher_bias (V_r,) are this rank's class slice of both heads (the same slice of
         each, in group-rank order, slices may be unequal); the hidden states and target are
@@ -446,7 +548,7 @@ def linear_distillation_loss(
         loss = linear_distillation_op(
             x, weight, bias, tx, teacher_weight, teacher_bias, tgt, divergence, float(beta),
             float(temperature), int(ignore_index), reduction, use_triton, chunk_size,
-            *needs)[0]
+            _schedule(x, chunk_size, vocab_parallel=False), *needs)[0]
     loss = loss.to(loss_dtype(input, teacher_input))
     return loss.view(lead) if reduction == "none" else loss
 
