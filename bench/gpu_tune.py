@@ -22,6 +22,9 @@ Steps (--steps; "lm" by default):
            sweep: the plain call and each option alone (smoothing, class weights, softcap,
            z-loss, temperature, entropy, row weights, argmax), and inplace_backward with its
            peak memory: each against the plain call's time.
+  linear   linear_cross_entropy's chunk-driver choices (bench_linear.tune_step) beside the
+           three GEMMs alone, bf16, N = 8192, (D, V) = (2304, 256000) and (4096, 128256),
+           into OUT_DIR/gpu_tune-linear.csv.
 Steps run in order and share one budget (--budget-s, 150 s): a measurement that would not
 fit what is left is skipped and named, never cut in the middle, and the CSV is written row by
 row. The numbers are for config.py: each tuned value there names this command, the device
@@ -51,6 +54,9 @@ REP_MS = 100  # do_bench's timing budget per measurement (bench_xent uses 500)
 MEASURE_S = 0.8
 TRITON_COMPILE_S = 2.0
 INDUCTOR_COMPILE_S = 8.0
+# The linear step (bench_linear.tune_step), whole: its two cases at about 10 s each by its
+# own docstring's guess, doubled for the variants' compiles (a prediction).
+LINEAR_STEP_S = 45.0
 
 # bf16, N = 16384 (the issue's case); the search at Llama 3's vocabulary.
 LM_TOKENS = 16384
@@ -399,7 +405,18 @@ def step_options(tuner: Tuner, out_dir: str, dry: bool) -> None:
             print(f"    inplace_backward: {ms / plain - 1:+.1%} over the plain call")
 
 
-STEPS = {"lm": step_lm, "fp32": step_fp32, "small": step_small, "options": step_options}
+def step_linear(tuner: Tuner, out_dir: str, dry: bool) -> None:
+    """bench_linear.tune_step: the chunk driver's choices (bench_linear.VARIANTS) beside the
+    three GEMMs alone at issue 24's two heads, into OUT_DIR/gpu_tune-linear.csv. It runs
+    whole or not at all: LINEAR_STEP_S is its budget."""
+    import bench_linear
+
+    if tuner.budget.allows("step linear (bench_linear.tune_step)", 1.0 if dry else LINEAR_STEP_S):
+        bench_linear.tune_step(os.path.join(out_dir, "gpu_tune-linear.csv"), dry_run=dry)
+
+
+STEPS = {"lm": step_lm, "fp32": step_fp32, "small": step_small, "options": step_options,
+         "linear": step_linear}
 
 
 # --- plumbing -----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ measured on a GPU with `bench/bench_xent.py`; replace the note with the device a
 command when that happens.
 """
 
+from __future__ import annotations
+
 import os
 
 # --- cross-entropy row kernel (triton_xent/kernels/xent.py) -------------------------------
