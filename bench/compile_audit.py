@@ -696,12 +696,14 @@ def _param_offsets(ptx: str) -> list[tuple[int, int]]:
 def _address_params(instrs: list[dict], params: list[tuple[int, int]]) -> list[set]:
     """For each instruction, the kernel parameters its registers or constants derive from
     (its memory address's, for a load or store): registers followed forward in issue
-    order, twice, so that a loop's values reach its header."""
+    order, twice, so that a loop's values reach its header; a load's result derives from
+    no parameter (it is data)."""
     def from_constants(ins):
         found = set()
         for off in _CBANK.findall(" ".join(ins["operands"])):
             off = int(off, 16)
-            found.update(k for k, (start, size) in enumerate(params) if start <= off < start + size)
+            found.update(k for k, (start, size) in enumerate(params)
+                         if start <= off < start + size)
         return found
 
     taint: dict[str, set] = {}
@@ -710,17 +712,20 @@ def _address_params(instrs: list[dict], params: list[tuple[int, int]]) -> list[s
         for k, ins in enumerate(instrs):
             dest, sources = _dest_and_sources(ins)
             if ins["base"] in _GLOBAL_LOADS | _GLOBAL_STORES:
-                address = next((x for x in ins["operands"] if "[" in x), "")
-                address = re.sub(r"desc\[[^\]]*\]", "", address)
-                out[k] = set().union(set(), *(taint.get(r, set()) for r in _regs(address)))
-                if ins["base"] in _GLOBAL_LOADS:
-                    for r in dest:
-                        taint[r] = set()  # a load's result is data, not derived from its address
+                out[k] = set().union(set(), *(taint.get(r, set()) for r in _address(ins)))
+                for r in dest if ins["base"] in _GLOBAL_LOADS else ():
+                    taint[r] = set()
                 continue
             derived = from_constants(ins).union(*(taint.get(r, set()) for r in sources))
             for r in dest:
                 taint[r] = derived
     return out
+
+
+def _address(ins: dict) -> set:
+    """The registers of a memory instruction's address (not of its descriptor)."""
+    operand = next((x for x in ins["operands"] if "[" in x), "")
+    return _regs(re.sub(r"desc\[[^\]]*\]", "", operand))
 
 
 def memory_kinds(instrs: list[dict], params: list[tuple[int, int]], logits: set,
@@ -730,12 +735,12 @@ def memory_kinds(instrs: list[dict], params: list[tuple[int, int]], logits: set,
     to a parameter in `outputs`), "store", or None."""
     out = []
     for ins, derived in zip(instrs, _address_params(instrs, params)):
+        kind = None
         if ins["base"] in _GLOBAL_LOADS:
-            out.append("stream_load" if derived & logits else "load")
+            kind = "stream_load" if derived & logits else "load"
         elif ins["base"] in _GLOBAL_STORES:
-            out.append("stream_store" if derived & outputs else "store")
-        else:
-            out.append(None)
+            kind = "stream_store" if derived & outputs else "store"
+        out.append(kind)
     return out
 
 
@@ -760,13 +765,20 @@ def program_path(instrs: list[dict], kinds: list, threads: int, row_bytes: int,
                      global load or atomic has not filled yet, and each MEMBAR at GPU scope
                      (it waits for the program's stores); at a stop every load then in
                      flight counts as arrived
-      window_bytes   the most bytes of logits loads (bytes x threads) in flight at a stop
+      window_bytes   the most bytes of logits loads in flight at a stop
       barriers       bar.sync on the path: the program's phases between its loads
-      load_bytes, store_bytes   logits loaded and results stored (bytes x threads)
+      load_bytes, store_bytes   logits loaded and results stored
+    Bytes are bytes x threads of each instruction whose address depends on the thread's
+    index on the path walked (a tile's), its bytes once where it does not (every thread
+    reads the same logit). A tile
+    narrower than the program's threads (a short row) is loaded by replicated lanes: the
+    count then exceeds the bytes that reach the SM (compile_audit's lane_use says by how
+    much for our kernels).
     A load issued in one iteration and first read in the next (a software prefetch) stays
     in flight across the back edge and counts in the next iteration's window."""
     index = {ins["addr"]: k for k, ins in enumerate(instrs)}
     deps = [_dest_and_sources(ins) for ins in instrs]
+    per_thread: set = set()  # registers derived from the thread's index on the path walked
 
     def streams(lo, hi):
         return any(kinds[k] == "stream_load" for k in range(lo, hi))
@@ -795,14 +807,21 @@ def program_path(instrs: list[dict], kinds: list, threads: int, row_bytes: int,
             out["stops"] += 1
             out["window_bytes"] = max(out["window_bytes"], sum(pending.values()))
             pending.clear()
+        lanes = threads if _address(ins) & per_thread else 1
+        size = _size_bytes(ins["op"]) * lanes
         if kind in ("stream_load", "load"):
-            size = _size_bytes(instrs[k]["op"]) * threads if kind == "stream_load" else 0
-            out["load_bytes"] += size
-            regs = sorted(dest)
-            for r in regs:
-                pending[r] = size / len(regs)
+            streamed = size if kind == "stream_load" else 0
+            out["load_bytes"] += streamed
+            for r in dest:
+                pending[r] = streamed / len(dest)
         elif kind == "stream_store":
-            out["store_bytes"] += _size_bytes(instrs[k]["op"]) * threads
+            out["store_bytes"] += size
+        if kind in ("stream_load", "load") or not (
+                sources & per_thread or any(x.startswith(("SR_TID", "SR_LANEID"))
+                                            for x in ins["operands"])):
+            per_thread -= dest
+        else:
+            per_thread |= dest
         if ins["base"] == "BAR":
             out["barriers"] += 1
         if ins["base"] == "EXIT" and ins["pred"] is None:
@@ -933,9 +952,9 @@ def line(r: dict) -> str:
         text += (f" logits_loads={r['logits_loads']} grad_stores={r['grad_stores']} "
                  f"other={r['loads']}/{r['stores']}")
     if "window_bytes" in r:
-        text += f" window={r['window_bytes'] / 1024:g}KB"
+        text += f" window={r['window_bytes'] / 1024:.4g}KB"
         if "bytes_in_flight_per_sm" in r:
-            text += f" in_flight/SM={r['bytes_in_flight_per_sm'] / 1024:g}KB"
+            text += f" in_flight/SM={r['bytes_in_flight_per_sm'] / 1024:.4g}KB"
         text += (f" item: stops={r['item_stops']} barriers={r['item_barriers']} "
                  f"instructions={r['item_instructions']}")
         if r["item_sweep_trips"]:
@@ -961,26 +980,28 @@ def line(r: dict) -> str:
 # The constants are the H200's and the diagnosis's, fixed before any comparison:
 H200 = dict(sms=132, schedulers=4, clock_hz=1.98e9, latency_s=1e-6)
 H200_CSV = os.path.join(ROOT, "bench", "results", "nvidia-h200.csv")
-RANK_N = 16384  # the rows of the run's LM cases
+RANK_N = 16384  # the rows of the run's LM cases (the profiled ones among them)
 # ms a launch, torch.profiler's CUDA time of cross_entropy(x, t).backward(), bf16,
 # N = 16384, V = 128256, check_targets=False, mean of 3 steps (gpu-2026-12-04/kernel_profile.log)
 H200_KERNEL_MS = {("triton_xent", "_split_kernel"): 11.088,
                   ("triton_xent", "_finish_kernel"): 1.836,
                   ("triton_xent[two_pass]", "_two_pass_stats_kernel"): 3.791,
                   ("triton_xent[two_pass]", "_two_pass_finish_kernel"): 5.154}
-# Our providers in the run: bench_xent.py's config variants (SWEEP), the default first.
+# Our providers in the run besides the default (triton_xent): bench_xent.py's config
+# variants (SWEEP).
 RANK_VARIANTS = ("two_pass", "slice8192_w16", "slice4096_w8", "slice2048_w4", "slice2048_w8",
-                 "persistent2", "spin1k", "spin0", "wait5us", "wait100us")
-# Measured times closer than this are one rank: the run's own spread of one compiled code
+                 "persistent2", "spin1k", "spin0", "wait5us", "wait100us", "tile1024",
+                 "tile4096")
+# Measured times closer than this are one rank: the run's own spread for one compiled code
 # (the spin and wait variants, 13.04 to 13.77 ms, differ only in run-time arguments).
 RANK_TIE = 0.06
 
 
-def _provider_call(provider: str, V: int, dtype, grad: bool):
-    """(call, config values, persistent programs per SM or None) of a provider's launches."""
+def _provider_call(provider: str, V: int, dtype, grad: bool, n_rows: int):
+    """(call, config values, persistent programs per SM or None) of a provider's launches
+    on (n_rows, V) logits."""
     if provider == "liger":
-        return _liger_call(V, dtype, grad=grad), {}, None
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        return _liger_call(V, dtype, grad=grad, n_rows=n_rows), {}, None
     from bench_xent import SWEEP
 
     values = dict(LONG_ROWS="exchange")  # the default on an NVIDIA GPU
@@ -989,7 +1010,8 @@ def _provider_call(provider: str, V: int, dtype, grad: bool):
     persistent = values.get("PERSISTENT_PROGRAMS_PER_SM") if values.get("PERSISTENT") else None
     # The same kernels as a launch of one program an item: `grid` counts the items.
     values["PERSISTENT"] = False
-    return _rows_call(V, dtype, grad=grad, long_rows=values["LONG_ROWS"]), values, persistent
+    call = _rows_call(V, dtype, grad=grad, n_rows=n_rows, long_rows=values["LONG_ROWS"])
+    return call, values, persistent
 
 
 def predict(r: dict, items: float, resident: int, copy_bytes_per_s: float, h=H200) -> dict:
@@ -1013,43 +1035,50 @@ def predict(r: dict, items: float, resident: int, copy_bytes_per_s: float, h=H20
 
 
 def _measured(csv_path: str) -> dict:
-    """(provider, mode, dtype, V) -> (ms, copy GB/s) of the CSV's N = RANK_N rows (the last
-    of repeated rows, as plot.py draws them)."""
+    """(provider, mode, dtype, N, V) -> (ms, copy GB/s) of the CSV's rows (the last of
+    repeated rows, as plot.py draws them)."""
     import csv
 
     with open(csv_path, newline="") as f:
-        return {(row["provider"], row["mode"], row["dtype"], int(row["V"])):
-                (float(row["ms"]), float(row["copy_gbps"]))
-                for row in csv.DictReader(f) if int(row["N"]) == RANK_N}
+        return {(row["provider"], row["mode"], row["dtype"], int(row["N"]), int(row["V"])):
+                (float(row["ms"]), float(row["copy_gbps"])) for row in csv.DictReader(f)}
+
+
+def _in_groups(group: tuple, groups) -> bool:
+    """Whether (mode, dtype, N, V) or ("kernel", ...) is one of `groups`: "kernel" or
+    (mode, dtype, V) tuples; None is every group."""
+    return groups is None or group[0] in groups or (group[0], group[1], group[3]) in groups
 
 
 def rank_rows(csv_path: str = H200_CSV, latency_s: float = H200["latency_s"],
               groups=None) -> list[dict]:
-    """Every measured row of the run that we can compile (ours and Liger's cross-entropy at
-    N = RANK_N), predicted: one dict a (group, name), where group is (mode, dtype, V) for a
-    provider's time and ("kernel", ...) for a profiled launch."""
+    """Every row of the run that we can compile (ours, our config variants and Liger's
+    cross-entropy), predicted: one dict a (group, name), group being (mode, dtype, N, V)
+    for a provider's time and ("kernel", dtype, N, V) for a profiled launch (H200_KERNEL_MS;
+    Liger's one launch by its provider's time)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_xent import config_values
+
     h = dict(H200, latency_s=latency_s)
-    measured = _measured(csv_path)
     liger, _ = load_liger()
+    ours = ("triton_xent", *(f"triton_xent[{v}]" for v in RANK_VARIANTS))
     compiled: dict = {}  # the specialisation's key -> its audit: variants share kernels
     rows = []
-    for (provider, mode, dtype_name, V), (ms, copy_gbps) in measured.items():
-        if provider != "liger" and provider != "triton_xent" and not any(
-                provider == f"triton_xent[{v}]" for v in RANK_VARIANTS):
+    for (provider, mode, dtype_name, N, V), (ms, copy_gbps) in _measured(csv_path).items():
+        if provider not in ours and (provider != "liger" or liger is None):
             continue
-        if provider == "liger" and liger is None:
-            continue
-        group = (mode, dtype_name, V)
-        profiled = mode == "fwd_bwd" or provider == "liger"
-        if groups is not None and group not in groups and not (
-                "kernel" in groups and profiled and (dtype_name, V) == ("bfloat16", 128256)
-                and provider in ("liger", "triton_xent", "triton_xent[two_pass]")):
+        group = (mode, dtype_name, N, V)
+        profile = ("kernel", dtype_name, N, V)
+        profiled = (dtype_name, N, V) == ("bfloat16", RANK_N, 128256) and (
+            provider == "liger" or (mode == "fwd_bwd" and any(
+                p == provider for p, _ in H200_KERNEL_MS)))
+        if not (_in_groups(group, groups) or profiled and _in_groups(profile, groups)):
             continue
         dtype = getattr(torch, dtype_name)
-        call, values, persistent = _provider_call(provider, V, dtype, mode == "fwd_bwd")
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_xent import config_values
-
+        # Short rows are tiles of up to 128 of them: record enough rows to fill a tile.
+        recorded = 4096 if V <= config.ROW_SLICE_MAX_V else ROWS
+        call, values, persistent = _provider_call(provider, V, dtype, mode == "fwd_bwd",
+                                                  recorded)
         with config_values(values), recording() as launches:
             call()
         kernels = []
@@ -1062,35 +1091,30 @@ def rank_rows(csv_path: str = H200_CSV, latency_s: float = H200["latency_s"],
             if key not in compiled:
                 compiled[key] = audit(kernel, grid, args, kwargs)
             r = compiled[key]
-            items = grid[0] * RANK_N / ROWS
+            items = grid[0] * N / recorded
             resident = min(r["programs_per_sm"], persistent or r["programs_per_sm"])
-            loaded = 0 if "undeferred_stops" in r else items * r["item_load_bytes"]
-            kernels.append(dict(kernel=r["kernel"], items=items, resident=resident, loaded=loaded,
-                                window_bytes=r["window_bytes"], registers=r["registers"],
-                                stops=r.get("undeferred_stops", r["item_stops"]),
-                                instructions=r.get("undeferred_instructions",
-                                                   r["item_instructions"]),
-                                barriers=0 if "undeferred_stops" in r else r["item_barriers"],
-                                **predict(r, items, resident, copy_gbps * 1e9, h)))
-            profiled = H200_KERNEL_MS.get((provider, r["kernel"]))
-            if profiled is not None and mode == "fwd_bwd" and dtype_name == "bfloat16" \
-                    and V == 128256:
-                rows.append(dict(group=("kernel", dtype_name, V), name=f"{provider} "
-                                 f"{r['kernel']}", measured_ms=profiled, **kernels[-1]))
-        total = {k: sum(x[k] or 0 for x in kernels) for k in ("ms", "flight", "bw", "lat", "issue")}
-        logits = RANK_N * V * dtype.itemsize
+            undeferred = "undeferred_stops" in r
+            kernels.append(dict(
+                kernel=r["kernel"], items=items, resident=resident,
+                loaded=0 if undeferred else items * r["item_load_bytes"],
+                window_bytes=r["window_bytes"], registers=r["registers"],
+                stops=r["undeferred_stops" if undeferred else "item_stops"],
+                instructions=r["undeferred_instructions" if undeferred else "item_instructions"],
+                barriers=0 if undeferred else r["item_barriers"],
+                **predict(r, items, resident, copy_gbps * 1e9, h)))
+            launch_ms = H200_KERNEL_MS.get((provider, r["kernel"]))
+            if profiled and launch_ms is not None:
+                rows.append(dict(group=profile, name=f"{provider} {r['kernel']}",
+                                 measured_ms=launch_ms, **kernels[-1]))
+        total = {k: sum(x[k] or 0 for x in kernels)
+                 for k in ("ms", "flight", "bw", "lat", "issue")}
+        logits = N * V * dtype.itemsize
         rows.append(dict(group=group, name=provider, measured_ms=ms, kernels=kernels,
                          reads=round(sum(x["loaded"] for x in kernels) / logits, 2), **total))
-        if provider == "liger" and mode == "fwd_bwd" and dtype_name == "bfloat16" \
-                and V == 128256:  # one launch: its time is the kernel's (and two host syncs)
-            rows.append(dict(rows[-1], group=("kernel", dtype_name, V),
-                             name=f"liger {kernels[0]['kernel']} (fwd_bwd)"))
-        if provider == "liger" and mode == "fwd" and dtype_name == "bfloat16" and V == 128256:
-            rows.append(dict(rows[-1], group=("kernel", dtype_name, V),
-                             name=f"liger {kernels[0]['kernel']} (fwd)"))
-    if groups is not None:
-        rows = [r for r in rows if r["group"] in groups or r["group"][0] in groups]
-    return rows
+        if profiled and provider == "liger":  # one launch: the provider's time is its own
+            rows.append(dict(rows[-1], group=profile, name=f"liger {kernels[0]['kernel']} "
+                             f"({mode})"))
+    return [r for r in rows if _in_groups(r["group"], groups)]
 
 
 def concordance(rows: list[dict], key: str) -> dict:
@@ -1138,19 +1162,25 @@ def rank_report(rows: list[dict]) -> str:
         predicted = _ranks([r["ms"] for r in members])
         flight = _ranks([r["flight"] for r in members])
         what = "one launch (kernel_profile.log)" if group[0] == "kernel" else group[0]
-        lines.append(f"\n{what}, {group[1]}, N = {RANK_N}, V = {group[2]}; ms and rank:")
-        lines.append(f"  {'':42s} {'measured':>10s} {'predicted':>10s} {'bound':>5s} "
+        lines.append(f"\n{what}, {group[1]}, N = {group[2]}, V = {group[3]}; ms and rank:")
+        if group[3] <= config.ROW_SLICE_MAX_V:
+            lines.append("  (short rows: outside what the figure models. A row narrower than a "
+                         "program's threads is loaded by\n  replicated lanes, which bytes x "
+                         "threads counts; ptxas unrolls Liger's short sweep behind guards the "
+                         "walk\n  does not follow; targets and losses, not counted, "
+                         "outweigh V = 10's logits. Shown, not trusted.)")
+        lines.append(f"  {'':46s} {'measured':>10s} {'predicted':>10s} {'bound':>11s} "
                      f"{'in flight alone':>15s}")
         for r, m, p, f in zip(members, measured, predicted, flight):
             kernels = r.get("kernels", [r])
             bound = "+".join(k["bound"] for k in kernels)
-            lines.append(f"  {r['name']:42s} {ms(r['measured_ms'], m)} {ms(r['ms'], p)} "
-                         f"{bound:>5s}      {ms(r['flight'], f)}"
+            lines.append(f"  {r['name']:46s} {ms(r['measured_ms'], m)} {ms(r['ms'], p)} "
+                         f"{bound:>11s}      {ms(r['flight'], f)}"
                          + (f"   {r['reads']:g} reads" if "reads" in r else ""))
             for k in kernels:
                 lines.append(
-                    f"      {k['kernel']}: {k['resident']}/SM x {k['window_bytes'] / 1024:g} KB"
-                    f" = {k['resident'] * k['window_bytes'] / 1024:g} KB in flight, "
+                    f"      {k['kernel']}: {k['resident']}/SM x {k['window_bytes'] / 1024:.4g} KB"
+                    f" = {k['resident'] * k['window_bytes'] / 1024:.4g} KB in flight, "
                     f"{k['stops']} stops, {k['barriers']} barriers, {k['instructions']} "
                     f"instructions an item; bw {k['bw']:.2f} lat {k['lat']:.2f} "
                     f"issue {k['issue']:.2f}")
@@ -1176,8 +1206,8 @@ def rank_main(args) -> int:
         os.environ["TRITON_CACHE_DIR"] = cache
         groups = None
         if args.rank:
-            groups = {g if g == "kernel" else (g.split("/")[0], g.split("/")[1],
-                                               int(g.split("/")[2])) for g in args.rank}
+            groups = {g if g == "kernel" else (*g.split("/")[:2], int(g.split("/")[2]))
+                      for g in args.rank}
         rows = rank_rows(args.csv, args.latency_us * 1e-6, groups)
     if args.json:
         for r in rows:

@@ -283,7 +283,8 @@ ONE_SLICE = 16 * 32 * 16  # 16-byte loads by the 16 warps of a 4096-column bf16 
 
 
 def walk(body: str, row_bytes: int = 0, **kwargs) -> dict:
-    """program_path over SASS lines "ADDR: INSTRUCTION", 4 warps, the logits at param 0."""
+    """program_path over SASS lines "ADDR: INSTRUCTION", 4 warps, the logits at param 0
+    and the results at param 1."""
     text = "\n".join(f"/*{addr.strip()}*/ {ins.strip()} ;" for addr, ins in
                      (x.split(":", 1) for x in body.strip().splitlines()))
     instrs = compile_audit.parse_sass(text)
@@ -292,46 +293,61 @@ def walk(body: str, row_bytes: int = 0, **kwargs) -> dict:
 
 
 def test_window_is_what_a_program_loads_before_it_first_waits():
-    # Two 16-byte loads, then their first use: one stop with both in flight. A store to
-    # param 1 is streamed out; the later load of another pointer (param 2, unknown: not a
-    # logit) is a second stop.
+    # Two 16-byte loads of each thread's own logits, then their first use: one stop with
+    # both in flight. A store to param 1 is streamed out; loads of other pointers (R22,
+    # R30: not from param 0) are no logits, and the second one's use is a second stop.
     path = walk("""
-        0000: LDC.64 R2, c[0x0][0x210]
-        0010: LDC.64 R20, c[0x0][0x218]
-        0020: LDG.E.128 R4, desc[UR4][R2.64]
-        0030: LDG.E.128 R8, desc[UR4][R2.64+0x800]
-        0040: FMNMX R12, R4, R8, !PT
-        0050: STG.E.128 desc[UR4][R20.64], R4
-        0060: LDG.E R13, desc[UR4][R30.64]
-        0070: FADD R14, R13, R12
-        0080: EXIT""")
+        0000: S2R R0, SR_TID.X
+        0010: LDC.64 R2, c[0x0][0x210]
+        0020: LDC.64 R20, c[0x0][0x218]
+        0030: IMAD.WIDE.U32 R2, R0, 0x10, R2
+        0040: IMAD.WIDE.U32 R20, R0, 0x10, R20
+        0050: LDG.E.128 R4, desc[UR4][R2.64]
+        0060: LDG.E.128 R8, desc[UR4][R2.64+0x800]
+        0070: LDG.E.U16 R16, desc[UR4][R22.64]
+        0080: FMNMX R12, R4, R8, !PT
+        0090: STG.E.128 desc[UR4][R20.64], R4
+        00a0: LDG.E R13, desc[UR4][R30.64]
+        00b0: FADD R14, R13, R12
+        00c0: EXIT""")
     assert path["window_bytes"] == 2 * 16 * 128 and path["stops"] == 2
     assert path["load_bytes"] == 2 * 16 * 128 and path["store_bytes"] == 16 * 128
-    assert path["instructions"] == 9
+    assert path["instructions"] == 13
+    # A logit every thread reads at the same address (Liger's target logit) counts once.
+    path = walk("""
+        0000: LDC.64 R2, c[0x0][0x210]
+        0010: LDG.E.U16 R16, desc[UR4][R2.64+0x40]
+        0020: HADD2 R17, R16, R16
+        0030: EXIT""")
+    assert path["window_bytes"] == path["load_bytes"] == 2 and path["stops"] == 1
 
 
 SWEEP = """
-    0000: LDC.64 R2, c[0x0][0x210]
-    0010: LDG.E.128 R4, desc[UR4][R2.64]
-    0020: FMNMX R12, R4, R12, !PT
-    0030: BAR.SYNC.DEFER_BLOCKING 0x0
-    0040: IADD3 R2, P0, R2, 0x800, RZ
-    0050: ISETP.GE.AND P1, PT, R2, R9, PT
-    0060: @!P1 BRA 0x10
-    0070: EXIT"""
+    0000: S2R R0, SR_TID.X
+    0010: LDC.64 R2, c[0x0][0x210]
+    0020: IMAD.WIDE.U32 R2, R0, 0x10, R2
+    0030: LDG.E.128 R4, desc[UR4][R2.64]
+    0040: FMNMX R12, R4, R12, !PT
+    0050: BAR.SYNC.DEFER_BLOCKING 0x0
+    0060: IADD3 R2, P0, R2, 0x800, RZ
+    0070: ISETP.GE.AND P1, PT, R2, R9, PT
+    0080: @!P1 BRA 0x30
+    0090: EXIT"""
 # The same sweep with a software prefetch, as a row-sweep kernel would issue it: the next
 # block's load before the current block's first use, two blocks an iteration.
 PREFETCH = """
-    0000: LDC.64 R2, c[0x0][0x210]
-    0010: LDG.E.128 R4, desc[UR4][R2.64]
-    0020: LDG.E.128 R8, desc[UR4][R2.64+0x800]
-    0030: FMNMX R12, R4, R12, !PT
-    0040: LDG.E.128 R4, desc[UR4][R2.64+0x1000]
-    0050: FMNMX R12, R8, R12, !PT
-    0060: IADD3 R2, P0, R2, 0x1000, RZ
-    0070: ISETP.GE.AND P1, PT, R2, R9, PT
-    0080: @!P1 BRA 0x20
-    0090: EXIT"""
+    0000: S2R R0, SR_TID.X
+    0010: LDC.64 R2, c[0x0][0x210]
+    0020: IMAD.WIDE.U32 R2, R0, 0x10, R2
+    0030: LDG.E.128 R4, desc[UR4][R2.64]
+    0040: LDG.E.128 R8, desc[UR4][R2.64+0x800]
+    0050: FMNMX R12, R4, R12, !PT
+    0060: LDG.E.128 R4, desc[UR4][R2.64+0x1000]
+    0070: FMNMX R12, R8, R12, !PT
+    0080: IADD3 R2, P0, R2, 0x1000, RZ
+    0090: ISETP.GE.AND P1, PT, R2, R9, PT
+    00a0: @!P1 BRA 0x40
+    00b0: EXIT"""
 
 
 def test_a_sweep_loop_runs_once_per_block_of_the_row_and_a_prefetch_doubles_the_window():
@@ -339,7 +355,7 @@ def test_a_sweep_loop_runs_once_per_block_of_the_row_and_a_prefetch_doubles_the_
     plain = walk(SWEEP, row)
     assert plain["sweep_trips"] == [10] and plain["stops"] == 10
     assert plain["window_bytes"] == 16 * 128 and plain["barriers"] == 10
-    assert plain["load_bytes"] == row and plain["instructions"] == 1 + 6 * 10 + 1
+    assert plain["load_bytes"] == row and plain["instructions"] == 3 + 6 * 10 + 1
     ahead = walk(PREFETCH, row)  # two blocks an iteration: 5 iterations, one wait each
     assert ahead["sweep_trips"] == [5] and ahead["stops"] == 5
     assert ahead["window_bytes"] == 2 * 16 * 128 and ahead["barriers"] == 0
@@ -348,6 +364,8 @@ def test_a_sweep_loop_runs_once_per_block_of_the_row_and_a_prefetch_doubles_the_
 def test_the_path_skips_what_one_program_of_a_row_does_and_keeps_the_arrival():
     body = """
         0000: LDC.64 R2, c[0x0][0x210]
+        0005: S2R R0, SR_TID.X
+        0008: IMAD.WIDE.U32 R2, R0, 0x10, R2
         0010: LDG.E.128 R4, desc[UR4][R2.64]
         0020: FMNMX R12, R4, R12, !PT
         0030: @P0 BRA 0x50
