@@ -444,6 +444,9 @@ def test_the_prediction_ranks_the_profiled_h200_launches_as_measured():
     # H200 (kernel_profile.log; Liger's kernel by its provider's time) as measured, with
     # the Triton the run had (3.6) and with this one; bytes in flight alone leaves the
     # exchange's second launch out (it loads no logits) and orders the rest.
+    if TRITON not in ((3, 6), (3, 9)):
+        pytest.skip(f"Triton {triton.__version__}: the ranking is checked with the run's Triton "
+                    "(3.6) and the pinned one (3.9)")
     if not os.path.isfile(compile_audit.H200_CSV):
         pytest.skip("no bench/results/nvidia-h200.csv")
     if not os.path.isdir(LIGER_WHEEL):
