@@ -127,8 +127,8 @@ TARGETS = {
     "gfx950": GPUTarget("hip", "gfx950", 64),
 }
 KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_two_pass_stats_kernel",
-           "_two_pass_finish_kernel", "_slice_stats_kernel", "_slice_grad_kernel",
-           "_scale_rows_kernel")
+           "_two_pass_finish_kernel", "_sweep_kernel", "_slice_stats_kernel",
+           "_slice_grad_kernel", "_scale_rows_kernel")
 DISTILL_KERNELS = ("_distill_rows_kernel", "_distill_slice_stats_kernel",
                    "_distill_slice_terms_kernel", "_distill_slice_grad_kernel")
 
@@ -250,6 +250,14 @@ def cases() -> dict[str, Callable[[], None]]:
                                                     long_rows="two_pass"),
         "two_pass_V128256_prob_target": _rows_call(128256, prob=True, weight=True,
                                                    smoothing=0.1, long_rows="two_pass"),
+        # LONG_ROWS = "sweep": one program a row, two sweeps in blocks (config.SWEEP_*)
+        "sweep_V128256_bf16": _rows_call(128256, long_rows="sweep"),
+        "sweep_V256000_bf16": _rows_call(256000, long_rows="sweep"),
+        "sweep_V128256_fp32": _rows_call(128256, torch.float32, long_rows="sweep"),
+        "sweep_V128256_forward": _rows_call(128256, grad=False, long_rows="sweep"),
+        "sweep_V128256_every_option": _rows_call(128256, weight=True, smoothing=0.1,
+                                                 softcap=30.0, zloss=1e-4, rl=True,
+                                                 long_rows="sweep"),
     })
     # Short rows at a classifier's batch (enough rows for full tiles).
     for V in (2, 10, 100, 1000):
@@ -1220,6 +1228,84 @@ def rank_main(args) -> int:
     return 0
 
 
+# --predict: the candidates bench/gpu_tune.py times, none of them measured yet: the fixed
+# long-row paths and the sweep's shapes (its FACTORS' first), at bf16 N = RANK_N.
+PREDICT_VOCAB = (32000, 128256, 256000)
+
+
+def predict_candidates(vocab=PREDICT_VOCAB, copy_gbps: float = 4236.0,
+                       latency_s: float = H200["latency_s"]) -> list[dict]:
+    """Each candidate's predicted forward + backward time on the H200 by the --rank model
+    (its floors with the 2026-12-04 run's copy bandwidth), one dict a (candidate, V). The
+    sweep's second read is the open question: `ms` counts it from HBM, as the model does
+    for every load; `ms_l2` from L2 (its bytes out of the bandwidth floor)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_xent import config_values
+    from gpu_tune import FACTORS, PATHS, sweep_defaults, sweep_name
+
+    h = dict(H200, latency_s=latency_s)
+    candidates = dict(PATHS)
+    base = dict(LONG_ROWS="sweep", **sweep_defaults())
+    for choice in dict(FACTORS)["shape"]:
+        values = {**base, **choice}
+        candidates[sweep_name(values)] = values
+    rows = []
+    for name, values in candidates.items():
+        for V in vocab:
+            with config_values(values), recording() as launches:
+                _rows_call(V, long_rows=values["LONG_ROWS"])()
+            total = dict(ms=0.0, ms_l2=0.0, flight=0.0)
+            kernels = []
+            for kernel, grid, args, kwargs in launches:
+                kwargs = dict(kwargs, TIMED_WAIT=True) if "TIMED_WAIT" in kwargs else kwargs
+                r = audit(kernel, grid, args, kwargs)
+                # one program a row (or a slice); a capped sweep grid walks the rows
+                items = (grid[0] if r["kernel"] != "_sweep_kernel" else ROWS) * RANK_N / ROWS
+                resident = r["programs_per_sm"]
+                if r["kernel"] == "_sweep_kernel":
+                    cap = values.get("SWEEP_PROGRAMS_PER_SM")
+                    fraction = values.get("SWEEP_L2_FRACTION")
+                    programs = items
+                    if cap:
+                        programs = min(programs, h["sms"] * cap)
+                    if fraction:
+                        programs = min(programs, 60e6 * fraction // (V * 2))
+                    resident = max(1, min(resident, int(programs // h["sms"]) or 1))
+                p = predict(r, items, resident, copy_gbps * 1e9, h)
+                l2 = dict(r, item_load_bytes=r["item_load_bytes"] / 2) \
+                    if r["kernel"] == "_sweep_kernel" else r
+                p_l2 = predict(l2, items, resident, copy_gbps * 1e9, h)
+                total["ms"] += p["ms"]
+                total["ms_l2"] += p_l2["ms"]
+                total["flight"] += p["flight"] or 0.0
+                kernels.append(f"{r['kernel']}: {resident}/SM x {r['window_bytes'] / 1024:.3g} KB, "
+                               f"{r['item_stops']} stops, {r['item_instructions']} instr, "
+                               f"{r['registers']} regs, bound {p['bound']}/{p_l2['bound']}")
+            floor = 2 * RANK_N * V * 2 / (copy_gbps * 1e9) * 1e3
+            rows.append(dict(name=name, V=V, floor_ms=floor, kernels=kernels, **total))
+    return rows
+
+
+def predict_main(args) -> int:
+    """--predict: the candidates' predicted times, one table a V."""
+    with tempfile.TemporaryDirectory(prefix="compile_audit_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        rows = predict_candidates(latency_s=args.latency_us * 1e-6)
+    print(f"PREDICTIONS (no GPU has run these): triton {triton.__version__}, bf16, "
+          f"N = {RANK_N}, forward + backward, the --rank model with L = {args.latency_us:g} us; "
+          "ms_l2: the sweep's second read from L2")
+    for V in sorted({r["V"] for r in rows}):
+        members = sorted((r for r in rows if r["V"] == V), key=lambda r: r["ms"])
+        floor = members[0]["floor_ms"]
+        print(f"\nV = {V}: floor (one read, one write at the copy bandwidth) {floor:.2f} ms")
+        for r in members:
+            print(f"  {r['name']:48s} {r['ms']:7.2f} ms ({floor / r['ms']:.2f} of copy)"
+                  f"  l2 {r['ms_l2']:7.2f} ms ({floor / r['ms_l2']:.2f})")
+            for k in r["kernels"]:
+                print(f"      {k}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
@@ -1237,6 +1323,9 @@ def main() -> int:
                         "predicted time and by bytes in flight alone, beside the measured; "
                         "GROUPs (default: all): kernel (the profiled launches) or "
                         "MODE/DTYPE/V, e.g. fwd_bwd/bfloat16/128256")
+    parser.add_argument("--predict", action="store_true",
+                        help="predict, by --rank's model, the forward + backward time of the "
+                        "candidates bench/gpu_tune.py times (no GPU has run them)")
     parser.add_argument("--csv", default=H200_CSV, help="--rank: the measured CSV")
     parser.add_argument("--latency-us", type=float, default=H200["latency_s"] * 1e6,
                         help="--rank: L, the latency of a global round trip under load "
@@ -1248,6 +1337,8 @@ def main() -> int:
         return 2
     if args.rank is not None:
         return rank_main(args)
+    if args.predict:
+        return predict_main(args)
     targets = list(TARGETS) if "all" in args.target else args.target
     known = cases()
     if args.liger is not None:
