@@ -544,6 +544,17 @@ def merge_trips(ptx: str) -> dict:
     return dict(merge_round_trips=trips, record_loads_in_loops=in_loops)
 
 
+def sweep_loop_sync(ptx: str) -> dict:
+    """A row sweep's loops (blocks nested below the loop over rows): their barriers
+    (bar.sync, bar.red) and warp shuffles, which the lanes' own statistics are to avoid."""
+    blocks = control_flow(ptx)
+    outer = min(b["depth"] for b in blocks if _loads(b))  # the loop over rows
+    inner = [x for b in blocks if b["depth"] > outer for x in b["ins"]]
+    return dict(loop_barriers=sum(1 for x in inner if x.startswith(("bar.sync", "bar.red",
+                                                                     "barrier."))),
+                loop_shuffles=sum(1 for x in inner if x.startswith("shfl.")))
+
+
 def tile_layout(ttgir: str, rows: int, block_v: int, n_cols: int) -> dict:
     """threads_per_row, columns_per_thread and lane_use of the logits tile's load."""
     layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*?)\}>", ttgir, re.M))
@@ -934,6 +945,8 @@ def audit(kernel, grid, args, kwargs, target: str = "sm_90") -> dict:
     out.update(flight(compiled, runtime, bound, warps, target, out.get("programs_per_sm")))
     if kernel.fn.__name__ == "_finish_kernel":
         out["second_launch_loads"] = second_launch_loads(ptx)
+    if kernel.fn.__name__ in ("_sweep_kernel", "_distill_sweep_kernel"):
+        out.update(sweep_loop_sync(ptx))
     if kernel.fn.__name__ == "_split_kernel":
         out.update(merge_trips(ptx))
         out["timed_wait"] = "%globaltimer" in ptx
@@ -969,7 +982,8 @@ def line(r: dict) -> str:
             text += f" sweeps={r['item_sweep_trips']}"
     return text + "".join(f" {k}={r[k]}" for k in (
         "logits_coverage", "threads_per_row", "columns_per_thread", "lane_use",
-        "second_launch_loads", "merge_round_trips", "record_loads_in_loops", "timed_wait")
+        "second_launch_loads", "merge_round_trips", "record_loads_in_loops", "timed_wait",
+        "loop_barriers", "loop_shuffles")
         if k in r)
 
 

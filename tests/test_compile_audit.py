@@ -102,7 +102,7 @@ def test_every_kernel_compiles_to_a_cubin(report):
     kernels = {kernel for _, kernel in report}
     assert kernels == {"_rows_kernel", "_split_kernel", "_finish_kernel", "_slice_stats_kernel",
                        "_slice_grad_kernel", "_scale_rows_kernel", "_two_pass_stats_kernel",
-                       "_two_pass_finish_kernel", *DISTILL_KERNELS}
+                       "_two_pass_finish_kernel", "_sweep_kernel", *DISTILL_KERNELS}
     assert all(r["registers"] > 0 for r in report.values())
 
 
@@ -458,3 +458,26 @@ def test_the_prediction_ranks_the_profiled_h200_launches_as_measured():
     predicted = compile_audit.concordance(rows, "ms")
     assert not predicted["discordant"] and predicted["concordant"] >= 13, predicted
     assert not predicted["unresolved"], predicted
+
+
+# The row sweep (LONG_ROWS = "sweep"): each lane keeps its own statistics, so its loops over
+# a row's blocks hold no barrier and no shuffle (the merge waits for the row's end); the
+# logits are read and the gradient written as 16-byte vectors, but for the target's one
+# logit and its one gradient (read and written apart from the blocks).
+SWEEP_CASES = ("sweep_V128256_bf16", "sweep_V256000_bf16", "sweep_V128256_fp32",
+               "sweep_V128256_every_option")
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES)
+def test_sweep_loops_hold_no_barrier_and_move_16_byte_vectors(report, case):
+    r = report[(case, "_sweep_kernel")]
+    assert r["loop_barriers"] == 0 and r["loop_shuffles"] == 0, r
+    elem = "4" if case.endswith("fp32") else "2"  # (JSON: bytes as strings)
+    assert set(r["logits_loads"]) == {elem, "16"} and r["logits_loads"][elem] == 1, r
+    assert set(r["grad_stores"]) == {elem, "16"} and r["grad_stores"][elem] == 1, r
+
+
+def test_sweep_keeps_two_programs_per_sm_in_bf16_and_reads_once_without_a_gradient(report):
+    assert report[("sweep_V128256_bf16", "_sweep_kernel")]["programs_per_sm"] >= 2
+    forward = report[("sweep_V128256_forward", "_sweep_kernel")]
+    assert forward["grad_stores"] == {} and len(forward["item_sweep_trips"]) == 1, forward

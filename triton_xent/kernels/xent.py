@@ -394,9 +394,11 @@ def _grad_tile(
     scale_ptr, lse_square_scale, softcap, inv_temperature,
     HAS_SCALE: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     TRACK_U: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    WITH_TARGET: tl.constexpr = True,
 ):
     """The float32 (R, B) gradient tile, column c of row i being class cols[c] - y[i] + the
-    row's target (y is relative to the tile, as cols are):
+    row's target (y is relative to the tile, as cols are; without WITH_TARGET the target's
+    -a term is left out, for a caller that writes the target's column itself):
     dloss/dz = r ((p (a + b U) - b u - a [c == y]) * ce_scale + 2 zs lse p * z_scale)
     + e p (log s + m - z - H), times dz/dx = softcap slope / T; the scales are the
     reduction's 1/denominators ("mean"), else 1; r the row weight, e the entropy's (already
@@ -417,7 +419,9 @@ def _grad_tile(
         a_scaled = a_scaled * r
         b_scaled = b_scaled * r
     p = tl.exp(z - m[:, None]) * (1.0 / s)[:, None]
-    g = p * coef[:, None] - tl.where(cols[None, :] == y[:, None], a_scaled[:, None], 0.0)
+    g = p * coef[:, None]
+    if WITH_TARGET:
+        g = g - tl.where(cols[None, :] == y[:, None], a_scaled[:, None], 0.0)
     if TRACK_U:
         g = g - b_scaled[:, None] * u
     if HAS_ENTROPY_WEIGHT:
@@ -835,6 +839,88 @@ def _two_pass_finish_kernel(
 
 
 @triton.jit
+def _sweep_block_stats(
+    x_ptr, x_row, t_ptr, t_rows, weight_ptr, cols, m, s, S, U, Q, idx,  # (LANES, VEC) cols
+    n_cols, stride_x_c, stride_t_c, label_smoothing, softcap, inv_temperature,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    MASKED: tl.constexpr, EVICT: tl.constexpr,
+):
+    """One block of the first sweep: its logits merged into the lanes' (LANES,) statistics
+    (_tile_stats over each lane's VEC columns, then _merge_pair), a lane's argmax moving only
+    to a strictly larger max. Unless MASKED every column is in the row: no masks at all."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    if MASKED:
+        mask = cols < n_cols
+        x = tl.load(x_ptr + x_row + cols * stride_x_c, mask=mask, other=0.0,
+                    eviction_policy=EVICT)
+    else:
+        mask = tl.full(cols.shape, 1, tl.int1)
+        x = tl.load(x_ptr + x_row + cols * stride_x_c, eviction_policy=EVICT)
+    return _sweep_merge_block(x, t_ptr, t_rows, weight_ptr, cols, mask, m, s, S, U, Q, idx,
+                              n_cols, stride_t_c, label_smoothing, softcap, inv_temperature,
+                              PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ENTROPY,
+                              ARGMAX)
+
+
+@triton.jit
+def _sweep_merge_block(
+    x, t_ptr, t_rows, weight_ptr, cols, mask, m, s, S, U, Q, idx,  # x: a block as loaded
+    n_cols, stride_t_c, label_smoothing, softcap, inv_temperature,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+):
+    """_sweep_block_stats's merge, of a block already loaded (the prefetched one)."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
+    u = _tile_u(t_ptr, t_rows[:, None] + cols * stride_t_c, weight_ptr, cols, mask,
+                label_smoothing, n_cols, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+    bm, bs, bS, bU, bQ, b_idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
+    if ARGMAX:
+        idx = tl.where(bm > m, b_idx + tl.min(cols, axis=1), idx)
+    m, s, S, U, Q = _merge_pair(m, s, S, U, Q, bm, bs, bS, bU, bQ, TRACK_U, ENTROPY)
+    return m, s, S, U, Q, idx
+
+
+@triton.jit
+def _sweep_block_grad(
+    x_ptr, x_row, grad_ptr, g_row, t_ptr, t_rows, weight_ptr, cols, vec,  # (LANES, VEC) cols
+    m, s, U, H, a, b, r, e, scale_ptr,  # the row's (1,) values
+    n_cols, stride_x_c, stride_g_c, stride_t_c, label_smoothing, lse_square_scale, softcap,
+    inv_temperature,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_ENTROPY_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr, EVICT: tl.constexpr,
+):
+    """One block of the second sweep of a row that counts: its gradient but the target's -a
+    term (the caller writes the target's column after the sweep), read, then written over
+    the same block only. Unless MASKED every column is in the row: no masks at all."""
+    TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    if MASKED:
+        mask = cols < n_cols
+        x = tl.load(x_ptr + x_row + cols * stride_x_c, mask=mask, other=0.0,
+                    eviction_policy=EVICT)
+    else:
+        mask = tl.full(cols.shape, 1, tl.int1)
+        x = tl.load(x_ptr + x_row + cols * stride_x_c, eviction_policy=EVICT)
+    z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
+    u = _tile_u(t_ptr, t_rows[:, None] + cols * stride_t_c, weight_ptr, cols, mask,
+                label_smoothing, n_cols, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+    # (a row that counts: row_ok and no NaN, as constants the compiler folds away)
+    yes = tl.full((1,), 1, tl.int1)
+    g = _grad_tile(vec, z, t, u, vec[None, :], m, s, U, H, a, b, r, e, yes, yes == 0,
+                   scale_ptr, lse_square_scale, softcap, inv_temperature, HAS_SCALE, HAS_ZLOSS,
+                   HAS_SOFTCAP, TRACK_U, HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT,
+                   WITH_TARGET=False)
+    g = g.to(grad_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_ptr + g_row + cols * stride_g_c, g, mask=mask, eviction_policy=EVICT)
+    else:
+        tl.store(grad_ptr + g_row + cols * stride_g_c, g, eviction_policy=EVICT)
+
+
+@triton.jit
 def _sweep_kernel(
     # pointers
     logits_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, ce_ptr, lse_ptr,
@@ -861,21 +947,24 @@ def _sweep_kernel(
     argmax) of each lane; they merge once at the row's end into the loss; the second (with a
     gradient) reads the row again (last block first if REVERSE) and writes the gradient.
     VEC divides V and every row's first offset (row_align()), so lanes load VEC columns at
-    once. PREFETCH issues block k + 1's loads before block k's arithmetic (into registers);
+    once. The row's full blocks go without masks, its last part-full block (if any) with.
+    PREFETCH issues block k + 1's loads before block k's arithmetic (into registers);
     STAGES > 1 lets Triton's pipeliner keep STAGES - 1 blocks in flight (cp.async into shared
-    memory on NVIDIA; 1: no pipelining). FIRST_EVICT and
-    SECOND_EVICT are the eviction policies of the two sweeps' accesses ("" for none;
-    "evict_last" keeps the row in L2 for the second sweep, "evict_first" lets the second
-    sweep's reads and the gradient go first)."""
+    memory on NVIDIA; 1: no pipelining). FIRST_EVICT and SECOND_EVICT are the eviction
+    policies of the two sweeps' accesses ("" for none; "evict_last" keeps the row in L2 for
+    the second sweep, "evict_first" lets the second sweep's reads and the gradient go
+    first)."""
     TRACK_U: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     LANES: tl.constexpr = BLOCK_V // VEC
     lane_cols = tl.arange(0, LANES).to(tl.int64) * VEC  # (LANES,) first column of each lane
     vec = tl.arange(0, VEC)  # (VEC,)
-    n_blocks = tl.cdiv(n_cols, BLOCK_V)
+    block = lane_cols[:, None] + vec[None, :]  # (LANES, VEC) columns of block 0
+    n_full = n_cols // BLOCK_V  # blocks without a column past the row's end
+    tail = n_full * BLOCK_V < n_cols
     # Per row, bytes: V * elem read by the first sweep (HBM), and with a gradient V * elem
     # read by the second (L2 for the blocks the first read last: REVERSE) and V * elem
-    # written. Lanes keep their own statistics, so a step's reductions stay inside a
-    # thread: no barrier between a step's loads and the next step's.
+    # written. Lanes keep their own statistics, so a block's reductions stay inside a
+    # thread: no barrier between one block's loads and the next block's.
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
         rows = row + tl.zeros((1,), tl.int64)
         row_mask = rows >= 0
@@ -884,14 +973,13 @@ def _sweep_kernel(
         y, row_ok, row_nan, a, b = _row_targets(
             target_ptr, weight_ptr, t_rows, row_mask, ignore_index, 0, n_cols,
             label_smoothing, PROB_TARGET, HAS_WEIGHT)
-        # The target's z, read where it is (the first sweep never looks for it).
-        x_y = tl.load(logits_ptr + x_row + tl.where(row_ok, y, 0) * stride_x_c, mask=row_ok,
-                      other=0.0)
-        z_y, _ = _tile_z(x_y, row_ok, softcap, inv_temperature, HAS_SOFTCAP)
+        # The target's logit, read where it is (the first sweep never looks for it).
+        y_col = tl.where(row_ok, y, 0)
+        x_y = tl.load(logits_ptr + x_row + y_col * stride_x_c, mask=row_ok, other=0.0)
+        z_y, t_y = _tile_z(x_y, row_ok, softcap, inv_temperature, HAS_SOFTCAP)
         z_y = tl.where(row_ok, z_y, 0.0)
 
-        # First sweep. Lane statistics, merged as blocks come (the module docstring's
-        # merge, per lane: _merge_pair); a lane's argmax moves only to a strictly larger max.
+        # First sweep: the lanes' statistics (the module docstring's merge, per lane).
         m = tl.full((LANES,), NEG_INF, tl.float32)
         s = tl.zeros((LANES,), tl.float32)
         S = tl.zeros((LANES,), tl.float32)
@@ -899,56 +987,89 @@ def _sweep_kernel(
         Q = tl.zeros((LANES,), tl.float32)
         idx = tl.zeros((LANES,), tl.int64)
         if PREFETCH:
-            cols = lane_cols[:, None] + vec[None, :]
-            x_next = tl.load(logits_ptr + x_row + cols * stride_x_c, mask=cols < n_cols,
+            x_next = tl.load(logits_ptr + x_row + block * stride_x_c, mask=block < n_cols,
                              other=0.0, eviction_policy=FIRST_EVICT)
-        for blk in tl.range(0, n_blocks, num_stages=STAGES):
-            start = blk * BLOCK_V
-            cols = start + lane_cols[:, None] + vec[None, :]
-            mask = cols < n_cols
-            if PREFETCH:  # the next block's loads go out before this block's arithmetic
+        for blk in tl.range(0, n_full, num_stages=STAGES):
+            cols = blk * BLOCK_V + block
+            if PREFETCH:  # block k + 1's loads go out before block k's arithmetic
                 x = x_next
                 ahead = cols + BLOCK_V
                 x_next = tl.load(logits_ptr + x_row + ahead * stride_x_c, mask=ahead < n_cols,
                                  other=0.0, eviction_policy=FIRST_EVICT)
+                m, s, S, U, Q, idx = _sweep_merge_block(
+                    x, target_ptr, t_rows, weight_ptr, cols, tl.full(cols.shape, 1, tl.int1),
+                    m, s, S, U, Q, idx, n_cols, stride_t_c, label_smoothing, softcap,
+                    inv_temperature, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                    ENTROPY, ARGMAX)
             else:
-                x = tl.load(logits_ptr + x_row + cols * stride_x_c, mask=mask, other=0.0,
-                            eviction_policy=FIRST_EVICT)
-            z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
-            u = _tile_u(target_ptr, t_rows[:, None] + cols * stride_t_c, weight_ptr, cols,
-                        mask, label_smoothing, n_cols, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-            bm, bs, bS, bU, bQ, b_idx = _tile_stats(z, u, TRACK_U, ENTROPY, ARGMAX)
-            if ARGMAX:
-                idx = tl.where(bm > m, b_idx + start + lane_cols, idx)
-            m, s, S, U, Q = _merge_pair(m, s, S, U, Q, bm, bs, bS, bU, bQ, TRACK_U, ENTROPY)
+                m, s, S, U, Q, idx = _sweep_block_stats(
+                    logits_ptr, x_row, target_ptr, t_rows, weight_ptr, cols, m, s, S, U, Q, idx,
+                    n_cols, stride_x_c, stride_t_c, label_smoothing, softcap, inv_temperature,
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ENTROPY, ARGMAX,
+                    False, FIRST_EVICT)
+        if tail:
+            m, s, S, U, Q, idx = _sweep_block_stats(
+                logits_ptr, x_row, target_ptr, t_rows, weight_ptr, n_full * BLOCK_V + block,
+                m, s, S, U, Q, idx, n_cols, stride_x_c, stride_t_c, label_smoothing, softcap,
+                inv_temperature, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ENTROPY,
+                ARGMAX, True, FIRST_EVICT)
         m, s, S, U, Q, idx = _reduce_stats(m, s, S, U, Q, idx, TRACK_U, ENTROPY, ARGMAX)
         _write_loss(ce_ptr, lse_ptr, entropy_ptr, argmax_ptr, rows, row_mask, m, s, S, U, z_y,
                     Q, idx, a, b, row_ok, row_nan, TRACK_U, ENTROPY, ARGMAX)
 
         if COMPUTE_GRAD:  # Second sweep: the gradient, one block at a time.
-            r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask,
-                                HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
-            H = _entropy(s, Q)
             g_row = tl.multiple_of(_row_offsets(row, n_inner, stride_g_n, stride_g_d), VEC)
-            for k in tl.range(0, n_blocks, num_stages=STAGES):
-                blk = n_blocks - 1 - k if REVERSE else k
-                start = blk * BLOCK_V
-                cols = start + lane_cols[:, None] + vec[None, :]
-                mask = cols < n_cols
-                x = tl.load(logits_ptr + x_row + cols * stride_x_c, mask=mask, other=0.0,
-                            eviction_policy=SECOND_EVICT)
-                z, t = _tile_z(x, mask, softcap, inv_temperature, HAS_SOFTCAP)
-                u = _tile_u(target_ptr, t_rows[:, None] + cols * stride_t_c, weight_ptr, cols,
-                            mask, label_smoothing, n_cols, PROB_TARGET, HAS_WEIGHT,
-                            HAS_SMOOTHING)
-                # Lanes as the tile's rows: lane l's columns are start + lane_cols[l] + vec.
-                lane_start = start + lane_cols
-                g = _grad_tile(vec, z, t, u, y - lane_start, m, s, U, H, a, b, r, e, row_ok,
-                               row_nan, scale_ptr, lse_square_scale, softcap, inv_temperature,
-                               HAS_SCALE, HAS_ZLOSS, HAS_SOFTCAP, TRACK_U, HAS_ROW_WEIGHT,
-                               HAS_ENTROPY_WEIGHT)
-                tl.store(grad_ptr + g_row + cols * stride_g_c, g.to(grad_ptr.dtype.element_ty),
-                         mask=mask, eviction_policy=SECOND_EVICT)
+            if tl.max(row_ok.to(tl.int32), axis=0) != 0:  # the row counts
+                r, e = _row_factors(row_weight_ptr, entropy_weight_ptr, rows, row_mask,
+                                    HAS_ROW_WEIGHT, HAS_ENTROPY_WEIGHT)
+                H = _entropy(s, Q)
+                if tail and REVERSE:
+                    _sweep_block_grad(
+                        logits_ptr, x_row, grad_ptr, g_row, target_ptr, t_rows, weight_ptr,
+                        n_full * BLOCK_V + block, vec, m, s, U, H, a, b, r, e, scale_ptr,
+                        n_cols, stride_x_c, stride_g_c, stride_t_c, label_smoothing,
+                        lse_square_scale, softcap, inv_temperature, PROB_TARGET, HAS_WEIGHT,
+                        HAS_SMOOTHING, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, HAS_ROW_WEIGHT,
+                        HAS_ENTROPY_WEIGHT, True, SECOND_EVICT)
+                for k in tl.range(0, n_full, num_stages=STAGES):
+                    blk = n_full - 1 - k if REVERSE else k
+                    _sweep_block_grad(
+                        logits_ptr, x_row, grad_ptr, g_row, target_ptr, t_rows, weight_ptr,
+                        blk * BLOCK_V + block, vec, m, s, U, H, a, b, r, e, scale_ptr, n_cols,
+                        stride_x_c, stride_g_c, stride_t_c, label_smoothing,
+                        lse_square_scale, softcap, inv_temperature, PROB_TARGET, HAS_WEIGHT,
+                        HAS_SMOOTHING, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, HAS_ROW_WEIGHT,
+                        HAS_ENTROPY_WEIGHT, False, SECOND_EVICT)
+                if tail and not REVERSE:
+                    _sweep_block_grad(
+                        logits_ptr, x_row, grad_ptr, g_row, target_ptr, t_rows, weight_ptr,
+                        n_full * BLOCK_V + block, vec, m, s, U, H, a, b, r, e, scale_ptr,
+                        n_cols, stride_x_c, stride_g_c, stride_t_c, label_smoothing,
+                        lse_square_scale, softcap, inv_temperature, PROB_TARGET, HAS_WEIGHT,
+                        HAS_SMOOTHING, HAS_SOFTCAP, HAS_ZLOSS, HAS_SCALE, HAS_ROW_WEIGHT,
+                        HAS_ENTROPY_WEIGHT, True, SECOND_EVICT)
+                if not PROB_TARGET:  # the target's column, with its -a term, once its block
+                    tl.debug_barrier()  # is written (by any of the program's threads)
+                    u_y = _tile_u(target_ptr, t_rows[:, None], weight_ptr, y_col[:, None],
+                                  row_ok[:, None], label_smoothing, n_cols, PROB_TARGET,
+                                  HAS_WEIGHT, HAS_SMOOTHING)
+                    g_y = _grad_tile(y * 0, z_y[:, None], t_y[:, None], u_y, y * 0, m, s, U,
+                                     H, a, b, r, e, row_ok, row_nan, scale_ptr,
+                                     lse_square_scale, softcap, inv_temperature, HAS_SCALE,
+                                     HAS_ZLOSS, HAS_SOFTCAP, TRACK_U, HAS_ROW_WEIGHT,
+                                     HAS_ENTROPY_WEIGHT)
+                    tl.store(grad_ptr + g_row + y_col[:, None] * stride_g_c,
+                             g_y.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None])
+            else:  # an ignored row: 0, or NaN for an unchecked bad target; nothing read
+                fill = tl.where(row_nan, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
+                fill = tl.broadcast_to(fill[:, None], (LANES, VEC))
+                for blk in range(0, n_full):
+                    tl.store(grad_ptr + g_row + (blk * BLOCK_V + block) * stride_g_c, fill,
+                             eviction_policy=SECOND_EVICT)
+                if tail:
+                    cols = n_full * BLOCK_V + block
+                    tl.store(grad_ptr + g_row + cols * stride_g_c, fill, mask=cols < n_cols,
+                             eviction_policy=SECOND_EVICT)
 
 
 @triton.jit
