@@ -31,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from . import config, core, reference
+from . import config, core, distributed, reference
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -116,6 +117,54 @@ def distill_grad(student, teacher, merged, kl_s, grad, row_scale, *, divergence,
        temperature=temperature)
 
 
+# --- vocab parallelism -----------------------------------------------------------------------
+
+
+def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, group,
+                    device: torch.device) -> int:
+    """The number of classes of all ranks, after the checks every rank runs alike from one
+    all_gather of facts (so that a failing call raises everywhere instead of leaving a rank
+    waiting in a collective; distributed.agreed_facts). Without a target, a marker of n_rows
+    rows stands for it, on `device` (the collective's: NCCL's is a GPU). The targets' range
+    is not checked (distillation reads no class from them), so any ignore_index does."""
+    marker = (target.reshape(-1) if target is not None
+              else torch.zeros(n_rows, dtype=torch.int64, device=device))
+    sizes, _, _ = distributed.agreed_facts(n_local, marker, -1, group, "rows")
+    return sum(sizes)
+
+
+def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence, beta,
+                                temperature, use_triton, group):
+    """distill_rows over a group: student and teacher are this rank's slice of the classes
+    (the same slice of both, possibly empty); every rank gets the whole rows' loss and
+    writes its slice of the gradient. Every rank must call it with the same rows.
+
+    The (R, 6) statistics of each rank's columns (distill_stats) are all-gathered and
+    merged as slices of one row are (merge_stats: maxes, then each sum rescaled to them);
+    JSD then all-reduces (SUM) its (R, 2) sums of terms over the local columns
+    (distill_terms); each rank writes its gradient from the merged statistics
+    (distill_grad). The stage kernels whatever config.LONG_ROWS: a rank's columns are a
+    slice of the rows. Per call: 24 R bytes a rank gathered from each rank (float32), plus
+    8 R all-reduced for JSD, whatever V."""
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    # an empty slice has the statistics of nothing (maxes -inf, sums 0): it merges as nothing
+    stats = distill_stats(student, teacher, temperature=temperature,
+                          use_triton=use_triton).to(acc)
+    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, stats.contiguous(), group=group)
+    merged = merge_stats(torch.stack(gathered, 1))  # (R, P, 6) -> (R, 6)
+    terms = None
+    if divergence == "jsd":
+        terms = distill_terms(student, teacher, merged, beta=beta, temperature=temperature,
+                              use_triton=use_triton).to(acc)
+        dist.all_reduce(terms, group=group)
+    loss, kl_s = row_losses(merged, terms, divergence)
+    if grad is not None and grad.numel() > 0:
+        distill_grad(student, teacher, merged, kl_s, grad, row_scale, divergence=divergence,
+                     beta=beta, temperature=temperature, use_triton=use_triton)
+    return loss if row_scale is None else torch.where(row_scale == 0, 0.0, loss)
+
+
 # --- the op ---------------------------------------------------------------------------------
 
 
@@ -166,7 +215,7 @@ def forward(problem: DistillProblem, input: torch.Tensor, teacher: torch.Tensor,
     """(loss, grad): the reduced loss in core.acc_dtype(input.dtype) (the caller casts it),
     and dloss/dinput shaped like input (None unless compute_grad), pre-scaled by the
     reduction. With a process_group, input and teacher are this rank's slice of the classes
-    (distributed.distill_rows_vocab_parallel). Autocast is off inside."""
+    (distill_rows_vocab_parallel). Autocast is off inside."""
     with torch.autocast(input.device.type, enabled=False):
         s3, t3 = rows_view(input), rows_view(teacher)
         N, D, V = s3.shape
@@ -179,13 +228,10 @@ def forward(problem: DistillProblem, input: torch.Tensor, teacher: torch.Tensor,
         if process_group is None:
             rows_fn = distill_rows
         else:
-            from . import distributed
-
-            distributed.prepare_distill(V, target, n_rows, process_group, input.device)
+            prepare_distill(V, target, n_rows, process_group, input.device)
 
             def rows_fn(*args, **kwargs):
-                return distributed.distill_rows_vocab_parallel(*args, group=process_group,
-                                                               **kwargs)
+                return distill_rows_vocab_parallel(*args, group=process_group, **kwargs)
         loss_rows = rows_fn(s3, t3, grad, scale, **problem.stage_kwargs()).to(acc)
         if problem.reduction == "none":
             loss = loss_rows.view(input.shape[:-1])
