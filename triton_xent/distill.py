@@ -51,15 +51,21 @@ def _kernels():
 def distill_rows(student, teacher, grad, row_scale, *, divergence, beta, temperature,
                  use_triton):
     """Per-row loss and gradient of whole rows: one kernel for rows of at most
-    config.ROW_SLICE_MAX_V columns; longer rows through the stages (stats, merge, JSD's
-    terms, grad), no program waiting on another."""
+    config.ROW_SLICE_MAX_V columns; longer rows by config.LONG_ROWS, as cross-entropy's:
+    "sweep", one kernel whose programs walk whole rows (kernels.distill.distill_sweep);
+    "two_pass" and "exchange" (distillation has no exchange: it takes "two_pass"), the
+    stages (stats, merge, JSD's terms, grad), no program waiting on another."""
     options = dict(divergence=divergence, beta=beta, temperature=temperature)
     if not use_triton:
         return reference.distill_rows_torch(student, teacher, grad, row_scale, **options)
     kd = _kernels()
+    path = config.long_rows()  # a bad LONG_ROWS fails every call, not only long rows'
     if student.shape[-1] <= config.ROW_SLICE_MAX_V:
         return core.on_tensors_device(kd.distill_rows)(student, teacher, grad, row_scale,
                                                         **options)
+    if path == "sweep":
+        return core.on_tensors_device(kd.distill_sweep)(student, teacher, grad, row_scale,
+                                                         **options)
     with core.device_guard(student.device):
         merged = merge_stats(kd.distill_slice_stats(student, teacher, temperature=temperature))
         terms = None
