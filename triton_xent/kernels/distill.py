@@ -98,8 +98,8 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .tiles import (NEG_INF, _row_offsets, row_align, row_tile, split_plan, sweep_grid,
-                    sweep_plan, sweep_policies)
+from .tiles import (NEG_INF, _finite_or_zero, _row_offsets, row_align, row_tile, split_plan,
+                    sweep_grid, sweep_plan, sweep_policies)
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -145,13 +145,6 @@ def _load_pair(
     """(R, B) tiles z_s = x_s / T and z_t = x_t / T in float32, -inf off the rows."""
     x_s, x_t = _load_raw(s_ptr, s_rows, stride_s_c, t_ptr, t_rows, stride_t_c, cols, mask, "")
     return _tempered(x_s, x_t, mask, inv_temperature)
-
-
-@triton.jit
-def _finite_or_zero(m):
-    """The reference point of a row's differences: its max, or 0 for a row of -inf (whose
-    s is then 0, not NaN)."""
-    return tl.where(m == NEG_INF, 0.0, m)
 
 
 @triton.jit
