@@ -123,12 +123,15 @@ def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device
 
 
 def measure_one(provider: str, op: str, N: int, D: int, V: int, dtype: torch.dtype,
-                mode: str, device: torch.device, cpu_budget_s: float) -> dict:
+                mode: str, device: torch.device, cpu_budget_s: float,
+                fn: Callable | None = None) -> dict:
     """{ms, peak_mem_mb, loss} of one provider, op and mode on fresh inputs (run in a fresh
-    process by main; bench/gpu_check.py calls it in its own)."""
+    process by main; bench/gpu_check.py calls it in its own). fn: the loss to measure
+    instead of the named provider's (bench/gpu_tune.py: ours under config values)."""
     divergence = op.split("_distill_")[-1] if op.startswith("linear") else \
         op.removeprefix("distill_")
-    fn = make_provider(provider, op, divergence, device)
+    if fn is None:
+        fn = make_provider(provider, op, divergence, device)
     inputs = make_inputs(N, D, V, dtype, device, requires_grad=mode == "fwd_bwd")
     grads = [t for t in inputs if t.requires_grad]
     if mode == "fwd":
