@@ -1,7 +1,8 @@
 """Distillation from logits: what both backends share, between the public function and the
 kernels (kernels/distill.py, which states the math) or their plain-PyTorch twins
 (reference.py): the row view of (..., V) logits, each row's factor from the target and the
-reduction, the stages of long rows, the loss's assembly, and the backward's scale.
+reduction, the long rows' path (config.LONG_ROWS: the row sweep, or the stages), the
+vocab-parallel driver, the loss's assembly, and the backward's scale.
 
 The stage functions below are the internal interface the linear op and the vocab-parallel
 path build on; each takes `use_triton` to pick the backend:
@@ -24,6 +25,12 @@ path build on; each takes `use_triton` to pick the backend:
 student, teacher and grad are (R, V) or (N, D, V) (rows r = n * D + d), any strides; grad
 may alias student. row_scale is (R,) float32 contiguous or None (1). Results are float32
 (float64 for float64 input on the PyTorch backend).
+
+Vocab parallelism (distill_rows_vocab_parallel, after prepare_distill's one all_gather of
+facts, distributed.agreed_facts): student and teacher are sharded alike; each rank's six
+statistics per row (distill_stats) are all-gathered and merged as the slices of one row
+are, and JSD all-reduces its two sums of terms per row: 24 R bytes from each rank, plus 8 R
+for JSD. This module builds on distributed.py, which never imports it.
 """
 
 from __future__ import annotations
