@@ -66,15 +66,19 @@ def _check(x, teacher, target=None, *, what="", grad_output=None, **kwargs):
     return loss, grad
 
 
-@pytest.fixture(params=["two_pass", "sweep"])
-def small_slices(request, monkeypatch):
-    """Rows above one slice at an interpreter-friendly V (slices of at most 64 columns), on
-    each long-row path: "two_pass" (the stage kernels) and "sweep" (blocks of 64 columns:
-    V = 70 .. 200 take 2 .. 4). The PyTorch backend has no long-row paths: it runs once."""
-    if request.param == "sweep" and "backend" in request.fixturenames \
-            and request.getfixturevalue("backend") == "torch":
-        pytest.skip("the PyTorch backend has no long-row paths")
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Rows above one slice at an interpreter-friendly V: slices of at most 64 columns."""
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 64)
+
+
+@pytest.fixture(params=["two_pass", "sweep"])
+def long_row_paths(request, monkeypatch, small_slices):
+    """small_slices on each long-row path: "two_pass" (the stage kernels) and "sweep"
+    (blocks of 64 columns: V = 70 .. 200 take 2 .. 4). The PyTorch backend has no long-row
+    paths: it runs once."""
+    if request.param == "sweep" and request.getfixturevalue("backend") == "torch":
+        pytest.skip("the PyTorch backend has no long-row paths")
     monkeypatch.setattr(config, "LONG_ROWS", request.param)
     sweep_in_small_blocks(monkeypatch, block_v=64)
 
@@ -112,7 +116,7 @@ def test_the_smallest_real_split_row(device):
 
 
 @pytest.mark.parametrize("shape", ["N_V", "B_T_V", "B_T_V_strided_view", "V"])
-def test_row_shapes(backend, device, small_slices, shape):
+def test_row_shapes(backend, device, long_row_paths, shape):
     # (N, V) and (B, T, V) logits; a logits[:, :-1] view is read in place (its rows are not
     # evenly spaced); one row of shape (V,) with a 0-dim target. V = 70 takes two slices.
     if shape == "B_T_V_strided_view":
@@ -150,7 +154,7 @@ def test_no_target_counts_every_row_and_ignore_index_is_honoured(backend, device
            what="ignore_index=5")
 
 
-def test_minus_inf_teacher_logits(backend, device, small_slices):
+def test_minus_inf_teacher_logits(backend, device, long_row_paths):
     # Some classes the teacher rules out (-inf), in every slice of row 0 and in one slice of
     # the others, and a whole slice of -inf in row 1: forward KL and JSD are finite and match;
     # reverse KL is +inf, its true value, where the student puts mass on such a class.
@@ -167,7 +171,7 @@ def test_minus_inf_teacher_logits(backend, device, small_slices):
     assert torch.isinf(loss).all() and (loss > 0).all()
 
 
-def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, small_slices):
+def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, long_row_paths):
     # Never a silent 0: a NaN in the student's row 0 or the teacher's row 1 (V = 100, two
     # slices) makes that row's loss NaN; row 2 is untouched.
     x, t = _logits((3, 100), device=device)
@@ -179,7 +183,7 @@ def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, small_slices):
         assert loss[:2].isnan().all() and loss[2].isfinite(), divergence
 
 
-def test_equal_distributions_give_exactly_zero_kl(backend, device, small_slices):
+def test_equal_distributions_give_exactly_zero_kl(backend, device, long_row_paths):
     # D_t = sum e_t (d_t - d_s) is exactly 0 when the teacher is the student: no cancellation
     # of two large sums, and a +100 shift of the teacher changes nothing.
     x, _ = _logits((3, 150), device=device)
@@ -283,7 +287,7 @@ def test_merged_column_sets_equal_whole_rows(device, backend_):
 
 
 @pytest.mark.parametrize("vocab", [37, 150], ids=["whole_rows", "three_slices"])
-def test_gradient_may_overwrite_the_student(backend, device, small_slices, vocab):
+def test_gradient_may_overwrite_the_student(backend, device, long_row_paths, vocab):
     # The linear op's chunks take their gradient in the logits' own buffer: distill_rows with
     # grad aliasing the student gives the gradient it gives into a separate buffer.
     x, t = _logits((4, vocab), device=device)

@@ -510,20 +510,20 @@ def _distill_sweep_kernel(
                 t_row + lane_cols * stride_t_c, stride_t_c, vec,
                 (lane_cols[:, None] + vec[None, :]) < n_cols_aligned, STATS_EVICT)
         for blk in tl.range(0, n_blocks, num_stages=STAGES):
-            lane_start = blk * BLOCK_V + lane_cols
-            mask = (lane_start[:, None] + vec[None, :]) < n_cols_aligned
             if PREFETCH:  # the next block's loads go out before this block's arithmetic
+                lane_start = blk * BLOCK_V + lane_cols
+                mask = (lane_start[:, None] + vec[None, :]) < n_cols_aligned
                 x_s, x_t = x_s_next, x_t_next
                 ahead = lane_start + BLOCK_V
                 x_s_next, x_t_next = _load_raw(
                     student_ptr, s_row + ahead * stride_s_c, stride_s_c, teacher_ptr,
                     t_row + ahead * stride_t_c, stride_t_c, vec,
                     (ahead[:, None] + vec[None, :]) < n_cols_aligned, STATS_EVICT)
+                z_s, z_t = _tempered(x_s, x_t, mask, inv_temperature)
             else:
-                x_s, x_t = _load_raw(student_ptr, s_row + lane_start * stride_s_c, stride_s_c,
-                                     teacher_ptr, t_row + lane_start * stride_t_c, stride_t_c,
-                                     vec, mask, STATS_EVICT)
-            z_s, z_t = _tempered(x_s, x_t, mask, inv_temperature)
+                z_s, z_t, lane_start, mask = _lane_block(
+                    student_ptr, s_row, stride_s_c, teacher_ptr, t_row, stride_t_c, blk,
+                    lane_cols, vec, n_cols_aligned, inv_temperature, BLOCK_V, STATS_EVICT)
             bm_s, bs_s, bm_t, bs_t, bD_t, bD_s, _, _ = _pair_stats(z_s, z_t)
             m_s, s_s, m_t, s_t, D_t, D_s = _merge_stats(m_s, s_s, m_t, s_t, D_t, D_s,
                                                         bm_s, bs_s, bm_t, bs_t, bD_t, bD_s)
