@@ -159,12 +159,16 @@ def floor_gemms(x, w, tx, tw, d_logits=None):
 
 
 def measure_one(provider: str, op: str, N: int, D: int, V: int, dtype: torch.dtype,
-                mode: str, device: torch.device, cpu_budget_s: float) -> dict:
+                mode: str, device: torch.device, cpu_budget_s: float,
+                fn: Callable | None = None) -> dict:
     """{ms, peak_mem_mb, loss} of one provider, op and mode on fresh inputs (run in a fresh
-    process by main, or in main's own with --in-process). matmul_floor: its ms only."""
+    process by main, or in main's own with --in-process). matmul_floor: its ms only. fn: the
+    loss to measure instead of the named provider's (bench/gpu_tune.py: ours under config
+    values)."""
     divergence = op.split("_distill_")[-1] if op.startswith("linear") else \
         op.removeprefix("distill_")
-    fn = make_provider(provider, op, divergence, device)
+    if fn is None:
+        fn = make_provider(provider, op, divergence, device)
     if provider == FLOOR:
         inputs = make_inputs(N, D, V, dtype, device, requires_grad=False)
         g = torch.Generator(device=device).manual_seed(1)

@@ -130,7 +130,8 @@ KERNELS = ("_rows_kernel", "_split_kernel", "_finish_kernel", "_two_pass_stats_k
            "_two_pass_finish_kernel", "_sweep_kernel", "_slice_stats_kernel",
            "_slice_grad_kernel", "_scale_rows_kernel")
 DISTILL_KERNELS = ("_distill_rows_kernel", "_distill_slice_stats_kernel",
-                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel")
+                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel",
+                   "_distill_sweep_kernel")
 
 # Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical Specifications
 # per Compute Capability"): 65536 registers allocated per warp in units of 256 on all three;
@@ -203,14 +204,20 @@ def _scale_call(V: int) -> Callable[[], None]:
     return call
 
 
-def _distill_call(V: int, divergence: str, n_rows=ROWS) -> Callable[[], None]:
-    """Distillation (kernels/distill.py) on (n_rows, V) bf16 logits with a gradient and row
-    factors, as distill.distill_rows calls it: whole rows, or the slice kernels' stages (the
-    stats kernel, which does not depend on the divergence, in the JSD case only)."""
+def _distill_call(V: int, divergence: str, n_rows=ROWS, *, sweep=False,
+                  grad=True) -> Callable[[], None]:
+    """Distillation (kernels/distill.py) on (n_rows, V) bf16 logits with a gradient (unless
+    grad=False) and row factors, as distill.distill_rows calls it: whole rows, the row sweep
+    (sweep: LONG_ROWS = "sweep"), or the slice kernels' stages (the stats kernel, which does
+    not depend on the divergence, in the JSD case only)."""
     def call():
         x = torch.zeros(n_rows, V, dtype=torch.bfloat16)
         options = dict(divergence=divergence, beta=0.5, temperature=0.8)
         scale = torch.ones(n_rows)
+        if sweep:
+            distill.distill_sweep(x, x, torch.empty_like(x) if grad else None, scale,
+                                  **options)
+            return
         if V <= config.ROW_SLICE_MAX_V:
             distill.distill_rows(x, x, torch.empty_like(x), scale, **options)
             return
@@ -267,6 +274,12 @@ def cases() -> dict[str, Callable[[], None]]:
         out[f"distill_{divergence}_V4096_bf16"] = _distill_call(4096, divergence)
         out[f"distill_{divergence}_V128256_bf16"] = _distill_call(128256, divergence)
     out["distill_jsd_V1000_bf16"] = _distill_call(1000, "jsd", n_rows=4096)
+    # the distillation's row sweep (LONG_ROWS = "sweep"), with and without a gradient
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        out[f"distill_sweep_{divergence}_V128256_bf16"] = _distill_call(128256, divergence,
+                                                                        sweep=True)
+    out["distill_sweep_jsd_V128256_forward"] = _distill_call(128256, "jsd", sweep=True,
+                                                             grad=False)
     return out
 
 

@@ -25,6 +25,13 @@ Steps (--steps; "lm" by default):
   linear   linear_cross_entropy's chunk-driver choices (bench_linear.tune_step) beside the
            three GEMMs alone, bf16, N = 8192, (D, V) = (2304, 256000) and (4096, 128256),
            into OUT_DIR/gpu_tune-linear.csv.
+  distill  distillation from logits, bf16, N = 8192, V = 128256, forward + backward and
+           forward: forward KL, reverse KL and JSD (T = 2, beta = 0.5: bench_distill.py's),
+           ours on "two_pass" (the stage kernels) and on the sweep (tuned.json's values, else
+           config's), the naive PyTorch losses and Liger's JSD, each loss checked against
+           the float32 naive one; the fraction of the copy bandwidth on the floor's bytes (one
+           read of each logits tensor, one write of the gradient) against 0.75, and JSD's
+           speed-up over Liger against 2.
 Steps run in order and share one budget (--budget-s, 150 s): a measurement that would not
 fit what is left is skipped and named, never cut in the middle, and the CSV is written row by
 row. The numbers are for config.py: each tuned value there names this command, the device
@@ -34,6 +41,7 @@ and the date.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -42,6 +50,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_distill  # noqa: E402
 import bench_xent  # noqa: E402
 import common  # noqa: E402
 
@@ -112,11 +121,23 @@ SMALL_TILES = ((2048, 4), (1024, 4), (4096, 4), (1024, 1), (1024, 2), (512, 1))
 GOAL_COPY_FRACTION = 0.80
 GOAL_SPEEDUP = {"liger": 1.5, "torch_compile": 2.0, "torch": 3.0}
 
+# The distill step (issue 25): distillation from logits at the issue's case, and its goals:
+# the fraction of the copy bandwidth on the floor's bytes, and JSD against Liger's.
+DISTILL_TOKENS = 8192
+DISTILL_VOCAB = 128256
+DISTILL_PEERS = ("torch", "liger")  # bench_distill.py's providers
+GOAL_DISTILL_COPY_FRACTION = 0.75
+GOAL_JSD_OVER_LIGER = 2.0
+DISTILL_LOSS_RTOL = 2e-2  # bf16 losses against the float32 naive one
+
 # --dry-run: tiny shapes through the interpreter on a CPU (V above one slice and one block).
 DRY_TOKENS = 4
 DRY_VOCAB = (300,)
 DRY_SMALL = (10, 100)
 DRY_PEERS = ("torch",)  # torch.compile: seconds of C++ compile; liger: its interpreter run
+DRY_SLICE = 128  # the distill step's ROW_SLICE_MAX_V: V = 300 is a long row on both paths
+DRY_DIVERGENCES = ("jsd",)  # the distill step's: three sweeps of the row, and Liger's
+DRY_DISTILL_TOKENS = 2  # the interpreter's time grows with rows x blocks x sweeps
 
 
 def sweep_name(values: dict) -> str:
@@ -220,6 +241,44 @@ class Tuner:
         print(f"  {provider.name:58s} {mode:7s} {ms:9.3f} ms {gbps / self.copy:6.2f} of copy"
               f"  peak {mem}", flush=True)
         self.times[(provider.name, mode, dtype, N, V)] = ms
+        return ms
+
+    def time_distill(self, name: str, fn, divergence: str, mode: str, N: int, V: int,
+                     dtype: torch.dtype, ref_loss: float) -> float | None:
+        """Median ms of a distillation loss fn(student, teacher) on bench_distill's inputs
+        (its measure_one), written to the CSV with the floor's GB/s; None if skipped or if
+        its loss is not within DISTILL_LOSS_RTOL of ref_loss."""
+        op = f"distill_{divergence}"
+        label = f"{name} {op} {mode} {bench_xent.dtype_name(dtype)} N={N} V={V}"
+        first = (name, op, mode, dtype) not in self.compiled
+        estimate = 1.0 if self.dry else MEASURE_S + (TRITON_COMPILE_S if first else 0.0)
+        if not self.budget.allows(label, estimate):
+            return None
+        try:
+            r = bench_distill.measure_one(name, op, N, 0, V, dtype, mode, self.device,
+                                          cpu_budget_s=0.2, fn=fn)
+        except Exception as e:  # a provider that cannot run this case (OOM, unsupported)
+            why = str(e).splitlines()[0] if str(e) else ""
+            print(f"  skip {label}: {type(e).__name__}: {why}")
+            return None
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.compiled.add((name, op, mode, dtype))
+        if abs(r["loss"] - ref_loss) > DISTILL_LOSS_RTOL * abs(ref_loss) + 1e-6:
+            print(f"  skip {label}: wrong result, loss {r['loss']:.6g} against {ref_loss:.6g}")
+            return None
+        ms = r["ms"]
+        gbps = distill_floor_bytes(N, V, dtype, mode) / (ms * 1e-3) / common.GB
+        self.writer.write(**self.info, op=op, provider=name, mode=mode,
+                          dtype=bench_xent.dtype_name(dtype), N=N, V=V, D=0, ms=ms, gbps=gbps,
+                          copy_gbps=self.copy, peak_mem_mb=r["peak_mem_mb"])
+        peak = r["peak_mem_mb"]
+        mem = f"{peak:9.1f} MB" if peak is not None else "        -"
+        print(f"  {name:58s} {mode:7s} {ms:9.3f} ms {gbps / self.copy:6.2f} of copy"
+              f"  peak {mem}", flush=True)
+        self.times[(name, op, mode, dtype, N, V)] = ms
         return ms
 
     def variant(self, name: str, values: dict, fn=None) -> bench_xent.Provider:
@@ -415,8 +474,100 @@ def step_linear(tuner: Tuner, out_dir: str, dry: bool) -> None:
         bench_linear.tune_step(os.path.join(out_dir, "gpu_tune-linear.csv"), dry_run=dry)
 
 
+
+def distill_floor_bytes(N: int, V: int, dtype: torch.dtype, mode: str) -> int:
+    """The floor's bytes: one read of the student's and the teacher's (N, V) logits, and
+    with a gradient one write of it."""
+    elem = torch.finfo(dtype).bits // 8
+    return N * V * elem * (3 if mode == "fwd_bwd" else 2)
+
+
+def distill_reference(N: int, V: int, dtype: torch.dtype, device: torch.device,
+                      divergence: str) -> float:
+    """The naive loss (bench_distill.naive_loss) on bench_distill's inputs, in float32."""
+    s, t = bench_distill.make_inputs(N, 0, V, dtype, device, requires_grad=False)
+    with torch.no_grad():
+        loss = float(bench_distill.naive_loss(s.float(), t.float(), divergence))
+    del s, t
+    return loss
+
+
+def step_distill(tuner: Tuner, out_dir: str, dry: bool) -> None:
+    import triton_xent
+
+    N = DRY_DISTILL_TOKENS if dry else DISTILL_TOKENS
+    V = DRY_VOCAB[0] if dry else DISTILL_VOCAB
+    dtype = torch.bfloat16
+    sweep = load_tuned(out_dir, dry)
+    ours = {"two_pass": dict(LONG_ROWS="two_pass"), sweep_name(sweep): sweep}
+    if dry:  # V = 300 above one slice: both paths take long rows
+        ours = {name: dict(values, ROW_SLICE_MAX_V=DRY_SLICE) for name, values in ours.items()}
+    peers = DRY_PEERS if dry else DISTILL_PEERS
+    names = [f"triton_xent[{name}]" for name in ours] + list(peers)
+    print(f"distill: {bench_xent.dtype_name(dtype)} N={N} V={V}, from logits")
+    divergences = DRY_DIVERGENCES if dry else bench_distill.DIVERGENCES
+    for divergence in divergences:
+        op = f"distill_{divergence}"
+        ref = distill_reference(N, V, dtype, tuner.device, divergence)
+        providers = {}
+        for name, values in ours.items():  # read in the forward: the backward only scales
+            def fn(s, t, values=values, divergence=divergence):
+                with bench_xent.config_values(values):
+                    return triton_xent.distillation_loss(
+                        s, t, divergence=divergence, beta=bench_distill.BETA,
+                        temperature=bench_distill.TEMPERATURE)
+            providers[f"triton_xent[{name}]"] = fn
+        for peer in peers:
+            try:
+                providers[peer] = bench_distill.make_provider(peer, op, divergence,
+                                                              tuner.device)
+            except common.Unavailable as e:
+                print(f"  skip provider {peer} for {divergence}: {e}")
+        print(f"case {op}")
+        for name, fn in providers.items():
+            for mode in ("fwd_bwd", "fwd"):
+                tuner.time_distill(name, fn, divergence, mode, N, V, dtype, ref)
+    report_distill(tuner, N, V, dtype, names, divergences)
+
+
+def report_distill(tuner: Tuner, N: int, V: int, dtype: torch.dtype, names: list[str],
+                   divergences) -> None:
+    """The table: ms and fraction of the copy bandwidth on the floor's bytes per provider
+    and divergence, both modes; then the goals for each of ours."""
+    print(f"\ndistillation {bench_xent.dtype_name(dtype)} N={N} V={V} from logits: ms "
+          f"(fraction of the {tuner.copy:.0f} GB/s copy on the floor's bytes)")
+    ops = [f"distill_{d}" for d in divergences]
+    print(f"{'provider':58s} {'mode':7s} " + " ".join(f"{op:>22s}" for op in ops))
+    for name in names:
+        for mode in ("fwd_bwd", "fwd"):
+            cells = []
+            for op in ops:
+                ms = tuner.times.get((name, op, mode, dtype, N, V))
+                frac = (distill_floor_bytes(N, V, dtype, mode) / (ms * 1e-3) / common.GB
+                        / tuner.copy if ms else None)
+                cells.append(f"{ms:12.3f} ({frac:.2f})" if ms else f"{'-':>22s}")
+            print(f"{name:58s} {mode:7s} " + " ".join(cells))
+    for name in (n for n in names if n.startswith("triton_xent")):
+        goals = []
+        for op in ops:
+            ms = tuner.times.get((name, op, "fwd_bwd", dtype, N, V))
+            if not ms:
+                continue
+            frac = distill_floor_bytes(N, V, dtype, "fwd_bwd") / (ms * 1e-3) / common.GB \
+                / tuner.copy
+            mark = ">=" if frac >= GOAL_DISTILL_COPY_FRACTION else "<"
+            goals.append(f"{op} copy {frac:.2f} {mark} {GOAL_DISTILL_COPY_FRACTION}")
+        ms = tuner.times.get((name, "distill_jsd", "fwd_bwd", dtype, N, V))
+        liger = tuner.times.get(("liger", "distill_jsd", "fwd_bwd", dtype, N, V))
+        if ms and liger:
+            x = liger / ms
+            goals.append(f"jsd {x:.2f}x liger" + (" met" if x >= GOAL_JSD_OVER_LIGER
+                                                  else f" < {GOAL_JSD_OVER_LIGER}"))
+        print(f"  {name} fwd_bwd: " + (", ".join(goals) or "nothing measured"))
+
+
 STEPS = {"lm": step_lm, "fp32": step_fp32, "small": step_small, "options": step_options,
-         "linear": step_linear}
+         "linear": step_linear, "distill": step_distill}
 
 
 # --- plumbing -----------------------------------------------------------------------------

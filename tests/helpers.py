@@ -1,5 +1,5 @@
-"""The one reference (PyTorch in float64) and the per-dtype tolerances of every test, and
-the spawning of the distributed tests' ranks."""
+"""The one reference (PyTorch in float64) and the per-dtype tolerances of every test, the
+row sweep in small blocks, and the spawning of the distributed tests' ranks."""
 
 from __future__ import annotations
 
@@ -135,6 +135,20 @@ def distill_reference(x, teacher, target=None, *, divergence="forward_kl", beta=
 def assert_close(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
                                equal_nan=True, msg=lambda m: f"{what}: {m}", **TOL[dtype])
+
+
+def sweep_in_small_blocks(monkeypatch, *, block_v=32, prefetch=True, stages=1, reverse=True,
+                          programs_per_sm=None):
+    """The row sweep (config.LONG_ROWS = "sweep") in blocks of block_v columns (32: rows of
+    33 .. 257 take 2 .. 9), with its knobs; programs_per_sm set caps the interpreter's grid
+    at 3 programs walking the rows."""
+    from triton_xent import config
+
+    monkeypatch.setattr(config, "SWEEP_BLOCK_V", block_v)
+    monkeypatch.setattr(config, "SWEEP_PREFETCH", prefetch)
+    monkeypatch.setattr(config, "SWEEP_STAGES", stages)
+    monkeypatch.setattr(config, "SWEEP_REVERSE", reverse)
+    monkeypatch.setattr(config, "SWEEP_PROGRAMS_PER_SM", programs_per_sm)
 
 
 def spawn_ranks(worker, args: tuple, world: int, tmp_path, timeout: float) -> list:

@@ -52,16 +52,17 @@ AMD = ("gfx942", "gfx950") if _links_amd_code() else ()
 TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120") + AMD
 # Split rows with weights, smoothing, softcap and z-loss; whole rows with the RL extras; many
 # short rows a program; a vocab-parallel rank with the RL extras; the gradient scaling; the
-# exchange-free long rows; distillation's JSD (its largest tiles) on whole rows and its three
-# slice stages.
+# exchange-free long rows; distillation's JSD (its largest tiles) on whole rows, its three
+# slice stages and its row sweep.
 TARGET_CASES = ("lm_V128256_every_option", "whole_V4096_rl", "small_V10_bf16",
                 "vocab_parallel_V32064_rl", "scale_rows_V128256",
                 "two_pass_V128256_every_option", "distill_jsd_V4096_bf16",
-                "distill_jsd_V128256_bf16")
+                "distill_jsd_V128256_bf16", "distill_sweep_jsd_V128256_bf16")
 
 
 DISTILL_KERNELS = ("_distill_rows_kernel", "_distill_slice_stats_kernel",
-                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel")
+                   "_distill_slice_terms_kernel", "_distill_slice_grad_kernel",
+                   "_distill_sweep_kernel")
 
 
 def run_audit(*args) -> list[dict]:
@@ -249,7 +250,7 @@ def test_every_launch_fits_on_an_sm(targets_report, target):
     # The per-SM limits are known for these three: a launch that fits none could not run.
     fits = {(c, k): r["programs_per_sm"] for (c, k, t), r in targets_report.items()
             if t == target}
-    assert len(fits) == 13 and min(fits.values()) >= 1, fits
+    assert len(fits) == 14 and min(fits.values()) >= 1, fits
 
 
 DISTILL = [(f"distill_{d}_V{V}_bf16", "_distill_rows_kernel")
@@ -481,3 +482,20 @@ def test_sweep_keeps_two_programs_per_sm_in_bf16_and_reads_once_without_a_gradie
     assert report[("sweep_V128256_bf16", "_sweep_kernel")]["programs_per_sm"] >= 2
     forward = report[("sweep_V128256_forward", "_sweep_kernel")]
     assert forward["grad_stores"] == {} and len(forward["item_sweep_trips"]) == 1, forward
+
+
+DISTILL_SWEEP_CASES = ("distill_sweep_forward_kl_V128256_bf16",
+                       "distill_sweep_reverse_kl_V128256_bf16",
+                       "distill_sweep_jsd_V128256_bf16", "distill_sweep_jsd_V128256_forward")
+
+
+@pytest.mark.parametrize("case", DISTILL_SWEEP_CASES)
+def test_distillation_sweep_reads_with_16_byte_vectors_in_registers(report, case):
+    # One program a row (config.SWEEP_*: blocks of 8192 columns at 16 warps, prefetch):
+    # 16-byte loads of both logits in each sweep and 16-byte gradient stores, no spill
+    # (test_no_launch_spills_registers), at least one program an SM (1 with the prefetch's
+    # registers: 75 to 82 on sm_90 with Triton 3.9), and the grid one program a row.
+    r = report[(case, "_distill_sweep_kernel")]
+    assert sizes(r["logits_loads"]) == {16} and 16 in sizes(r["loads"]), r
+    assert sizes(r["grad_stores"]) == (set() if case.endswith("_forward") else {16}), r
+    assert r["programs_per_sm"] >= 1 and r["grid"] == [16], r

@@ -1,16 +1,17 @@
 """distillation_loss from logits (issue 20): forward KL, reverse KL and JSD against the float64
 reference of helpers.py (autograd of the issue's formulas), on both backends, every
-reduction, whole rows and rows cut into slices, ignored rows, -inf teacher logits, the
-dtypes, the shapes, the backward's scaling, torch.compile and every bad input. The stage
-functions the linear op and vocab parallelism build on (triton_xent/distill.py) are checked
-on column sets merged by merge_stats.
+reduction, whole rows and long rows on both of their paths (config.LONG_ROWS: "two_pass",
+the stage kernels on slices; "sweep", one program walking each row in blocks, with its
+knobs), ignored rows, -inf teacher logits, the dtypes, the shapes, the backward's scaling,
+torch.compile and every bad input. The stage functions the linear op and vocab parallelism
+build on (triton_xent/distill.py) are checked on column sets merged by merge_stats.
 """
 
 import pytest
 import torch
 
 import triton_xent
-from helpers import assert_close, distill_reference
+from helpers import assert_close, distill_reference, sweep_in_small_blocks
 from triton_xent import config, distill
 from triton_xent.autograd import distillation_op
 
@@ -71,6 +72,17 @@ def small_slices(monkeypatch):
     monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 64)
 
 
+@pytest.fixture(params=["two_pass", "sweep"])
+def long_row_paths(request, monkeypatch, small_slices):
+    """small_slices on each long-row path: "two_pass" (the stage kernels) and "sweep"
+    (blocks of 64 columns: V = 70 .. 200 take 2 .. 4). The PyTorch backend has no long-row
+    paths: it runs once."""
+    if request.param == "sweep" and request.getfixturevalue("backend") == "torch":
+        pytest.skip("the PyTorch backend has no long-row paths")
+    monkeypatch.setattr(config, "LONG_ROWS", request.param)
+    sweep_in_small_blocks(monkeypatch, block_v=64)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("case", CASES)
 def test_every_divergence_temperature_and_reduction(backend, device, case, reduction):
@@ -104,7 +116,7 @@ def test_the_smallest_real_split_row(device):
 
 
 @pytest.mark.parametrize("shape", ["N_V", "B_T_V", "B_T_V_strided_view", "V"])
-def test_row_shapes(backend, device, small_slices, shape):
+def test_row_shapes(backend, device, long_row_paths, shape):
     # (N, V) and (B, T, V) logits; a logits[:, :-1] view is read in place (its rows are not
     # evenly spaced); one row of shape (V,) with a 0-dim target. V = 70 takes two slices.
     if shape == "B_T_V_strided_view":
@@ -142,7 +154,7 @@ def test_no_target_counts_every_row_and_ignore_index_is_honoured(backend, device
            what="ignore_index=5")
 
 
-def test_minus_inf_teacher_logits(backend, device, small_slices):
+def test_minus_inf_teacher_logits(backend, device, long_row_paths):
     # Some classes the teacher rules out (-inf), in every slice of row 0 and in one slice of
     # the others, and a whole slice of -inf in row 1: forward KL and JSD are finite and match;
     # reverse KL is +inf, its true value, where the student puts mass on such a class.
@@ -159,7 +171,7 @@ def test_minus_inf_teacher_logits(backend, device, small_slices):
     assert torch.isinf(loss).all() and (loss > 0).all()
 
 
-def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, small_slices):
+def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, long_row_paths):
     # Never a silent 0: a NaN in the student's row 0 or the teacher's row 1 (V = 100, two
     # slices) makes that row's loss NaN; row 2 is untouched.
     x, t = _logits((3, 100), device=device)
@@ -171,7 +183,7 @@ def test_a_nan_logit_gives_its_row_a_nan_loss(backend, device, small_slices):
         assert loss[:2].isnan().all() and loss[2].isfinite(), divergence
 
 
-def test_equal_distributions_give_exactly_zero_kl(backend, device, small_slices):
+def test_equal_distributions_give_exactly_zero_kl(backend, device, long_row_paths):
     # D_t = sum e_t (d_t - d_s) is exactly 0 when the teacher is the student: no cancellation
     # of two large sums, and a +100 shift of the teacher changes nothing.
     x, _ = _logits((3, 150), device=device)
@@ -275,7 +287,7 @@ def test_merged_column_sets_equal_whole_rows(device, backend_):
 
 
 @pytest.mark.parametrize("vocab", [37, 150], ids=["whole_rows", "three_slices"])
-def test_gradient_may_overwrite_the_student(backend, device, small_slices, vocab):
+def test_gradient_may_overwrite_the_student(backend, device, long_row_paths, vocab):
     # The linear op's chunks take their gradient in the logits' own buffer: distill_rows with
     # grad aliasing the student gives the gradient it gives into a separate buffer.
     x, t = _logits((4, vocab), device=device)
@@ -287,6 +299,111 @@ def test_gradient_may_overwrite_the_student(backend, device, small_slices, vocab
     loss_in_place = distill.distill_rows(spent, t, spent, scale, **kw)
     assert torch.equal(loss, loss_in_place) and torch.equal(spent, grad)
     assert loss[1] == 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+# --- the long-row paths (config.LONG_ROWS) -------------------------------------------------
+
+STAGE_KERNELS = ("_distill_slice_stats_kernel", "_distill_slice_terms_kernel",
+                 "_distill_slice_grad_kernel")
+SWEEP_KERNELS = ("_distill_sweep_kernel",)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the distillation kernels launched, in order (the kernels still run)."""
+    kd = pytest.importorskip("triton_xent.kernels.distill")
+    names = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kd, name)
+
+        def __getitem__(self, grid):
+            names.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_distill_rows_kernel",) + STAGE_KERNELS + SWEEP_KERNELS:
+        monkeypatch.setattr(kd, name, Spy(name))
+    return names
+
+
+# Each divergence case on the sweep with its knobs varied across the cases: prefetch on and
+# off, Triton's pipelining (stages 2), the later sweeps reversed or not, and the grid capped
+# (programs_per_sm: 3 programs walk the 4 rows). Both dtypes, every reduction, row 2
+# ignored, -inf teacher logits (not for reverse KL: +inf there, test_minus_inf_teacher_logits);
+# V = 100 (lanes of 4 columns) or 99 (of 1) in blocks of 32, the last one partial.
+# case: (prefetch, stages, reverse, programs_per_sm, dtype, reduction, V)
+SWEEP_CASES = {
+    "forward_kl": (True, 1, True, None, torch.float32, "batchmean", 100),
+    "forward_kl_T2": (False, 1, False, 1, torch.bfloat16, "sum", 99),
+    "reverse_kl": (False, 2, True, None, torch.bfloat16, "none", 100),
+    "reverse_kl_T0.7": (True, 1, False, 1, torch.float32, "batchmean", 100),
+    "jsd_beta0.1": (True, 1, True, None, torch.bfloat16, "sum", 99),
+    "jsd_beta0.5_T1.5": (False, 1, False, 1, torch.float32, "none", 100),
+    "jsd_beta0.9": (True, 2, False, None, torch.bfloat16, "batchmean", 100),
+}
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES)
+def test_sweep_matches_the_reference_and_launches_only_itself(device, monkeypatch, launches,
+                                                              case):
+    divergence, temperature, beta = CASES[case]
+    prefetch, stages, reverse, per_sm, dtype, reduction, v = SWEEP_CASES[case]
+    monkeypatch.setattr(config, "LONG_ROWS", "sweep")
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+    sweep_in_small_blocks(monkeypatch, prefetch=prefetch, stages=stages, reverse=reverse,
+                          programs_per_sm=per_sm)
+    x, t = _logits((4, v), dtype=dtype, device=device)
+    if divergence != "reverse_kl":
+        t[3, ::7] = float("-inf")
+        t[1, 32:64] = float("-inf")  # a whole block
+    kwargs = dict(divergence=divergence, beta=beta, temperature=temperature,
+                  reduction=reduction, backend="triton")
+    loss, _ = _check(x, t, _target((4,), v, device), what=case, **kwargs)
+    assert launches == list(SWEEP_KERNELS)  # the backward scales the saved gradient only
+    with torch.no_grad():  # the forward alone: the statistics' sweep (and JSD's terms')
+        again = triton_xent.distillation_loss(x, t, _target((4,), v, device), **kwargs)
+    assert launches == list(SWEEP_KERNELS) * 2 and torch.equal(again, loss)
+
+
+@pytest.mark.parametrize("path", ["two_pass", "exchange"])
+def test_two_pass_and_exchange_take_the_stage_kernels(device, monkeypatch, launches, path):
+    # Distillation has no exchange: both run the stages (JSD: stats, terms, grad).
+    pytest.importorskip("triton")
+    monkeypatch.setattr(config, "LONG_ROWS", path)
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+    x, t = _logits((2, 70), device=device)
+    _check(x, t, divergence="jsd", beta=0.3, backend="triton", what=path)
+    assert launches == list(STAGE_KERNELS)
+
+
+def test_a_bad_long_rows_fails_every_kernel_call(device, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(config, "LONG_ROWS", "fast")
+    x, t = _logits((2, 10), device=device)
+    with pytest.raises(ValueError, match="LONG_ROWS = 'fast'"):
+        triton_xent.distillation_loss(x, t, backend="triton")
+
+
+def test_vocab_parallel_keeps_the_stage_kernels_under_the_sweep(device, monkeypatch,
+                                                                 launches):
+    # A rank's columns are a slice of the rows: the vocab-parallel driver runs the stages
+    # whatever LONG_ROWS. One rank, its collectives faked (gather: itself; reduce: as is).
+    monkeypatch.setattr(config, "LONG_ROWS", "sweep")
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 32)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group: 1)
+    monkeypatch.setattr(torch.distributed, "all_gather",
+                        lambda out, x, group: out[0].copy_(x))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda x, group: x)
+    x, t = _logits((3, 70), device=device)
+    grad = torch.empty_like(x)
+    loss = distill.distill_rows_vocab_parallel(x, t, grad, None, divergence="jsd", beta=0.3,
+                                               temperature=1.0, use_triton=True, group=None)
+    assert launches == list(STAGE_KERNELS)
+    want_loss, want_grad = distill_reference(x, t, divergence="jsd", beta=0.3,
+                                             reduction="none")
+    assert_close(loss, want_loss, torch.float32, "loss")
+    assert_close(grad, want_grad, torch.float32, "gradient")
 
 
 def test_compiled_training_step_equals_eager_without_graph_breaks(backend, device):

@@ -1,7 +1,8 @@
 """bench/gpu_tune.py --dry-run: the tuning command's plumbing on a CPU (tiny shapes, the
 Triton interpreter). The search tries every fixed path and each of the sweep's factors, the
-finals put the peers beside our candidates, the choice is saved for the later steps, and a
-budget too small for a measurement skips it by name instead of running over."""
+finals put the peers beside our candidates, the choice is saved for the later steps (the
+distill step times it and "two_pass" beside the naive losses), and a budget too small for a
+measurement skips it by name instead of running over."""
 
 import json
 import os
@@ -28,7 +29,7 @@ def _run(out, *args, timeout=600):
 
 
 def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(tmp_path):
-    stdout = _run(tmp_path)
+    stdout = _run(tmp_path, "--steps", "lm", "distill")
     rows = common.read_csv(tmp_path / "gpu_tune.csv")
     providers = {r["provider"] for r in rows}
     assert {f"triton_xent[{name}]" for name in gpu_tune.PATHS} <= providers
@@ -43,6 +44,16 @@ def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(
     assert ("torch", "fwd") in finals
     assert (f"triton_xent[{gpu_tune.sweep_name(tuned)}]", "fwd") in finals
     assert "forward + backward: ms (fraction of the" in stdout and "skipped 0" in stdout
+    # The distill step (JSD only under --dry-run, gpu_tune.DRY_DIVERGENCES): ours on
+    # "two_pass" and on the sweep the lm step chose, beside the naive loss, both modes, each
+    # loss checked first.
+    for provider in ("triton_xent[two_pass]", f"triton_xent[{gpu_tune.sweep_name(tuned)}]",
+                     "torch"):
+        for mode in ("fwd_bwd", "fwd"):
+            assert any(r["op"] == "distill_jsd" and r["provider"] == provider
+                       and r["mode"] == mode for r in rows), (provider, mode)
+    assert "copy on the floor's bytes" in stdout and "distill_jsd copy" in stdout
+    assert "wrong result" not in stdout
 
 
 def test_a_budget_too_small_skips_measurements_by_name(tmp_path):

@@ -13,7 +13,7 @@ import torch
 import triton_xent
 import triton_xent.chunks as chunks_mod
 import triton_xent.linear_distill as linear_distill_mod
-from helpers import assert_close, distill_reference
+from helpers import assert_close, distill_reference, sweep_in_small_blocks
 from triton_xent import LinearDistillationLoss, config, linear_distillation_loss
 
 N, D, DT, V = 11, 8, 6, 37
@@ -131,6 +131,21 @@ def test_chunk_size_does_not_change_the_result(backend, device):
     for run in runs[:2]:
         for got, ref in zip(run, runs[2]):
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("path", ["two_pass", "sweep"])
+def test_long_rows_on_each_path_in_chunks(device, monkeypatch, path):
+    # V = 37 above slices of 16 columns: each chunk's logits through the stage kernels or
+    # the row sweep (blocks of 16), the gradient written over the chunk's logits.
+    pytest.importorskip("triton")
+    monkeypatch.setattr(config, "ROW_SLICE_MAX_V", 16)
+    monkeypatch.setattr(config, "LONG_ROWS", path)
+    sweep_in_small_blocks(monkeypatch, block_v=16)
+    x, w, b, tx, tw, tb, t = _problem(device)
+    options = dict(divergence="jsd", beta=0.3, temperature=1.5, reduction="sum")
+    got = _run(x, w, b, tx, tw, tb, t, backend="triton", chunk_size=CHUNK, **options)
+    _check(got, linear_distill_reference(x, w, b, tx, tw, tb, t, **options), torch.float32,
+           path)
 
 
 @pytest.mark.parametrize("schedule", ["rows", "vocab"])

@@ -133,3 +133,66 @@ def test_first_compile_of_a_kernel_warns_nothing():
     env["PYTHONPATH"] = ROOT
     run([sys.executable, "-W", "error", os.path.join(ROOT, "bench", "compile_audit.py"),
          "--only", "whole_V4096_bf16"], env=env, cwd=ROOT)
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, lazy imports (inside functions) included:
+    `from . import x`, `from .x import y`, `from .. import x`, `import triton_xent.x`. A name
+    imported from a package is its submodule where there is one, else the package."""
+    import ast
+
+    def module_of(path):
+        parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {module_of(os.path.join(ROOT, p)): os.path.join(ROOT, p) for p in PACKAGE_FILES}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+        edges = set()
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - node.level + 1]
+                    origin = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").split(".")[0] == "triton_xent":
+                    origin = node.module
+                else:
+                    continue
+                for alias in node.names:
+                    sub = f"{origin}.{alias.name}"
+                    edges.add(sub if sub in modules else origin)
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_the_package_imports_form_no_cycle():
+    # The modules form a DAG, lazy imports included: what both kernel families share lives
+    # below both (kernels/tiles.py), and distill.py builds on distributed.py, never the
+    # reverse. A package's __init__ is left out: importing a submodule runs it first anyway.
+    graph = {m: {e for e in edges if not m.startswith(e + ".") and e != "triton_xent"}
+             for m, edges in _imports().items()}
+    assert "triton_xent.kernels.tiles" in graph["triton_xent.kernels.xent"]
+    assert "triton_xent.distributed" in graph["triton_xent.distill"]
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+
+    def walk(module, path):
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                walk(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [module])
+    assert not graph["triton_xent.kernels.xent"] & {"triton_xent.kernels.distill"}
+    assert not graph["triton_xent.kernels.distill"] & {"triton_xent.kernels.xent"}

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import triton_xent
-from helpers import assert_close, entropy_reference, reference
+from helpers import assert_close, entropy_reference, reference, sweep_in_small_blocks
 from triton_xent import config
 
 pytest.importorskip("triton")
@@ -43,16 +43,6 @@ TWO_PASS_KERNELS = ("_two_pass_stats_kernel", "_two_pass_finish_kernel")
 SWEEP_KERNELS = ("_sweep_kernel",)
 # The paths on which no program waits on another, and the kernels each launches.
 NO_WAIT_KERNELS = {"two_pass": TWO_PASS_KERNELS, "sweep": SWEEP_KERNELS}
-
-
-def sweep_in_small_blocks(monkeypatch, *, prefetch=True, stages=1, reverse=True,
-                          programs_per_sm=None):
-    """The sweep in blocks of 32 columns (rows of 33 .. 257 take 2 .. 9), with its knobs."""
-    monkeypatch.setattr(config, "SWEEP_BLOCK_V", 32)
-    monkeypatch.setattr(config, "SWEEP_PREFETCH", prefetch)
-    monkeypatch.setattr(config, "SWEEP_STAGES", stages)
-    monkeypatch.setattr(config, "SWEEP_REVERSE", reverse)
-    monkeypatch.setattr(config, "SWEEP_PROGRAMS_PER_SM", programs_per_sm)
 
 
 # Each path, and on the exchange each spin setting and schedule; "two_pass" has no spin;

@@ -173,12 +173,17 @@ SWEEP_L2_FRACTION = None
 # --- distillation (triton_xent/kernels/distill.py) ---------------------------------------
 
 # Distillation uses the cross-entropy's numbers above: whole rows up to ROW_SLICE_MAX_V
-# columns as ROWS_TILE_ELEMENTS tiles with NUM_WARPS_BY_BLOCK warps, longer rows in slices of
-# split_plan's width at SPLIT_NUM_WARPS. Its tiles hold two logits tensors, so the offline
+# columns as ROWS_TILE_ELEMENTS tiles with NUM_WARPS_BY_BLOCK warps; longer rows by
+# LONG_ROWS, the same switch and default ("exchange" takes "two_pass": distillation has no
+# exchange), in slices of split_plan's width at SPLIT_NUM_WARPS ("two_pass") or in the row
+# sweep with the SWEEP_* knobs ("sweep"). Its tiles hold two logits tensors, so the offline
 # sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU, bf16) was read for them too: whole
 # rows of V = 4096 at 8 warps take 57 (forward KL), 59 (reverse KL) and 86 (JSD) registers,
 # 4, 4 and 2 programs an SM; V = 1000 JSD at 4 warps 101, 4 an SM; the slice kernels at 16
-# warps 29 to 38, 3 or 4 an SM; no spills. Speed not yet measured on a GPU.
+# warps 29 to 38, 3 or 4 an SM; the sweep at V = 128256 (8192 columns, 16 warps, prefetch)
+# 76, 75 and 82, 1 program an SM (forward KL and JSD without the prefetch: 60 and 64, 2 an
+# SM; in 4096 columns at 16 warps: 52 and 64, 2 an SM); no spills. Speed not yet measured
+# on a GPU: `python bench/gpu_tune.py OUT --steps distill` times both long-row paths.
 
 # --- the linear ops' chunk driver (triton_xent/chunks.py) ------------------------------
 #

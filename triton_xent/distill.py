@@ -1,7 +1,8 @@
 """Distillation from logits: what both backends share, between the public function and the
 kernels (kernels/distill.py, which states the math) or their plain-PyTorch twins
 (reference.py): the row view of (..., V) logits, each row's factor from the target and the
-reduction, the stages of long rows, the loss's assembly, and the backward's scale.
+reduction, the long rows' path (config.LONG_ROWS: the row sweep, or the stages), the
+vocab-parallel driver, the loss's assembly, and the backward's scale.
 
 The stage functions below are the internal interface the linear op and the vocab-parallel
 path build on; each takes `use_triton` to pick the backend:
@@ -24,6 +25,12 @@ path build on; each takes `use_triton` to pick the backend:
 student, teacher and grad are (R, V) or (N, D, V) (rows r = n * D + d), any strides; grad
 may alias student. row_scale is (R,) float32 contiguous or None (1). Results are float32
 (float64 for float64 input on the PyTorch backend).
+
+Vocab parallelism (distill_rows_vocab_parallel, after prepare_distill's one all_gather of
+facts, distributed.agreed_facts): student and teacher are sharded alike; each rank's six
+statistics per row (distill_stats) are all-gathered and merged as the slices of one row
+are, and JSD all-reduces its two sums of terms per row: 24 R bytes from each rank, plus 8 R
+for JSD. This module builds on distributed.py, which never imports it.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from . import config, core, reference
+from . import config, core, distributed, reference
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -50,15 +58,21 @@ def _kernels():
 def distill_rows(student, teacher, grad, row_scale, *, divergence, beta, temperature,
                  use_triton):
     """Per-row loss and gradient of whole rows: one kernel for rows of at most
-    config.ROW_SLICE_MAX_V columns; longer rows through the stages (stats, merge, JSD's
-    terms, grad), no program waiting on another."""
+    config.ROW_SLICE_MAX_V columns; longer rows by config.LONG_ROWS, as cross-entropy's:
+    "sweep", one kernel whose programs walk whole rows (kernels.distill.distill_sweep);
+    "two_pass" and "exchange" (distillation has no exchange: it takes "two_pass"), the
+    stages (stats, merge, JSD's terms, grad), no program waiting on another."""
     options = dict(divergence=divergence, beta=beta, temperature=temperature)
     if not use_triton:
         return reference.distill_rows_torch(student, teacher, grad, row_scale, **options)
     kd = _kernels()
+    path = config.long_rows()  # a bad LONG_ROWS fails every call, not only long rows'
     if student.shape[-1] <= config.ROW_SLICE_MAX_V:
         return core.on_tensors_device(kd.distill_rows)(student, teacher, grad, row_scale,
                                                         **options)
+    if path == "sweep":
+        return core.on_tensors_device(kd.distill_sweep)(student, teacher, grad, row_scale,
+                                                         **options)
     with core.device_guard(student.device):
         merged = merge_stats(kd.distill_slice_stats(student, teacher, temperature=temperature))
         terms = None
@@ -116,6 +130,54 @@ def distill_grad(student, teacher, merged, kl_s, grad, row_scale, *, divergence,
        temperature=temperature)
 
 
+# --- vocab parallelism -----------------------------------------------------------------------
+
+
+def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, group,
+                    device: torch.device) -> int:
+    """The number of classes of all ranks, after the checks every rank runs alike from one
+    all_gather of facts (so that a failing call raises everywhere instead of leaving a rank
+    waiting in a collective; distributed.agreed_facts). Without a target, a marker of n_rows
+    rows stands for it, on `device` (the collective's: NCCL's is a GPU). The targets' range
+    is not checked (distillation reads no class from them), so any ignore_index does."""
+    marker = (target.reshape(-1) if target is not None
+              else torch.zeros(n_rows, dtype=torch.int64, device=device))
+    sizes, _, _ = distributed.agreed_facts(n_local, marker, -1, group, "rows")
+    return sum(sizes)
+
+
+def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence, beta,
+                                temperature, use_triton, group):
+    """distill_rows over a group: student and teacher are this rank's slice of the classes
+    (the same slice of both, possibly empty); every rank gets the whole rows' loss and
+    writes its slice of the gradient. Every rank must call it with the same rows.
+
+    The (R, 6) statistics of each rank's columns (distill_stats) are all-gathered and
+    merged as slices of one row are (merge_stats: maxes, then each sum rescaled to them);
+    JSD then all-reduces (SUM) its (R, 2) sums of terms over the local columns
+    (distill_terms); each rank writes its gradient from the merged statistics
+    (distill_grad). The stage kernels whatever config.LONG_ROWS: a rank's columns are a
+    slice of the rows. Per call: 24 R bytes a rank gathered from each rank (float32), plus
+    8 R all-reduced for JSD, whatever V."""
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    # an empty slice has the statistics of nothing (maxes -inf, sums 0): it merges as nothing
+    stats = distill_stats(student, teacher, temperature=temperature,
+                          use_triton=use_triton).to(acc)
+    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, stats.contiguous(), group=group)
+    merged = merge_stats(torch.stack(gathered, 1))  # (R, P, 6) -> (R, 6)
+    terms = None
+    if divergence == "jsd":
+        terms = distill_terms(student, teacher, merged, beta=beta, temperature=temperature,
+                              use_triton=use_triton).to(acc)
+        dist.all_reduce(terms, group=group)
+    loss, kl_s = row_losses(merged, terms, divergence)
+    if grad is not None and grad.numel() > 0:
+        distill_grad(student, teacher, merged, kl_s, grad, row_scale, divergence=divergence,
+                     beta=beta, temperature=temperature, use_triton=use_triton)
+    return loss if row_scale is None else torch.where(row_scale == 0, 0.0, loss)
+
+
 # --- the op ---------------------------------------------------------------------------------
 
 
@@ -166,7 +228,7 @@ def forward(problem: DistillProblem, input: torch.Tensor, teacher: torch.Tensor,
     """(loss, grad): the reduced loss in core.acc_dtype(input.dtype) (the caller casts it),
     and dloss/dinput shaped like input (None unless compute_grad), pre-scaled by the
     reduction. With a process_group, input and teacher are this rank's slice of the classes
-    (distributed.distill_rows_vocab_parallel). Autocast is off inside."""
+    (distill_rows_vocab_parallel). Autocast is off inside."""
     with torch.autocast(input.device.type, enabled=False):
         s3, t3 = rows_view(input), rows_view(teacher)
         N, D, V = s3.shape
@@ -179,13 +241,10 @@ def forward(problem: DistillProblem, input: torch.Tensor, teacher: torch.Tensor,
         if process_group is None:
             rows_fn = distill_rows
         else:
-            from . import distributed
-
-            distributed.prepare_distill(V, target, n_rows, process_group, input.device)
+            prepare_distill(V, target, n_rows, process_group, input.device)
 
             def rows_fn(*args, **kwargs):
-                return distributed.distill_rows_vocab_parallel(*args, group=process_group,
-                                                               **kwargs)
+                return distill_rows_vocab_parallel(*args, group=process_group, **kwargs)
         loss_rows = rows_fn(s3, t3, grad, scale, **problem.stage_kwargs()).to(acc)
         if problem.reduction == "none":
             loss = loss_rows.view(input.shape[:-1])

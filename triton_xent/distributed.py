@@ -28,10 +28,8 @@ A rank's slice may be empty (m = -inf, s = S = U = 0: it adds nothing), as long 
 rank holds a class. The same statistics, merged in one process (merge_slices) over blocks of
 classes instead of ranks, are the linear op's "vocab" schedule (linear.py, chunks.py).
 
-Distillation (distill_rows_vocab_parallel, after prepare_distill's one all_gather of facts):
-student and teacher are sharded alike; each rank's six statistics per row (m_s, s_s, m_t,
-s_t, D_t, D_s of distill.py) are all-gathered and merged as the slices of one row are, and
-JSD all-reduces its two sums of terms per row: 24 N bytes from each rank, plus 8 N for JSD.
+Vocab-parallel distillation (distill.py) builds on the same checks (agreed_facts) and runs
+its own collectives; this module never imports it.
 """
 
 from __future__ import annotations
@@ -94,7 +92,7 @@ def _refusals(message: str | None, group) -> list:
     return reasons
 
 
-def _agreed_facts(n_local: int, target: torch.Tensor, ignore_index: int, group,
+def agreed_facts(n_local: int, target: torch.Tensor, ignore_index: int, group,
                   rows_name: str) -> tuple:
     """(slice sizes, least and largest counted targets) of every rank, in rank order, after
     the checks all ranks run alike on them: every rank accepted its arguments, holds the
@@ -256,7 +254,7 @@ def prepare(problem: core.Problem, n_local: int, target: torch.Tensor,
     that a failing call raises everywhere instead of leaving a rank waiting in a collective:
     the same rows and targets on every rank, some class somewhere, targets in range."""
     tgt = target.reshape(-1)  # int64 or int32 (functional._class_indices)
-    sizes, lows, highs = _agreed_facts(n_local, tgt, problem.ignore_index, group,
+    sizes, lows, highs = agreed_facts(n_local, tgt, problem.ignore_index, group,
                                        "target rows")
     n_classes = sum(sizes)
     class_offset = sum(sizes[:dist.get_rank(group)])
@@ -308,52 +306,3 @@ def forward(problem: core.Problem, input: torch.Tensor, target: torch.Tensor,
     return (loss, lse.to(torch.float32).view(loss_shape),
             H.to(torch.float32).view(loss_shape) if problem.entropy else None,
             idx.view(loss_shape) if idx is not None else None, grad)
-
-
-# --- distillation ---------------------------------------------------------------------------
-
-
-def prepare_distill(n_local: int, target: torch.Tensor | None, n_rows: int, group,
-                    device: torch.device) -> int:
-    """The number of classes of all ranks, after the checks every rank runs alike from one
-    all_gather of facts (so that a failing call raises everywhere instead of leaving a rank
-    waiting in a collective; _agreed_facts). Without a target, a marker of n_rows rows that
-    are all counted stands for it, on `device` (the collective's: NCCL's is a GPU)."""
-    marker = (target.reshape(-1) if target is not None
-              else torch.zeros(n_rows, dtype=torch.int64, device=device))
-    sizes, _, _ = _agreed_facts(n_local, marker, _BIG, group, "rows")
-    return sum(sizes)
-
-
-def distill_rows_vocab_parallel(student, teacher, grad, row_scale, *, divergence, beta,
-                                temperature, use_triton, group):
-    """distill.distill_rows over a group: student and teacher are this rank's slice of the
-    classes (the same slice of both, possibly empty); every rank gets the whole rows' loss
-    and writes its slice of the gradient. Every rank must call it with the same rows.
-
-    The (R, 6) statistics of each rank's columns (distill.distill_stats) are all-gathered
-    and merged as slices of one row are (distill.merge_stats: maxes, then each sum rescaled
-    to them); JSD then all-reduces (SUM) its (R, 2) sums of terms over the local columns
-    (distill.distill_terms); each rank writes its gradient from the merged statistics
-    (distill.distill_grad). Per call: 24 R bytes a rank gathered from each rank (float32),
-    plus 8 R all-reduced for JSD, whatever V."""
-    from . import distill
-
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    # an empty slice has the statistics of nothing (maxes -inf, sums 0): it merges as nothing
-    stats = distill.distill_stats(student, teacher, temperature=temperature,
-                                  use_triton=use_triton).to(acc)
-    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, stats.contiguous(), group=group)
-    merged = distill.merge_stats(torch.stack(gathered, 1))  # (R, P, 6) -> (R, 6)
-    terms = None
-    if divergence == "jsd":
-        terms = distill.distill_terms(student, teacher, merged, beta=beta,
-                                      temperature=temperature, use_triton=use_triton).to(acc)
-        dist.all_reduce(terms, group=group)
-    loss, kl_s = distill.row_losses(merged, terms, divergence)
-    if grad is not None and grad.numel() > 0:
-        distill.distill_grad(student, teacher, merged, kl_s, grad, row_scale,
-                             divergence=divergence, beta=beta, temperature=temperature,
-                             use_triton=use_triton)
-    return loss if row_scale is None else torch.where(row_scale == 0, 0.0, loss)

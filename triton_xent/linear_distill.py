@@ -26,7 +26,7 @@ is linear_cross_entropy's: the student's gradients are computed in forward, back
 them by grad_output; for reduction "none" with a trainable head, backward recomputes the
 chunks with grad_output as the rows' factors. With a process_group (or DTensor heads) both
 heads are this rank's class slice: the same chunks run on every rank, each chunk's rows
-merged across ranks (distributed.distill_rows_vocab_parallel), then d_x summed over ranks.
+merged across ranks (distill.distill_rows_vocab_parallel), then d_x summed over ranks.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import nn
 from . import config, core, distill, distributed, dtensor
 from .chunks import (BlockPass, head_logits, linear_chunks, plan_block_cols, plan_chunk_rows,
                      vocab_blocks)
-from .distill import distill_rows
+from .distill import distill_rows, distill_rows_vocab_parallel, prepare_distill
 from .functional import (_KERNEL_DTYPES, _check_distill_options, _refuse_eager_only,
                          _use_triton, loss_dtype)
 from .linear import _add, _or_empty, _precomputed, _scaled
@@ -74,7 +74,7 @@ def _run(x, weight, bias, teacher_x, teacher_weight, teacher_bias, rows, row_sca
     divergence unscaled (0 on rows not computed) and the student's gradients of
     sum_rows row_scale * loss_row (None where not asked for; d_W in float32 (float64 for
     float64 x) under "rows", in x's dtype under "vocab"). `rows_fn`: distill_rows, or
-    distributed.distill_rows_vocab_parallel bound to a group for heads sharded by classes.
+    distill_rows_vocab_parallel bound to a group for heads sharded by classes.
     block_cols: the "vocab" schedule with blocks of that many classes; None: "rows"."""
     N = x.shape[0]
     loss_rows = x.new_zeros(N, dtype=core.acc_dtype(x.dtype))
@@ -330,16 +330,15 @@ linear_distillation_op.register_autograd(_backward, setup_context=_setup_context
 class VocabParallelLinearDistillFunction(torch.autograd.Function):
     """The linear op with both heads sharded by classes over `group` (each rank holds the
     same class slice of weight and teacher_weight): the same chunks on every rank, each
-    chunk's rows merged across ranks by distributed.sliced_distill_rows, and d_x (a sum over
+    chunk's rows merged across ranks by distill_rows_vocab_parallel, and d_x (a sum over
     all classes) summed over the ranks. Forward and backward split as in the custom ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, teacher_x, teacher_weight, teacher_bias, target,
                 options, group, chunk_size, needs):
         divergence, beta, temperature, ignore_index, reduction, use_triton = options
-        n_classes = distributed.prepare_distill(weight.shape[0], target, x.shape[0], group,
-                                                x.device)
-        rows_fn = functools.partial(distributed.distill_rows_vocab_parallel, group=group)
+        n_classes = prepare_distill(weight.shape[0], target, x.shape[0], group, x.device)
+        rows_fn = functools.partial(distill_rows_vocab_parallel, group=group)
         need_x, need_w, need_b = needs
         pre = _precomputed(reduction, need_w, need_b)
         rows, row_scale, count, n_compute = _plan(x, target, ignore_index, reduction,

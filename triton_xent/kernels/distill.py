@@ -8,6 +8,8 @@ logits, loss and the student's gradient in one pass) and their launchers.
     _distill_slice_terms_kernel  JSD only: per-(row, slice) sums that need the whole rows'
                                  logsumexps
     _distill_slice_grad_kernel   the student's gradient of a slice from the merged statistics
+    _distill_sweep_kernel        longer rows under config.LONG_ROWS = "sweep": one program
+                                 walks each whole row in blocks, twice or three times
 
 Rows. Both logits are seen as (N, D, V) tensors, classes last (D = 1 for (R, V) logits; (B, T,
 V) logits are read in place whatever their strides over B and T, a logits[:, :-1] view too).
@@ -33,7 +35,11 @@ finite, and reverse KL is +inf where the student puts mass on such a class (the 
 D_t is exactly 0 when the teacher equals the student, so equal distributions give exactly 0
 and no cancellation of two large sums.
 
-Long rows (V > config.ROW_SLICE_MAX_V) and vocab-parallel shards: no program waits on
+Long rows (V > config.ROW_SLICE_MAX_V) take config.LONG_ROWS's path, as cross-entropy's
+do (kernels/xent.py): "sweep" the row sweep below; "two_pass", and "exchange" (distillation
+has no exchange), the slice kernels' stages. Vocab-parallel shards always take the stages.
+
+Stages (slice kernels; long rows and vocab-parallel shards): no program waits on
 another. The stats kernel writes (m_s, s_s, m_t, s_t, D_t, D_s) of each (row, slice) (the
 STATS fields below); the caller merges them with torch ops (reference.merge_stats; across
 ranks after an all_gather), with m = max_k m_k per tensor:
@@ -41,13 +47,48 @@ ranks after an all_gather), with m = max_k m_k per tensor:
     D_t = sum_k exp(m_t,k - m_t) (D_t,k + s_t,k ((m_t,k - m_t) - (m_s,k - m_s)))   (D_s alike)
 For JSD the terms kernel then sums, per (row, slice), J's terms and K's (the caller sums
 them over slices and ranks). The grad kernel writes each slice's gradient from the merged
-statistics (and RKL or K). Whole rows read each logits tensor once; split rows read both
-twice for the KLs (stats, grad) and three times for JSD (stats, terms, grad).
+statistics (and RKL or K).
+
+The row sweep (_distill_sweep_kernel; LONG_ROWS = "sweep", config.SWEEP_*). A program takes
+whole rows in grid-stride order (kernels.tiles.sweep_grid) and reads a row in blocks of
+BLOCK_V columns, seen as LANES = BLOCK_V / VEC lanes of VEC adjacent columns (VEC =
+row_align() over student, teacher and gradient: 16 bytes where the strides allow). Sweeps:
+  1. statistics: each lane keeps the STATS of its columns, the block's (_pair_stats of the
+     lane's VEC columns) merged in as blocks come by the merge above (_merge_stats), so a
+     block's reductions stay inside a thread: no barrier, and block k + 1's loads may go out
+     before block k's arithmetic (SWEEP_PREFETCH) or stay in flight (SWEEP_STAGES). At the
+     row's end the lanes merge once (_reduce_stats): the row's m_s, s_s, m_t, s_t, D_t, D_s,
+     and the KLs' loss;
+  2. JSD only, the terms: J's and K's sums need both logsumexps, so a second sweep (each
+     lane summing its own, added up at the row's end);
+  3. with a gradient, the gradient: each block read, then written over nothing but itself
+     (grad may alias the student).
+SWEEP_REVERSE runs each sweep after the first from where the one before ended (the row's
+end for the second, its start again for JSD's third), so that it reads first what is
+likeliest still in L2; the eviction hints (SWEEP_EVICT) keep a row in L2 for a later sweep
+and let the last sweep's reads and the gradient go first.
+
+Reads of both logits per row (V (e_s + e_t) bytes each), forward + backward (forward alone):
+    path                 forward / reverse KL   JSD     from
+    whole rows           1 (1)                  1 (1)   HBM
+    two_pass (stages)    2 (1)                  3 (2)   HBM: a launch reads every row
+                                                        before the next launch begins
+    sweep                2 (1)                  3 (2)   the first from HBM, the later ones
+                                                        within microseconds of it
+plus one write of the gradient (V e_s). The floor is one read and one write: the sweep makes
+as many reads as the stages, and is faster only where its later sweeps hit L2. Predicted, not
+measured: a bf16 row pair at V = 128256 is 513 KB, so a GPU's tens of MB of L2 hold about
+a hundred rows between their sweeps; with a program a row resident on each SM (the sm_90
+audit: 1 at 16 warps) more rows than that are in flight, and the later sweeps would hit L2
+for the blocks read last (REVERSE), the rest from HBM. config.SWEEP_L2_FRACTION caps the
+rows in flight to fit. JSD's transcendental functions (9 a column: 2 in the statistics, 4 in
+the terms, 3 in the gradient) may bind before memory does. bench/gpu_tune.py --steps distill
+measures both paths.
 
 The gradient is pre-scaled by `row_scale` (the reduction's factor of each row, 0 on ignored
 rows, whose loss and gradient are then exactly 0 whatever the logits) and cast to the
-gradient's dtype. `grad` may alias the student: a program reads its whole tile before it
-writes it, and writes only its own tile.
+gradient's dtype. `grad` may alias the student: a program reads its whole tile (the sweep:
+each block, in its last sweep) before it writes it, and writes only that.
 """
 
 from __future__ import annotations
@@ -57,7 +98,8 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .tiles import NEG_INF, _row_offsets, row_align, row_tile, split_plan
+from .tiles import (NEG_INF, _finite_or_zero, _row_offsets, row_align, row_tile, split_plan,
+                    sweep_grid, sweep_plan, sweep_policies)
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -73,24 +115,36 @@ N_STATS = tl.constexpr(6)
 
 
 @triton.jit
-def _load_pair(
+def _load_raw(
     s_ptr, s_rows, stride_s_c, t_ptr, t_rows, stride_t_c,  # pointers, (R,) row offsets
-    cols, mask, inv_temperature,  # (B,) column indices, (R, B) validity
+    cols, mask, EVICT: tl.constexpr,  # (B,) column indices, (R, B) validity, load policy
 ):
-    """(R, B) tiles z_s = x_s / T and z_t = x_t / T in float32, -inf off the rows."""
+    """(R, B) tiles x_s and x_t as stored (0 off the rows), loaded with eviction policy
+    EVICT ("" for none)."""
     cols64 = cols.to(tl.int64)[None, :]
-    x_s = tl.load(s_ptr + s_rows[:, None] + cols64 * stride_s_c, mask=mask, other=0.0)
-    x_t = tl.load(t_ptr + t_rows[:, None] + cols64 * stride_t_c, mask=mask, other=0.0)
+    x_s = tl.load(s_ptr + s_rows[:, None] + cols64 * stride_s_c, mask=mask, other=0.0,
+                  eviction_policy=EVICT)
+    x_t = tl.load(t_ptr + t_rows[:, None] + cols64 * stride_t_c, mask=mask, other=0.0,
+                  eviction_policy=EVICT)
+    return x_s, x_t
+
+
+@triton.jit
+def _tempered(x_s, x_t, mask, inv_temperature):
+    """z_s = x_s / T and z_t = x_t / T in float32, -inf where not `mask`."""
     z_s = tl.where(mask, x_s.to(tl.float32) * inv_temperature, NEG_INF)
     z_t = tl.where(mask, x_t.to(tl.float32) * inv_temperature, NEG_INF)
     return z_s, z_t
 
 
 @triton.jit
-def _finite_or_zero(m):
-    """The reference point of a row's differences: its max, or 0 for a row of -inf (whose
-    s is then 0, not NaN)."""
-    return tl.where(m == NEG_INF, 0.0, m)
+def _load_pair(
+    s_ptr, s_rows, stride_s_c, t_ptr, t_rows, stride_t_c,  # pointers, (R,) row offsets
+    cols, mask, inv_temperature,  # (B,) column indices, (R, B) validity
+):
+    """(R, B) tiles z_s = x_s / T and z_t = x_t / T in float32, -inf off the rows."""
+    x_s, x_t = _load_raw(s_ptr, s_rows, stride_s_c, t_ptr, t_rows, stride_t_c, cols, mask, "")
+    return _tempered(x_s, x_t, mask, inv_temperature)
 
 
 @triton.jit
@@ -106,6 +160,52 @@ def _pair_stats(z_s, z_t):
     D_t = tl.sum(tl.where(e_t == 0.0, 0.0, e_t * (d_t - d_s)), axis=1)
     D_s = tl.sum(tl.where(e_s == 0.0, 0.0, e_s * (d_s - d_t)), axis=1)
     return m_s, tl.sum(e_s, axis=1), m_t, tl.sum(e_t, axis=1), D_t, D_s, d_s, d_t
+
+
+@triton.jit
+def _rescaled(m_s, s_s, m_t, s_t, D_t, D_s, M_s, M_t):
+    """(s_s, s_t, D_t, D_s) of a column set whose maxes are (m_s, m_t), taken relative to
+    the maxes (M_s, M_t) of a union it is part of (the module docstring's merge, one term):
+        s -> s exp(m - M),  D_t -> exp(m_t - M_t) (D_t + s_t ((m_t - M_t) - (m_s - M_s)))
+    and D_s alike. A set where the weighting tensor is all -inf (s = 0) adds 0 to D, never
+    0 * inf; maxes of -inf count as 0 in the shifts, as in the sets' own differences."""
+    shift_s = _finite_or_zero(m_s) - _finite_or_zero(M_s)
+    shift_t = _finite_or_zero(m_t) - _finite_or_zero(M_t)
+    w_s = tl.exp(m_s - _finite_or_zero(M_s))  # 0 for a set of -inf
+    w_t = tl.exp(m_t - _finite_or_zero(M_t))
+    D_t = tl.where(s_t == 0.0, 0.0, w_t * (D_t + s_t * (shift_t - shift_s)))
+    D_s = tl.where(s_s == 0.0, 0.0, w_s * (D_s + s_s * (shift_s - shift_t)))
+    return s_s * w_s, s_t * w_t, D_t, D_s
+
+
+@triton.jit
+def _merge_stats(m_s1, s_s1, m_t1, s_t1, D_t1, D_s1, m_s2, s_s2, m_t2, s_t2, D_t2, D_s2):
+    """The STATS of the union of two column sets (elementwise: the sweep's lanes)."""
+    m_s = tl.maximum(m_s1, m_s2)
+    m_t = tl.maximum(m_t1, m_t2)
+    s_s1, s_t1, D_t1, D_s1 = _rescaled(m_s1, s_s1, m_t1, s_t1, D_t1, D_s1, m_s, m_t)
+    s_s2, s_t2, D_t2, D_s2 = _rescaled(m_s2, s_s2, m_t2, s_t2, D_t2, D_s2, m_s, m_t)
+    return m_s, s_s1 + s_s2, m_t, s_t1 + s_t2, D_t1 + D_t2, D_s1 + D_s2
+
+
+@triton.jit
+def _reduce_stats(m_s, s_s, m_t, s_t, D_t, D_s):
+    """(1,) STATS of the union of K column sets given by their (K,) STATS (the sweep's
+    lanes at a row's end): the merge as reductions."""
+    M_s = tl.max(m_s, axis=0)
+    M_t = tl.max(m_t, axis=0)
+    s_s, s_t, D_t, D_s = _rescaled(m_s, s_s, m_t, s_t, D_t, D_s, M_s, M_t)
+    one = tl.zeros((1,), tl.float32)
+    return (M_s + one, tl.sum(s_s, axis=0) + one, M_t + one, tl.sum(s_t, axis=0) + one,
+            tl.sum(D_t, axis=0) + one, tl.sum(D_s, axis=0) + one)
+
+
+@triton.jit
+def _log_probs(z_s, z_t, m_s, s_s, m_t, s_t):
+    """(R, B) log p_s and log p_t of a tile from its rows' (R,) merged m_s, s_s, m_t, s_t."""
+    lp_s = (z_s - _finite_or_zero(m_s)[:, None]) - tl.log(s_s)[:, None]
+    lp_t = (z_t - _finite_or_zero(m_t)[:, None]) - tl.log(s_t)[:, None]
+    return lp_s, lp_t
 
 
 @triton.jit
@@ -144,10 +244,11 @@ def _jsd_terms(lp_s, lp_t, beta):
 def _write_grad(
     grad_ptr, g_rows, stride_g_c, cols, mask,  # where: (R,) row offsets, (B,), (R, B)
     lp_s, lp_t, log_m, kl_s, scale,  # (R, B) tiles, (R,) RKL or K, (R,) row_scale
-    beta, inv_temperature, DIVERGENCE: tl.constexpr,
+    beta, inv_temperature, DIVERGENCE: tl.constexpr, EVICT: tl.constexpr,
 ):
-    """Stores scale * dloss/dx_s of an (R, B) tile (see the module docstring); exactly 0 on
-    rows whose scale is 0, and where p_s = 0 for reverse KL and JSD."""
+    """Stores scale * dloss/dx_s of an (R, B) tile (see the module docstring) with eviction
+    policy EVICT ("" for none); exactly 0 on rows whose scale is 0, and where p_s = 0 for
+    reverse KL and JSD."""
     p_s = tl.exp(lp_s)
     if DIVERGENCE == FORWARD_KL:
         g = p_s - tl.exp(lp_t)
@@ -157,7 +258,7 @@ def _write_grad(
         g = (1.0 - beta) * tl.where(p_s == 0.0, 0.0, p_s * (lp_s - log_m - kl_s[:, None]))
     g = tl.where(scale[:, None] == 0.0, 0.0, g * (scale * inv_temperature)[:, None])
     tl.store(grad_ptr + g_rows[:, None] + cols.to(tl.int64)[None, :] * stride_g_c,
-             g.to(grad_ptr.dtype.element_ty), mask=mask)
+             g.to(grad_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -172,13 +273,11 @@ def _row_scale(row_scale_ptr, rows, row_mask, HAS_ROW_SCALE: tl.constexpr):
 def _merged_log_probs(stats_ptr, rows, row_mask, z_s, z_t):
     """(R, B) log p_s and log p_t of a tile from the rows' merged (R, 6) statistics."""
     out = stats_ptr + rows * N_STATS
-    m_s = _finite_or_zero(tl.load(out, mask=row_mask, other=0.0))
+    m_s = tl.load(out, mask=row_mask, other=0.0)
     s_s = tl.load(out + 1, mask=row_mask, other=1.0)
-    m_t = _finite_or_zero(tl.load(out + 2, mask=row_mask, other=0.0))
+    m_t = tl.load(out + 2, mask=row_mask, other=0.0)
     s_t = tl.load(out + 3, mask=row_mask, other=1.0)
-    lp_s = (z_s - m_s[:, None]) - tl.log(s_s)[:, None]
-    lp_t = (z_t - m_t[:, None]) - tl.log(s_t)[:, None]
-    return lp_s, lp_t
+    return _log_probs(z_s, z_t, m_s, s_s, m_t, s_t)
 
 
 @triton.jit
@@ -197,6 +296,23 @@ def _slice_tile(
                           stride_s_c, t_ptr, _row_offsets(rows, n_inner, stride_t_n, stride_t_d),
                           stride_t_c, cols, mask, inv_temperature)
     return rows, j, cols, row_mask, mask, z_s, z_t
+
+
+@triton.jit
+def _lane_block(
+    s_ptr, s_row, stride_s_c, t_ptr, t_row, stride_t_c, blk,  # pointers, row offsets, block
+    lane_cols, vec, n_cols, inv_temperature,  # (LANES,) lane starts, (VEC,), V aligned
+    BLOCK_V: tl.constexpr, EVICT: tl.constexpr,
+):
+    """Block blk of a row in the sweep: (LANES, VEC) tiles z_s, z_t (lane l holds columns
+    blk * BLOCK_V + lane_cols[l] + vec), the (LANES,) first column of each lane and the
+    (LANES, VEC) validity."""
+    lane_start = blk * BLOCK_V + lane_cols
+    mask = (lane_start[:, None] + vec[None, :]) < n_cols
+    x_s, x_t = _load_raw(s_ptr, s_row + lane_start * stride_s_c, stride_s_c, t_ptr,
+                         t_row + lane_start * stride_t_c, stride_t_c, vec, mask, EVICT)
+    z_s, z_t = _tempered(x_s, x_t, mask, inv_temperature)
+    return z_s, z_t, lane_start, mask
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -244,7 +360,7 @@ def _distill_rows_kernel(
         g_rows = tl.multiple_of(_row_offsets(rows, n_inner, stride_g_n, stride_g_d),
                                 ROW_ALIGN)
         _write_grad(grad_ptr, g_rows, stride_g_c, cols, mask, lp_s, lp_t, log_m, kl_s, scale,
-                    beta, inv_temperature, DIVERGENCE)
+                    beta, inv_temperature, DIVERGENCE, "")
 
 
 @triton.jit
@@ -332,7 +448,122 @@ def _distill_slice_grad_kernel(
         log_m = _log_mixture(lp_s, lp_t, beta)
     scale = _row_scale(row_scale_ptr, rows, row_mask, HAS_ROW_SCALE)
     _write_grad(grad_ptr, _row_offsets(rows, n_inner, stride_g_n, stride_g_d), stride_g_c,
-                cols, mask, lp_s, lp_t, log_m, kl_s, scale, beta, inv_temperature, DIVERGENCE)
+                cols, mask, lp_s, lp_t, log_m, kl_s, scale, beta, inv_temperature, DIVERGENCE,
+                "")
+
+
+@triton.jit
+def _distill_sweep_kernel(
+    # pointers
+    student_ptr, teacher_ptr, grad_ptr, row_scale_ptr, loss_ptr,
+    # sizes
+    n_rows, n_cols, n_inner,
+    # strides (sample, position, class) of student, teacher and gradient
+    stride_s_n, stride_s_d, stride_s_c, stride_t_n, stride_t_d, stride_t_c,
+    stride_g_n, stride_g_d, stride_g_c,
+    # options
+    beta, inv_temperature,
+    # compile-time switches
+    DIVERGENCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    # the sweep: BLOCK_V columns a step as BLOCK_V / VEC lanes of VEC adjacent columns
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+    REVERSE: tl.constexpr, STATS_EVICT: tl.constexpr, TERMS_EVICT: tl.constexpr,
+    GRAD_EVICT: tl.constexpr,
+):
+    """LONG_ROWS = "sweep": a program walks whole rows (grid-stride order), each in sweeps of
+    BLOCK_V columns (the module docstring's "The row sweep"): the statistics (each lane's,
+    merged once at the row's end), then for JSD the sums of J's and K's terms, then with a
+    gradient the gradient. VEC divides V and every row's first offset in the three tensors
+    (row_align()), so lanes load VEC columns at once. PREFETCH issues the first sweep's block
+    k + 1 loads before block k's arithmetic (registers); STAGES > 1 lets Triton's pipeliner
+    keep STAGES - 1 blocks in flight. REVERSE: each sweep after the first starts where the
+    one before ended (the terms sweep from the row's end, the gradient's from wherever the
+    sweep before it ended). *_EVICT: each sweep's eviction policy ("" for none): the
+    launcher keeps a row in L2 for a later sweep ("evict_last") and lets the last go first."""
+    LANES: tl.constexpr = BLOCK_V // VEC
+    # With REVERSE the terms sweep runs backwards, so JSD's gradient sweep runs forwards.
+    GRAD_BACKWARDS: tl.constexpr = REVERSE and DIVERGENCE != JSD
+    lane_cols = tl.arange(0, LANES).to(tl.int64) * VEC  # (LANES,) first column of each lane
+    vec = tl.arange(0, VEC)  # (VEC,)
+    n_blocks = tl.cdiv(n_cols, BLOCK_V)
+    n_cols_aligned = n_cols // VEC * VEC  # = n_cols, now provably a multiple of VEC
+    # Per row, a sweep reads V * (student + teacher element bytes): the first from HBM, the
+    # later ones from L2 where it still holds the blocks; the gradient sweep writes V * the
+    # gradient's element bytes. Lanes keep their own statistics and sums, so a block's
+    # reductions stay inside a thread: no barrier between one block's loads and the next's.
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        rows = row + tl.zeros((1,), tl.int64)
+        s_row = tl.multiple_of(_row_offsets(row, n_inner, stride_s_n, stride_s_d), VEC)
+        t_row = tl.multiple_of(_row_offsets(row, n_inner, stride_t_n, stride_t_d), VEC)
+
+        # First sweep: each lane's STATS, merged block by block (_merge_stats), then the
+        # lanes' merged once (_reduce_stats): those of the whole row.
+        m_s = tl.full((LANES,), NEG_INF, tl.float32)
+        s_s = tl.zeros((LANES,), tl.float32)
+        m_t = tl.full((LANES,), NEG_INF, tl.float32)
+        s_t = tl.zeros((LANES,), tl.float32)
+        D_t = tl.zeros((LANES,), tl.float32)
+        D_s = tl.zeros((LANES,), tl.float32)
+        if PREFETCH:
+            x_s_next, x_t_next = _load_raw(
+                student_ptr, s_row + lane_cols * stride_s_c, stride_s_c, teacher_ptr,
+                t_row + lane_cols * stride_t_c, stride_t_c, vec,
+                (lane_cols[:, None] + vec[None, :]) < n_cols_aligned, STATS_EVICT)
+        for blk in tl.range(0, n_blocks, num_stages=STAGES):
+            if PREFETCH:  # the next block's loads go out before this block's arithmetic
+                lane_start = blk * BLOCK_V + lane_cols
+                mask = (lane_start[:, None] + vec[None, :]) < n_cols_aligned
+                x_s, x_t = x_s_next, x_t_next
+                ahead = lane_start + BLOCK_V
+                x_s_next, x_t_next = _load_raw(
+                    student_ptr, s_row + ahead * stride_s_c, stride_s_c, teacher_ptr,
+                    t_row + ahead * stride_t_c, stride_t_c, vec,
+                    (ahead[:, None] + vec[None, :]) < n_cols_aligned, STATS_EVICT)
+                z_s, z_t = _tempered(x_s, x_t, mask, inv_temperature)
+            else:
+                z_s, z_t, lane_start, mask = _lane_block(
+                    student_ptr, s_row, stride_s_c, teacher_ptr, t_row, stride_t_c, blk,
+                    lane_cols, vec, n_cols_aligned, inv_temperature, BLOCK_V, STATS_EVICT)
+            bm_s, bs_s, bm_t, bs_t, bD_t, bD_s, _, _ = _pair_stats(z_s, z_t)
+            m_s, s_s, m_t, s_t, D_t, D_s = _merge_stats(m_s, s_s, m_t, s_t, D_t, D_s,
+                                                        bm_s, bs_s, bm_t, bs_t, bD_t, bD_s)
+        m_s, s_s, m_t, s_t, D_t, D_s = _reduce_stats(m_s, s_s, m_t, s_t, D_t, D_s)
+
+        if DIVERGENCE == JSD:  # Second sweep: J's and K's terms need both logsumexps.
+            J = tl.zeros((LANES,), tl.float32)
+            K = tl.zeros((LANES,), tl.float32)
+            for k in tl.range(0, n_blocks, num_stages=STAGES):
+                blk = n_blocks - 1 - k if REVERSE else k
+                z_s, z_t, lane_start, mask = _lane_block(
+                    student_ptr, s_row, stride_s_c, teacher_ptr, t_row, stride_t_c, blk,
+                    lane_cols, vec, n_cols_aligned, inv_temperature, BLOCK_V, TERMS_EVICT)
+                lp_s, lp_t = _log_probs(z_s, z_t, m_s, s_s, m_t, s_t)
+                bJ, bK, _ = _jsd_terms(lp_s, lp_t, beta)
+                J += bJ
+                K += bK
+            loss = tl.sum(J, axis=0) + tl.zeros((1,), tl.float32)
+            kl_s = tl.sum(K, axis=0) + tl.zeros((1,), tl.float32)
+        else:
+            loss = _kl_loss(s_s, s_t, D_t, D_s, DIVERGENCE)
+            kl_s = loss
+        scale = _row_scale(row_scale_ptr, rows, rows >= 0, HAS_ROW_SCALE)
+        tl.store(loss_ptr + rows, tl.where(scale == 0.0, 0.0, loss))
+
+        if COMPUTE_GRAD:  # Last sweep: the gradient, each block written after it is read.
+            g_row = tl.multiple_of(_row_offsets(row, n_inner, stride_g_n, stride_g_d), VEC)
+            for k in tl.range(0, n_blocks, num_stages=STAGES):
+                blk = n_blocks - 1 - k if GRAD_BACKWARDS else k
+                z_s, z_t, lane_start, mask = _lane_block(
+                    student_ptr, s_row, stride_s_c, teacher_ptr, t_row, stride_t_c, blk,
+                    lane_cols, vec, n_cols_aligned, inv_temperature, BLOCK_V, GRAD_EVICT)
+                lp_s, lp_t = _log_probs(z_s, z_t, m_s, s_s, m_t, s_t)
+                log_m = lp_t  # forward and reverse KL: unused
+                if DIVERGENCE == JSD:
+                    log_m = _log_mixture(lp_s, lp_t, beta)
+                # Lanes as the tile's rows: lane l's columns are lane_start[l] + vec.
+                _write_grad(grad_ptr, g_row + lane_start * stride_g_c, stride_g_c, vec, mask,
+                            lp_s, lp_t, log_m, kl_s, scale, beta, inv_temperature, DIVERGENCE,
+                            GRAD_EVICT)
 
 
 # --- launch plans and launchers ---------------------------------------------------------------
@@ -383,6 +614,50 @@ def distill_rows(
         1.0 / float(temperature), DIVERGENCE=DIVERGENCES[divergence],
         COMPUTE_GRAD=grad is not None, HAS_ROW_SCALE=row_scale is not None, ROWS=rows,
         BLOCK_V=block_v, ROW_ALIGN=row_align(V, *(x.transpose(1, 2) for x in (s3, t3, g3))),
+        num_warps=warps, enable_fp_fusion=config.FP_FUSION)
+    return loss
+
+
+def sweep_evictions(divergence: str, with_grad: bool) -> dict:
+    """The eviction policies of the sweep's three sweeps (kernels.tiles.sweep_policies): the
+    keeping one where the row is read again, the other for the last sweep made (the
+    statistics' alone for a KL without a gradient, the terms' for JSD without one)."""
+    keep, last = sweep_policies()
+    made = ["STATS"] + (["TERMS"] if divergence == "jsd" else []) + (["GRAD"] if with_grad
+                                                                    else [])
+    return {f"{name}_EVICT": keep if name != made[-1] else last
+            for name in ("STATS", "TERMS", "GRAD")}
+
+
+def distill_sweep(
+    student: torch.Tensor,  # (R, V) or (N, D, V), fp32/fp16/bf16, any strides
+    teacher: torch.Tensor,  # the student's shape, fp32/fp16/bf16, any strides
+    grad: torch.Tensor | None,  # the student's shape, written (may alias student), or None
+    row_scale: torch.Tensor | None,  # (R,) float32 contiguous, or None for 1
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """distill_rows' contract for rows of any length, one program walking each whole row
+    (config.LONG_ROWS = "sweep", config.SWEEP_*): returns the (R,) float32 per-row loss,
+    unscaled (0 where row_scale is 0); writes grad = row_scale * dloss/dx_s."""
+    s3, t3 = rows3(student), rows3(teacher)
+    N, D, V = s3.shape
+    n_rows = N * D
+    loss = torch.empty(n_rows, device=student.device, dtype=torch.float32)
+    if n_rows == 0:
+        return loss
+    g3 = rows3(grad) if grad is not None else s3  # never written without COMPUTE_GRAD
+    block_v, warps = sweep_plan(V)
+    vec = min(row_align(V, *(x.transpose(1, 2) for x in (s3, t3, g3))), block_v)
+    held = V * (s3.element_size() + t3.element_size())  # a row's bytes between its sweeps
+    _distill_sweep_kernel[sweep_grid(n_rows, held, student.device)](
+        s3, t3, g3, row_scale, loss, n_rows, V, D, *_strides(s3, t3, g3), float(beta),
+        1.0 / float(temperature), DIVERGENCE=DIVERGENCES[divergence],
+        COMPUTE_GRAD=grad is not None, HAS_ROW_SCALE=row_scale is not None, BLOCK_V=block_v,
+        VEC=vec, PREFETCH=config.SWEEP_PREFETCH, STAGES=config.SWEEP_STAGES,
+        REVERSE=config.SWEEP_REVERSE, **sweep_evictions(divergence, grad is not None),
         num_warps=warps, enable_fp_fusion=config.FP_FUSION)
     return loss
 

@@ -1,6 +1,7 @@
 """What the kernel families share (kernels/xent.py, kernels/distill.py): the row offsets of
-an (N, ., D) tensor, and the launch plans: whole-row tiles, their alignment, split rows'
-slices, and the row sweep's block, grid and eviction policies (config.SWEEP_*).
+an (N, ., D) tensor, the reference point of a max, and the launch plans: whole-row tiles,
+their alignment, split rows' slices, and the row sweep's block, grid and eviction policies
+(config.SWEEP_*). Neither family's file imports the other's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ NEG_INF = tl.constexpr(float("-inf"))
 def _row_offsets(rows, n_inner, stride_n, stride_d):
     """(R,) int64 offsets of rows r = n * D + d of a (N, ., D) tensor."""
     return (rows // n_inner) * stride_n + (rows % n_inner) * stride_d
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """The reference point of a set's differences z - m: its max m, or 0 for a set of -inf
+    (whose sum of exp(z - m) is then 0, not NaN)."""
+    return tl.where(m == NEG_INF, 0.0, m)
 
 
 # --- launch plans ---------------------------------------------------------------------------

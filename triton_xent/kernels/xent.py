@@ -170,8 +170,8 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .tiles import (NEG_INF, _row_offsets, interpreting, row_align, row_tile, sm_count,
-                    split_plan, sweep_grid, sweep_plan, sweep_policies)
+from .tiles import (NEG_INF, _finite_or_zero, _row_offsets, interpreting, row_align, row_tile,
+                    sm_count, split_plan, sweep_grid, sweep_plan, sweep_policies)
 
 # The split-row record (see the module docstring).
 RECORD_WIDTH = tl.constexpr(8)
@@ -293,7 +293,7 @@ def _tile_stats(z, u, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.c
     else:
         m = tl.max(z, axis=1)
         idx = tl.zeros(m.shape, tl.int32)
-    m_ref = tl.where(m == NEG_INF, 0.0, m)  # an all -inf row keeps s = 0, not nan
+    m_ref = _finite_or_zero(m)  # an all -inf row keeps s = 0, not nan
     Q = tl.zeros(m.shape, tl.float32)
     if ENTROPY:
         # s and Q in one reduction; e = 0 (a -inf logit, or one that underflows) adds 0 to
@@ -335,7 +335,7 @@ def _merge_pair(m1, s1, S1, U1, Q1, m2, s2, S2, U2, Q2, TRACK_U: tl.constexpr,
                 ENTROPY: tl.constexpr):
     """Statistics of the union of two column sets (the slice-statistics kernel's loop)."""
     m = tl.maximum(m1, m2)
-    m_ref = tl.where(m == NEG_INF, 0.0, m)
+    m_ref = _finite_or_zero(m)
     e1 = tl.exp(m1 - m_ref)
     e2 = tl.exp(m2 - m_ref)
     s = s1 * e1 + s2 * e2
@@ -510,7 +510,7 @@ def _reduce_stats(m, s, S, U, Q, idx, TRACK_U: tl.constexpr, ENTROPY: tl.constex
     sets' first-max columns `idx` among those whose max is the union's (a set that is not
     there has m = -inf and idx >= ARGMAX_MAX_COLS)."""
     m_all = tl.max(m, axis=0)
-    m_ref = tl.where(m_all == NEG_INF, 0.0, m_all)
+    m_ref = _finite_or_zero(m_all)
     w = tl.exp(m - m_ref)
     s_all = tl.sum(s * w, axis=0)
     S_all = tl.zeros((), tl.float32)
