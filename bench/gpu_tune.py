@@ -135,7 +135,7 @@ DRY_TOKENS = 4
 DRY_VOCAB = (300,)
 DRY_SMALL = (10, 100)
 DRY_PEERS = ("torch",)  # torch.compile: seconds of C++ compile; liger: its interpreter run
-DRY_SLICE = 128  # the distill step's ROW_SLICE_MAX_V: V = 300 is a long row on both paths
+DRY_SLICE = 128  # --dry-run's ROW_SLICE_MAX_V: V = 300 is a long row on every path
 DRY_DIVERGENCES = ("jsd",)  # the distill step's: three sweeps of the row, and Liger's
 DRY_DISTILL_TOKENS = 2  # the interpreter's time grows with rows x blocks x sweeps
 
@@ -379,10 +379,10 @@ def report(tuner: Tuner, N: int, vocab, dtype: torch.dtype, names: list[str], pe
 
 
 def dry_plan(paths: dict, factors):
-    """--dry-run's candidates: big slices of 128 columns at 4 warps and sweep blocks of at
-    most 64, so that V = 300 is a long row for every one of them."""
-    small = {name: dict(v, ROW_SLICE_MAX_V=128, SPLIT_NUM_WARPS=4) if "ROW_SLICE_MAX_V" in v
-             else v for name, v in paths.items()}
+    """--dry-run's candidates: big slices of 256 columns at 4 warps (twice main's DRY_SLICE)
+    and sweep blocks of at most 64, so that V = 300 is a long row for every one of them."""
+    small = {name: dict(v, ROW_SLICE_MAX_V=2 * DRY_SLICE, SPLIT_NUM_WARPS=4)
+             if "ROW_SLICE_MAX_V" in v else v for name, v in paths.items()}
     return small, tuple((f, [dict(c, SWEEP_BLOCK_V=min(c["SWEEP_BLOCK_V"], 64), SWEEP_NUM_WARPS=4)
                              if "SWEEP_BLOCK_V" in c else c for c in choices])
                         for f, choices in factors)
@@ -500,8 +500,6 @@ def step_distill(tuner: Tuner, out_dir: str, dry: bool) -> None:
     dtype = torch.bfloat16
     sweep = load_tuned(out_dir, dry)
     ours = {"two_pass": dict(LONG_ROWS="two_pass"), sweep_name(sweep): sweep}
-    if dry:  # V = 300 above one slice: both paths take long rows
-        ours = {name: dict(values, ROW_SLICE_MAX_V=DRY_SLICE) for name, values in ours.items()}
     peers = DRY_PEERS if dry else DISTILL_PEERS
     names = [f"triton_xent[{name}]" for name in ours] + list(peers)
     print(f"distill: {bench_xent.dtype_name(dtype)} N={N} V={V}, from logits")
@@ -622,9 +620,11 @@ def main(argv=None) -> int:
     tuner = Tuner(out_csv, device, budget, args.dry_run)
     print(f"device: {tuner.info['device']}; torch {tuner.info['torch']}, triton "
           f"{tuner.info['triton']}; writing {out_csv}; budget {args.budget_s:.0f} s")
-    for step in args.steps:
-        print(f"\n=== step {step} ({budget.left():.0f} s left)")
-        STEPS[step](tuner, args.out_dir, args.dry_run)
+    # --dry-run: slices of DRY_SLICE columns, so that V = 300 is a long row on every path
+    with bench_xent.config_values(dict(ROW_SLICE_MAX_V=DRY_SLICE) if args.dry_run else {}):
+        for step in args.steps:
+            print(f"\n=== step {step} ({budget.left():.0f} s left)")
+            STEPS[step](tuner, args.out_dir, args.dry_run)
     tuner.writer.close()
     print(f"\ndone in {time.monotonic() - start:.0f} s; skipped {len(budget.skipped)}"
           + "".join(f"\n  {s}" for s in budget.skipped))

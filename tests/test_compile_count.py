@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import compile_count  # noqa: E402
+from triton_xent import config  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -69,4 +70,10 @@ def test_a_launch_specialises_alike_at_the_benchmarks_row_counts_and_not_at_4_ro
     assert keys[0] == keys[1] and keys[2] == keys[3] and keys[4] == keys[5]
     assert keys[6] != keys[4]  # 4 rows: not a multiple of 16, another specialisation
     kernels = {json.loads(k)["kernel"] for k in keys[4]}
-    assert {"_split_kernel", "_finish_kernel"} <= kernels
+    assert SPLIT_KERNELS[config.LONG_ROWS] <= kernels
+
+
+# The kernels of a split row under each long-row path (config.LONG_ROWS, the default here).
+SPLIT_KERNELS = {"exchange": {"_split_kernel", "_finish_kernel"},
+                 "two_pass": {"_two_pass_stats_kernel", "_two_pass_finish_kernel"},
+                 "sweep": {"_sweep_kernel"}}

@@ -19,6 +19,31 @@ import common  # noqa: E402
 import gpu_tune  # noqa: E402
 
 
+def _run_here(out, monkeypatch, *args):
+    """gpu_tune.main(--dry-run) in this process, under the interpreter conftest set (main
+    would start itself again without it); returns the names of our kernels it launched."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the dry run runs the kernels through Triton's interpreter")
+    from triton_xent.kernels import distill, xent
+
+    launched = set()
+
+    class Spy:
+        def __init__(self, module, name):
+            self.name, self.kernel = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            launched.add(self.name)
+            return self.kernel[grid]
+
+    for module in (xent, distill):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Spy(module, name))
+    assert gpu_tune.main([str(out), "--dry-run", *args]) == 0
+    return launched
+
+
 def _run(out, *args, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT)
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_tune.py"),
@@ -28,8 +53,14 @@ def _run(out, *args, timeout=600):
     return run.stdout
 
 
-def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(tmp_path):
-    stdout = _run(tmp_path, "--steps", "lm", "distill")
+def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(
+        tmp_path, monkeypatch, capsys):
+    launched = _run_here(tmp_path, monkeypatch, "--steps", "lm", "distill")
+    stdout = capsys.readouterr().out
+    # every long-row path ran (V = 300 is a long row under --dry-run), whole rows never
+    assert {"_sweep_kernel", "_two_pass_stats_kernel", "_split_kernel",
+            "_distill_sweep_kernel", "_distill_slice_stats_kernel"} <= launched, launched
+    assert "_rows_kernel" not in launched and "_distill_rows_kernel" not in launched
     rows = common.read_csv(tmp_path / "gpu_tune.csv")
     providers = {r["provider"] for r in rows}
     assert {f"triton_xent[{name}]" for name in gpu_tune.PATHS} <= providers
