@@ -160,11 +160,11 @@ def floor_gemms(x, w, tx, tw, d_logits=None):
 
 def measure_one(provider: str, op: str, N: int, D: int, V: int, dtype: torch.dtype,
                 mode: str, device: torch.device, cpu_budget_s: float,
-                fn: Callable | None = None) -> dict:
+                fn: Callable | None = None, cpu_min_calls: int = 3) -> dict:
     """{ms, peak_mem_mb, loss} of one provider, op and mode on fresh inputs (run in a fresh
     process by main, or in main's own with --in-process). matmul_floor: its ms only. fn: the
     loss to measure instead of the named provider's (bench/gpu_tune.py: ours under config
-    values)."""
+    values). cpu_*: common.median_ms's."""
     divergence = op.split("_distill_")[-1] if op.startswith("linear") else \
         op.removeprefix("distill_")
     if fn is None:
@@ -188,7 +188,8 @@ def measure_one(provider: str, op: str, N: int, D: int, V: int, dtype: torch.dty
             fn(*inputs).backward()
     with torch.no_grad():
         loss = float(fn(*inputs))  # also the warm-up (compilation, caches)
-    ms = common.median_ms(step, device, grad_to_none=grads, cpu_budget_s=cpu_budget_s)
+    ms = common.median_ms(step, device, grad_to_none=grads, cpu_budget_s=cpu_budget_s,
+                          cpu_min_calls=cpu_min_calls)
     peak = common.peak_mem_mb(step, device, grad_to_none=grads)
     return dict(ms=ms, peak_mem_mb=peak, loss=loss)
 

@@ -259,9 +259,9 @@ def check(provider: Provider, mode: str, x, t, ref) -> str | None:
 # --- one measurement ------------------------------------------------------------------------
 
 def measure(provider: Provider, mode: str, N: int, V: int, dtype: torch.dtype,
-            device: torch.device, ref, cpu_budget_s: float):
+            device: torch.device, ref, cpu_budget_s: float, cpu_min_calls: int = 3):
     """(median ms, peak MB or None) of one provider and mode on fresh inputs; None, with a
-    printed message, when the provider is skipped for this case."""
+    printed message, when the provider is skipped for this case. cpu_*: common.median_ms's."""
     label = f"{provider.name} {mode} {dtype_name(dtype)} N={N} V={V}"
     elem = torch.finfo(dtype).bits // 8
     need = N * V * elem * (1 + WORKSPACE[base_provider(provider.name)][mode]) + HEADROOM_BYTES
@@ -287,7 +287,7 @@ def measure(provider: Provider, mode: str, N: int, V: int, dtype: torch.dtype,
         grads = [x] if mode == "fwd_bwd" else None
         # check() ran the provider once on these inputs: that was the warm-up (compilation).
         ms = common.median_ms(step, device, grad_to_none=grads, cpu_budget_s=cpu_budget_s,
-                              warmup=False)
+                              cpu_min_calls=cpu_min_calls, warmup=False)
         peak = common.peak_mem_mb(step, device, grad_to_none=grads)
         return ms, peak
     except Exception as e:  # a provider that cannot run this case (OOM, unsupported shape)

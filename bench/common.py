@@ -116,14 +116,15 @@ def _clear_grads(tensors: Iterable[torch.Tensor] | None) -> None:
 
 def median_ms(fn: Callable[[], object], device: torch.device, *,
               grad_to_none: list[torch.Tensor] | None = None,
-              cpu_budget_s: float = 1.0, warmup: bool = True) -> float:
+              cpu_budget_s: float = 1.0, cpu_min_calls: int = 3,
+              warmup: bool = True) -> float:
     """Median wall time of fn() in ms, after a warm-up call (warmup=False: the caller has
     already run fn, e.g. to check its result); gradients in `grad_to_none` are
     cleared before every call (outside the timed region) so backward never accumulates.
 
     CUDA: triton.testing.do_bench (CUDA events, L2 flushed before each call), or plain CUDA
-    events when triton is missing. CPU: time.perf_counter around each call, at least 3 and
-    at most 100 calls, stopping after about `cpu_budget_s` seconds.
+    events when triton is missing. CPU: time.perf_counter around each call, at least
+    `cpu_min_calls` (3) and at most 100 calls, stopping after about `cpu_budget_s` seconds.
     """
     if warmup:
         _clear_grads(grad_to_none)
@@ -155,7 +156,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, *,
         return statistics.median(times)
     times = []
     deadline = time.perf_counter() + cpu_budget_s
-    while len(times) < 100 and (len(times) < 3 or time.perf_counter() < deadline):
+    while len(times) < 100 and (len(times) < cpu_min_calls or time.perf_counter() < deadline):
         _clear_grads(grad_to_none)
         t0 = time.perf_counter()
         fn()

@@ -182,6 +182,7 @@ class Tuner:
         self.times: dict[tuple, float] = {}  # (provider, mode, dtype, N, V) -> ms
         self.refs: dict[tuple, tuple] = {}
         self.compiled: set = set()  # what was run once: its compiles are done
+        self.cpu_min_calls = 1 if dry else 3  # a dry run's times are only plumbing
 
     def reference(self, N: int, V: int, dtype: torch.dtype, option: str | None = None):
         """(mean loss, gradient of the first rows) that bench_xent.check compares with:
@@ -226,7 +227,8 @@ class Tuner:
         if not self.budget.allows(label, self.estimate_s(provider.name, mode, V, dtype)):
             return None
         result = bench_xent.measure(provider, mode, N, V, dtype, self.device,
-                                    self.reference(N, V, dtype, option), cpu_budget_s=0.2)
+                                    self.reference(N, V, dtype, option), cpu_budget_s=0.2,
+                                    cpu_min_calls=self.cpu_min_calls)
         self.compiled.update({(provider.name, mode, dtype, V), (provider.name, mode, dtype)})
         if result is None:
             return None
@@ -256,7 +258,8 @@ class Tuner:
             return None
         try:
             r = bench_distill.measure_one(name, op, N, 0, V, dtype, mode, self.device,
-                                          cpu_budget_s=0.2, fn=fn)
+                                          cpu_budget_s=0.2, fn=fn,
+                                          cpu_min_calls=self.cpu_min_calls)
         except Exception as e:  # a provider that cannot run this case (OOM, unsupported)
             why = str(e).splitlines()[0] if str(e) else ""
             print(f"  skip {label}: {type(e).__name__}: {why}")
@@ -380,11 +383,13 @@ def report(tuner: Tuner, N: int, vocab, dtype: torch.dtype, names: list[str], pe
 
 def dry_plan(paths: dict, factors):
     """--dry-run's candidates: big slices of 256 columns at 4 warps (twice main's DRY_SLICE)
-    and sweep blocks of at most 64, so that V = 300 is a long row for every one of them."""
+    and sweep blocks of at most DRY_SLICE, so that V = 300 is a long row for every one of
+    them (two full blocks and a tail)."""
     small = {name: dict(v, ROW_SLICE_MAX_V=2 * DRY_SLICE, SPLIT_NUM_WARPS=4)
              if "ROW_SLICE_MAX_V" in v else v for name, v in paths.items()}
-    return small, tuple((f, [dict(c, SWEEP_BLOCK_V=min(c["SWEEP_BLOCK_V"], 64), SWEEP_NUM_WARPS=4)
-                             if "SWEEP_BLOCK_V" in c else c for c in choices])
+    return small, tuple((f, [dict(c, SWEEP_BLOCK_V=min(c["SWEEP_BLOCK_V"], DRY_SLICE),
+                                  SWEEP_NUM_WARPS=4) if "SWEEP_BLOCK_V" in c else c
+                             for c in choices])
                         for f, choices in factors)
 
 
@@ -578,13 +583,13 @@ def save_tuned(out_dir: str, best: dict) -> None:
 
 def load_tuned(out_dir: str, dry: bool) -> dict:
     """The sweep's values chosen by a step "lm" into out_dir, else config's (--dry-run: in
-    blocks of 64 columns)."""
+    blocks of DRY_SLICE columns)."""
     path = os.path.join(out_dir, "tuned.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     values = dict(LONG_ROWS="sweep", **sweep_defaults())
-    return dict(values, SWEEP_BLOCK_V=64, SWEEP_NUM_WARPS=4) if dry else values
+    return dict(values, SWEEP_BLOCK_V=DRY_SLICE, SWEEP_NUM_WARPS=4) if dry else values
 
 
 def parse_args(argv=None):
