@@ -46,7 +46,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,
 VOCAB = (32000, 50304, 128256, 151936, 256000)
 TOKENS = (4096, 16384)
 QUICK_VOCAB = (1000, 3001)  # odd, within one slice: the interpreter runs split rows slowly
-QUICK_TOKENS = (64,)
+QUICK_TOKENS = (16,)
 # --small-vocab: an image classifier's rows, many and short.
 SMALL_VOCAB = (2, 10, 100, 1000)
 SMALL_TOKENS = (1 << 20,)
@@ -401,6 +401,7 @@ def main(argv=None) -> int:
                                             lambda name: sweep_provider(variants[name], device))
 
     cpu_budget_s = 0.2 if args.quick else (CPU_BUDGET_S if args.cpu else 1.0)
+    cpu_min_calls = 1 if args.quick else 3  # --quick: the script's smoke test, not a timing
     common.DO_BENCH_REP_MS = args.rep_ms  # read by common.median_ms on each measurement
     if device.type == "cuda":
         print(f"do_bench: warmup {common.DO_BENCH_WARMUP_MS} ms, rep {args.rep_ms:g} ms")
@@ -427,7 +428,8 @@ def main(argv=None) -> int:
                 for mode in args.modes:
                     if mode not in provider.modes:
                         continue
-                    result = measure(provider, mode, N, V, dtype, device, ref, cpu_budget_s)
+                    result = measure(provider, mode, N, V, dtype, device, ref, cpu_budget_s,
+                                     cpu_min_calls)
                     if result is None:
                         continue
                     ms, peak = result

@@ -68,7 +68,7 @@ def test_quick_csv_is_well_formed(quick_csv):
         assert r["op"] == "cross_entropy"
         assert r["mode"] in ("fwd", "fwd_bwd")
         assert r["dtype"] in ("bfloat16", "float32")
-        assert r["N"] == 64 and r["V"] in (1000, 3001) and r["D"] == 0
+        assert r["N"] == 16 and r["V"] in (1000, 3001) and r["D"] == 0
         assert r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
         assert r["torch"] == torch.__version__
         assert r["date"].endswith("+00:00")
@@ -278,7 +278,7 @@ def test_slug_and_default_out():
 
 # --- bench_linear.py ---------------------------------------------------------------------
 
-LINEAR_QUICK_CASES = {(64, 37, 1000), (64, 37, 3001)}  # (N, D, V)
+LINEAR_QUICK_CASES = {(16, 37, 1000), (16, 37, 3001)}  # (N, D, V)
 HAS_TORCH_CHUNKED = (hasattr(F, "linear_cross_entropy")
                      and hasattr(torch.nn, "LinearCrossEntropyOptions"))
 LINEAR_PROVIDERS = ("triton_xent", "torch", "matmul_floor") + (
