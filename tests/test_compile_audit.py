@@ -478,8 +478,12 @@ def test_sweep_loops_hold_no_barrier_and_move_16_byte_vectors(report, case):
     assert set(r["grad_stores"]) == {elem, "16"} and r["grad_stores"][elem] == 1, r
 
 
-def test_sweep_keeps_two_programs_per_sm_in_bf16_and_reads_once_without_a_gradient(report):
-    assert report[("sweep_V128256_bf16", "_sweep_kernel")]["programs_per_sm"] >= 2
+def test_sweep_holds_its_registers_in_bf16_and_reads_once_without_a_gradient(report):
+    # config.SWEEP_*'s shape (8192 columns, 16 warps: 16 bf16 logits a thread, prefetched):
+    # 64 registers with Triton 3.6 (2 programs an SM), 74 with 3.9 (1); more would mean the
+    # loop holds more than its two blocks.
+    r = report[("sweep_V128256_bf16", "_sweep_kernel")]
+    assert r["registers"] <= 80 and r["programs_per_sm"] >= 1 and r["stack_bytes"] == 0, r
     forward = report[("sweep_V128256_forward", "_sweep_kernel")]
     assert forward["grad_stores"] == {} and len(forward["item_sweep_trips"]) == 1, forward
 

@@ -159,8 +159,13 @@ FP_FUSION = True
 #                          the rows in grid-stride order
 #   SWEEP_L2_FRACTION      None, or at most as many programs (rows between their sweeps) as
 #                          fill this fraction of the L2
-# First choices from the arithmetic (registers a thread, bytes in flight), not yet measured
-# on a GPU: `python bench/gpu_tune.py` times the candidates.
+# First choices, not yet measured on a GPU: `python bench/gpu_tune.py` times the candidates.
+# The compile audit's prediction (`python bench/compile_audit.py --predict`, sm_90, bf16,
+# N = 16384, V = 128256, forward + backward; a prediction): with the Triton of the GPU
+# machine (3.6) 8192 columns at 16 warps take 64 registers, 2 programs an SM, 3.30 ms if the
+# second sweep reads HBM and 2.36 ms if L2; 4096 columns at 8 warps 3.17 and 2.14 ms (58
+# registers, 4 an SM) but with every option 166 registers there, and a spill with 3.9. With
+# Triton 3.9 8192 columns at 16 warps take 74 registers, 1 program an SM (4.47 ms).
 SWEEP_BLOCK_V = 8192
 SWEEP_NUM_WARPS = 16
 SWEEP_PREFETCH = True
@@ -178,12 +183,11 @@ SWEEP_L2_FRACTION = None
 # exchange), in slices of split_plan's width at SPLIT_NUM_WARPS ("two_pass") or in the row
 # sweep with the SWEEP_* knobs ("sweep"). Its tiles hold two logits tensors, so the offline
 # sm_90 audit (bench/compile_audit.py, triton 3.9, no GPU, bf16) was read for them too: whole
-# rows of V = 4096 at 8 warps take 57 (forward KL), 59 (reverse KL) and 86 (JSD) registers,
-# 4, 4 and 2 programs an SM; V = 1000 JSD at 4 warps 101, 4 an SM; the slice kernels at 16
-# warps 29 to 38, 3 or 4 an SM; the sweep at V = 128256 (8192 columns, 16 warps, prefetch)
-# 76, 75 and 82, 1 program an SM (forward KL and JSD without the prefetch: 60 and 64, 2 an
-# SM; in 4096 columns at 16 warps: 52 and 64, 2 an SM); no spills. Speed not yet measured
-# on a GPU: `python bench/gpu_tune.py OUT --steps distill` times both long-row paths.
+# rows of V = 4096 at 8 warps take 48 (forward KL), 64 (reverse KL) and 79 (JSD) registers,
+# 5, 4 and 3 programs an SM; V = 1000 JSD at 4 warps 64, 8 an SM; the slice kernels at 16
+# warps 26 to 39, 3 or 4 an SM; the sweep at V = 128256 (8192 columns, 16 warps, prefetch)
+# 74, 74 and 84, 1 program an SM; no spills. Speed not yet measured on a GPU:
+# `python bench/gpu_tune.py OUT --steps distill` times both long-row paths.
 
 # --- the linear ops' chunk driver (triton_xent/chunks.py) ------------------------------
 #

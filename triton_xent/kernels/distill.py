@@ -98,8 +98,8 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .tiles import (NEG_INF, _finite_or_zero, _row_offsets, row_align, row_tile, split_plan,
-                    sweep_grid, sweep_plan, sweep_policies)
+from .tiles import (NEG_INF, _exp, _finite_or_zero, _row_offsets, row_align, row_tile,
+                    split_plan, sweep_grid, sweep_plan, sweep_policies)
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -155,8 +155,8 @@ def _pair_stats(z_s, z_t):
     m_t = tl.max(z_t, axis=1)
     d_s = z_s - _finite_or_zero(m_s)[:, None]
     d_t = z_t - _finite_or_zero(m_t)[:, None]
-    e_s = tl.exp(d_s)
-    e_t = tl.exp(d_t)
+    e_s = _exp(d_s)
+    e_t = _exp(d_t)
     D_t = tl.sum(tl.where(e_t == 0.0, 0.0, e_t * (d_t - d_s)), axis=1)
     D_s = tl.sum(tl.where(e_s == 0.0, 0.0, e_s * (d_s - d_t)), axis=1)
     return m_s, tl.sum(e_s, axis=1), m_t, tl.sum(e_t, axis=1), D_t, D_s, d_s, d_t
@@ -171,8 +171,8 @@ def _rescaled(m_s, s_s, m_t, s_t, D_t, D_s, M_s, M_t):
     0 * inf; maxes of -inf count as 0 in the shifts, as in the sets' own differences."""
     shift_s = _finite_or_zero(m_s) - _finite_or_zero(M_s)
     shift_t = _finite_or_zero(m_t) - _finite_or_zero(M_t)
-    w_s = tl.exp(m_s - _finite_or_zero(M_s))  # 0 for a set of -inf
-    w_t = tl.exp(m_t - _finite_or_zero(M_t))
+    w_s = _exp(m_s - _finite_or_zero(M_s))  # 0 for a set of -inf
+    w_t = _exp(m_t - _finite_or_zero(M_t))
     D_t = tl.where(s_t == 0.0, 0.0, w_t * (D_t + s_t * (shift_t - shift_s)))
     D_s = tl.where(s_s == 0.0, 0.0, w_s * (D_s + s_s * (shift_s - shift_t)))
     return s_s * w_s, s_t * w_t, D_t, D_s
@@ -223,7 +223,7 @@ def _log_mixture(lp_s, lp_t, beta):
     a = lp_t + tl.log(beta)
     b = lp_s + tl.log(1.0 - beta)
     hi = tl.maximum(a, b)
-    return tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi)))
+    return tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + _exp(tl.minimum(a, b) - hi)))
 
 
 @triton.jit
@@ -231,8 +231,8 @@ def _jsd_terms(lp_s, lp_t, beta):
     """(R,) J = beta KL(p_t || M) + (1 - beta) KL(p_s || M) and K = KL(p_s || M) summed over
     the columns of (R, B) log-probability tiles, and the (R, B) tile log M."""
     log_m = _log_mixture(lp_s, lp_t, beta)
-    p_s = tl.exp(lp_s)
-    p_t = tl.exp(lp_t)
+    p_s = _exp(lp_s)
+    p_t = _exp(lp_t)
     k_s = tl.where(p_s == 0.0, 0.0, p_s * (lp_s - log_m))
     k_t = tl.where(p_t == 0.0, 0.0, p_t * (lp_t - log_m))
     K = tl.sum(k_s, axis=1)
@@ -249,9 +249,9 @@ def _write_grad(
     """Stores scale * dloss/dx_s of an (R, B) tile (see the module docstring) with eviction
     policy EVICT ("" for none); exactly 0 on rows whose scale is 0, and where p_s = 0 for
     reverse KL and JSD."""
-    p_s = tl.exp(lp_s)
+    p_s = _exp(lp_s)
     if DIVERGENCE == FORWARD_KL:
-        g = p_s - tl.exp(lp_t)
+        g = p_s - _exp(lp_t)
     elif DIVERGENCE == REVERSE_KL:
         g = tl.where(p_s == 0.0, 0.0, p_s * (lp_s - lp_t - kl_s[:, None]))
     else:

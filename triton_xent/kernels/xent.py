@@ -170,8 +170,8 @@ import triton
 import triton.language as tl
 
 from .. import config
-from .tiles import (NEG_INF, _finite_or_zero, _row_offsets, interpreting, row_align, row_tile,
-                    sm_count, split_plan, sweep_grid, sweep_plan, sweep_policies)
+from .tiles import (NEG_INF, _exp, _finite_or_zero, _row_offsets, interpreting, row_align,
+                    row_tile, sm_count, split_plan, sweep_grid, sweep_plan, sweep_policies)
 
 # The split-row record (see the module docstring).
 RECORD_WIDTH = tl.constexpr(8)
@@ -198,7 +198,7 @@ def _tanh(x):
     x2 = x * x
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
         62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
-    return tl.where(tl.abs(x) < 0.35, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+    return tl.where(tl.abs(x) < 0.35, series, 1.0 - 2.0 / (_exp(2.0 * x) + 1.0))
 
 
 @triton.jit
@@ -299,10 +299,10 @@ def _tile_stats(z, u, TRACK_U: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.c
         # s and Q in one reduction; e = 0 (a -inf logit, or one that underflows) adds 0 to
         # Q, not 0 * -inf.
         d = z - m_ref[:, None]
-        e = tl.exp(d)
+        e = _exp(d)
         s, Q = tl.reduce((e, tl.where(e == 0.0, 0.0, e * d)), 1, _add_pair)
     else:
-        s = tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+        s = tl.sum(_exp(z - m_ref[:, None]), axis=1)
     S = tl.zeros(m.shape, tl.float32)
     U = tl.zeros(m.shape, tl.float32)
     if TRACK_U:
@@ -336,8 +336,8 @@ def _merge_pair(m1, s1, S1, U1, Q1, m2, s2, S2, U2, Q2, TRACK_U: tl.constexpr,
     """Statistics of the union of two column sets (the slice-statistics kernel's loop)."""
     m = tl.maximum(m1, m2)
     m_ref = _finite_or_zero(m)
-    e1 = tl.exp(m1 - m_ref)
-    e2 = tl.exp(m2 - m_ref)
+    e1 = _exp(m1 - m_ref)
+    e2 = _exp(m2 - m_ref)
     s = s1 * e1 + s2 * e2
     S = S1
     U = U1
@@ -418,7 +418,7 @@ def _grad_tile(
         coef = coef * r
         a_scaled = a_scaled * r
         b_scaled = b_scaled * r
-    p = tl.exp(z - m[:, None]) * (1.0 / s)[:, None]
+    p = _exp(z - m[:, None]) * (1.0 / s)[:, None]
     g = p * coef[:, None]
     if WITH_TARGET:
         g = g - tl.where(cols[None, :] == y[:, None], a_scaled[:, None], 0.0)
@@ -511,7 +511,7 @@ def _reduce_stats(m, s, S, U, Q, idx, TRACK_U: tl.constexpr, ENTROPY: tl.constex
     there has m = -inf and idx >= ARGMAX_MAX_COLS)."""
     m_all = tl.max(m, axis=0)
     m_ref = _finite_or_zero(m_all)
-    w = tl.exp(m - m_ref)
+    w = _exp(m - m_ref)
     s_all = tl.sum(s * w, axis=0)
     S_all = tl.zeros((), tl.float32)
     U_all = tl.zeros((), tl.float32)
