@@ -344,6 +344,33 @@ SWEEP_CASES = {
 }
 
 
+if triton_xent.triton_available():
+    import triton
+    import triton.language as tl
+
+    from triton_xent.kernels.distill import _log1p_unit
+
+    @triton.jit
+    def _apply_log1p_unit(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + cols, mask=cols < n, other=0.0)
+        tl.store(out_ptr + cols, _log1p_unit(w), mask=cols < n)
+
+
+@pytest.mark.skipif(not triton_xent.triton_available(), reason="needs Triton")
+def test_log1p_unit_keeps_its_digits_from_tiny_w_to_one(device):
+    """JSD's log M = hi + log(1 + w), w = exp(lo - hi) in [0, 1] (kernels/distill.py
+    _log1p_unit): within a few float32 ulps of float64's log1p, relatively, also where w is
+    far below float32's epsilon and 1 + w would round to 1."""
+    w = torch.cat([torch.zeros(1), torch.logspace(-30, 0, 400), torch.rand(111)]).to(device)
+    out = torch.empty_like(w)
+    _apply_log1p_unit[(1,)](w, out, w.numel(), BLOCK=512)
+    want = torch.log1p(w.double())
+    assert out[0].item() == 0.0
+    rel = ((out.double() - want).abs() / want.clamp_min(1e-300))[1:]
+    assert rel.max().item() < 4e-7, rel.max().item()
+
+
 @pytest.mark.parametrize("case", SWEEP_CASES)
 def test_sweep_matches_the_reference_and_launches_only_itself(device, monkeypatch, launches,
                                                               case):
