@@ -903,9 +903,12 @@ def flight(compiled, runtime: list, bound: dict, warps: int, target: str,
     instrs = _sass(compiled.asm["cubin"])
     kinds = memory_kinds(instrs, _param_offsets(compiled.asm["ptx"]), logits or outputs,
                          outputs)
-    x = next(bound[n] for n in (*LOGITS_PARAMS, *OUTPUT_PARAMS)
-             if isinstance(bound.get(n), torch.Tensor))
-    row_bytes = bound["n_cols"] * x.element_size() * bound.get("ROWS", 1)
+    # A row's bytes over every tensor the loops stream: the student's and the teacher's for
+    # distillation (a sweep's iteration loads both), else the logits (or the gradient).
+    streamed = ([bound[n] for n in LOGITS_PARAMS if isinstance(bound.get(n), torch.Tensor)]
+                or [next(bound[n] for n in OUTPUT_PARAMS
+                         if isinstance(bound.get(n), torch.Tensor))])
+    row_bytes = bound["n_cols"] * sum(x.element_size() for x in streamed) * bound.get("ROWS", 1)
     path = program_path(instrs, kinds, 32 * warps, row_bytes)
     out = {"window_bytes": path.pop("window_bytes")}
     if programs_per_sm is not None:

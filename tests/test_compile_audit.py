@@ -503,3 +503,8 @@ def test_distillation_sweep_reads_with_16_byte_vectors_in_registers(report, case
     assert sizes(r["logits_loads"]) == {16} and 16 in sizes(r["loads"]), r
     assert sizes(r["grad_stores"]) == (set() if case.endswith("_forward") else {16}), r
     assert r["programs_per_sm"] >= 1 and r["grid"] == [16], r
+    # The walk runs each sweep over the whole row of both logits: ceil(128256 / 8192) = 16
+    # blocks, 2 sweeps for the KLs and 3 for JSD with a gradient (1 and 2 without).
+    sweeps = (2 if "jsd" in case else 1) + (0 if case.endswith("_forward") else 1)
+    assert r["item_sweep_trips"] == [16] * sweeps, r
+    assert r["item_load_bytes"] >= sweeps * 128256 * 2 * 2, r  # whole blocks: a bit more
