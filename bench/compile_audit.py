@@ -72,6 +72,8 @@ loops run once a block):
 launch on Hopper) as cases liger_*; `--rank` predicts the time of every kernel and path
 that the H200 run of 2026-12-04 measured (bench/results/nvidia-h200.csv) from these counts
 and prints the predicted ranking beside the measured one (see predict() and bench/README.md).
+`--predict` and `--predict-distill` give the same model's predictions for the candidates
+no GPU has run (cross-entropy's paths and sweep shapes; distillation's two paths).
 
     python bench/compile_audit.py                   # a table of every case, for sm_90
     python bench/compile_audit.py --target all      # every case for the six targets
@@ -79,6 +81,7 @@ and prints the predicted ranking beside the measured one (see predict() and benc
     python bench/compile_audit.py --json            # one JSON object a launch (the tests)
     python bench/compile_audit.py --liger --only liger_V128256_bf16
     python bench/compile_audit.py --rank            # the H200 ranking, measured and predicted
+    python bench/compile_audit.py --predict-distill # distillation's paths, predicted
 
 TRITON_INTERPRET must be unset: under the interpreter @triton.jit gives no compilable kernel.
 """
@@ -366,10 +369,12 @@ EXTERNAL_KERNELS: list = []
 @contextlib.contextmanager
 def recording():
     """Replaces the kernels of kernels/xent.py and kernels/distill.py (and EXTERNAL_KERNELS)
-    by recorders; yields the list of launches."""
+    by recorders; yields the list of launches. A kernel the imported triton_xent lacks is
+    left out (an older commit's, audited with this file: bench/README.md)."""
     launches: list = []
     saved = {(module, name): getattr(module, name) for module, names in
-             ((xent, KERNELS), (distill, DISTILL_KERNELS)) for name in names}
+             ((xent, KERNELS), (distill, DISTILL_KERNELS)) for name in names
+             if hasattr(module, name)}
     saved.update({(module, name): getattr(module, name) for module, name in EXTERNAL_KERNELS})
     for (module, name), kernel in saved.items():
         setattr(module, name, _Recorder(kernel, launches))
@@ -1336,6 +1341,96 @@ def predict_main(args) -> int:
     return 0
 
 
+# --predict-distill: distillation from logits at bench_distill.py's shape, bf16, forward +
+# backward (the backward's scaling skips rows whose factor is 1, as loss.backward()'s is).
+DISTILL_N, DISTILL_V = 8192, 128256
+H200_DISTILL_CSV = os.path.join(ROOT, "bench", "results", "nvidia-h200-distill.csv")
+
+
+def _distill_launches(V: int, divergence: str, path: str) -> list:
+    """The kernel launches of distillation's forward (which writes the gradient) on (ROWS, V)
+    bf16 logits at bench_distill.py's T = 2 and beta = 0.5: the stages ("two_pass":
+    statistics, JSD's terms, gradient; the merges between them are torch ops on (ROWS, P, 6)
+    floats, left out) or the row sweep."""
+    x = torch.zeros(ROWS, V, dtype=torch.bfloat16)
+    options = dict(divergence=divergence, beta=0.5, temperature=2.0)
+    with recording() as launches:
+        if path == "sweep":
+            distill.distill_sweep(x, x, torch.empty_like(x), torch.ones(ROWS), **options)
+        else:
+            merged = torch.zeros(ROWS, 6)
+            distill.distill_slice_stats(x, x, temperature=2.0)
+            if divergence == "jsd":
+                distill.distill_slice_terms(x, x, merged, beta=0.5, temperature=2.0)
+            kl_s = None if divergence == "forward_kl" else torch.zeros(ROWS)
+            distill.distill_slice_grad(x, x, merged, kl_s, torch.empty_like(x),
+                                       torch.ones(ROWS), **options)
+    return launches
+
+
+def predict_distill(paths=("two_pass", "sweep"), copy_gbps: float = 4236.0,
+                    latency_s: float = H200["latency_s"]) -> list[dict]:
+    """Each (path, divergence)'s predicted forward + backward time on the H200 by the --rank
+    model at N = DISTILL_N, V = DISTILL_V; for the sweep also `ms_l2`, its later sweeps'
+    reads from L2 (out of the bandwidth floor), as --predict does for cross-entropy."""
+    if "sweep" in paths and config.SWEEP_STAGES > 1:
+        # The pipeliner's asynchronous copies are no loads the walk counts: no prediction.
+        raise ValueError("--predict-distill models SWEEP_STAGES = 1 only")
+    h = dict(H200, latency_s=latency_s)
+    rows = []
+    for path in paths:
+        for divergence in ("forward_kl", "reverse_kl", "jsd"):
+            total = dict(ms=0.0, ms_l2=0.0)
+            kernels = []
+            for kernel, grid, args, kwargs in _distill_launches(DISTILL_V, divergence, path):
+                r = audit(kernel, grid, args, kwargs)
+                sweep = r["kernel"] == "_distill_sweep_kernel"
+                items = (ROWS if sweep else grid[0] * grid[1]) * DISTILL_N / ROWS
+                resident = r["programs_per_sm"]
+                p = predict(r, items, resident, copy_gbps * 1e9, h)
+                sweeps = len(r["item_sweep_trips"]) or 1
+                l2 = dict(r, item_load_bytes=r["item_load_bytes"] / sweeps) if sweep else r
+                p_l2 = predict(l2, items, resident, copy_gbps * 1e9, h)
+                total["ms"] += p["ms"]
+                total["ms_l2"] += p_l2["ms"]
+                kernels.append(f"{r['kernel']}: {resident}/SM, {r['item_stops']} stops, "
+                               f"{r['item_instructions']} instr, {r['registers']} regs; "
+                               f"bw {p['bw']:.2f} lat {p['lat']:.2f} issue {p['issue']:.2f}"
+                               f" ms")
+            rows.append(dict(path=path, divergence=divergence, kernels=kernels, **total))
+    return rows
+
+
+def predict_distill_main(args) -> int:
+    """--predict-distill: the table, with the run's measured times where it has them (they
+    ran the stages of commit 1d92434: compare those with that commit's kernels)."""
+    measured = {}
+    if os.path.exists(H200_DISTILL_CSV):
+        import csv
+
+        with open(H200_DISTILL_CSV, newline="") as f:
+            for row in csv.DictReader(f):
+                if row["provider"] == "triton_xent" and row["mode"] == "fwd_bwd":
+                    measured[row["op"][len("distill_"):]] = float(row["ms"])
+    with tempfile.TemporaryDirectory(prefix="compile_audit_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        rows = predict_distill(args.predict_distill or ("two_pass", "sweep"),
+                               latency_s=args.latency_us * 1e-6)
+    floor = DISTILL_N * DISTILL_V * 2 * 3 / 4236e9 * 1e3  # both read, the gradient written
+    print(f"PREDICTIONS: triton {triton.__version__}, distillation, bf16, N = {DISTILL_N}, "
+          f"V = {DISTILL_V}, forward + backward, the --rank model with L = "
+          f"{args.latency_us:g} us; floor {floor:.2f} ms; ms_l2: the sweep's later reads "
+          "from L2; measured: the 2026-12-04 H200 run (commit 1d92434's stages)")
+    for r in rows:
+        seen = measured.get(r["divergence"]) if r["path"] == "two_pass" else None
+        print(f"  {r['path']:9s} {r['divergence']:10s} {r['ms']:6.2f} ms "
+              f"({floor / r['ms']:.2f} of copy)  l2 {r['ms_l2']:6.2f} ms"
+              + (f"  measured {seen:.2f} ms" if seen else ""))
+        for k in r["kernels"]:
+            print(f"      {k}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
@@ -1356,6 +1451,8 @@ def main() -> int:
     parser.add_argument("--predict", action="store_true",
                         help="predict, by --rank's model, the forward + backward time of the "
                         "candidates bench/gpu_tune.py times (no GPU has run them)")
+    parser.add_argument("--predict-distill", nargs="*", choices=["two_pass", "sweep"],
+                        help="predict distillation's paths the same way (default: both)")
     parser.add_argument("--csv", default=H200_CSV, help="--rank: the measured CSV")
     parser.add_argument("--latency-us", type=float, default=H200["latency_s"] * 1e6,
                         help="--rank: L, the latency of a global round trip under load "
@@ -1369,6 +1466,8 @@ def main() -> int:
         return rank_main(args)
     if args.predict:
         return predict_main(args)
+    if args.predict_distill is not None:
+        return predict_distill_main(args)
     targets = list(TARGETS) if "all" in args.target else args.target
     known = cases()
     if args.liger is not None:
