@@ -183,6 +183,20 @@ def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=Fa
     return call
 
 
+def _with_config(call: Callable[[], None], **values) -> Callable[[], None]:
+    """call() with these config values set for its duration."""
+    def wrapped():
+        saved = {k: getattr(config, k) for k in values}
+        try:
+            for k, v in values.items():
+                setattr(config, k, v)
+            call()
+        finally:
+            for k, v in saved.items():
+                setattr(config, k, v)
+    return wrapped
+
+
 def _slice_calls(V_rank: int, n_classes: int, rl=False) -> Callable[[], None]:
     """A vocab-parallel rank's statistics, then its gradient (distributed.py); rl: with the
     RL extras."""
@@ -268,6 +282,10 @@ def cases() -> dict[str, Callable[[], None]]:
         "sweep_V128256_every_option": _rows_call(128256, weight=True, smoothing=0.1,
                                                  softcap=30.0, zloss=1e-4, rl=True,
                                                  long_rows="sweep"),
+        # the register cap (config.SWEEP_MAX_REGISTERS): options that take more alone
+        "sweep_V128256_options_64_registers": _with_config(
+            _rows_call(128256, weight=True, zloss=1e-4, argmax=True, long_rows="sweep"),
+            SWEEP_MAX_REGISTERS=64),
     })
     # Short rows at a classifier's batch (enough rows for full tiles).
     for V in (2, 10, 100, 1000):

@@ -11,15 +11,15 @@ Steps (--steps; "lm" by default):
            paths as they are configured ("two_pass", the default, and "exchange"), both with
            big slices (16384 columns, 32 warps: 32 KB a program), and the row sweep, whose
            knobs (config.SWEEP_*) are chosen a factor at a time, each factor's best value
-           kept for the next (FACTORS below: 13 variants). Then the finals: eager, torch.compile, Liger, the
-           default, the best exchange and the best sweep, forward and forward + backward, at
+           kept for the next (FACTORS below: 14 variants). Then the finals: eager,
+           torch.compile, Liger, the default, the best exchange and the best sweep, forward and forward + backward, at
            V = 32000, 128256 and 256000, with the goals of the issue checked against each
            peer. The sweep's chosen knobs go to OUT_DIR/tuned.json for the later steps.
   fp32     float32, N = 16384, V = 128256: the default, the tuned sweep, the peers.
   small    N = 2^20, V = 10 and 1000 (whole rows): the default tile, other tile sizes, the
            peers.
   options  bf16, N = 16384, V = 128256, forward + backward on the default and the tuned
-           sweep: the plain call and each option alone (smoothing, class weights, softcap,
+           sweep, and the sweep with the other register choice (REGISTER_CAP): the plain call and each option alone (smoothing, class weights, softcap,
            z-loss, temperature, entropy, row weights, argmax), and inplace_backward with its
            peak memory: each against the plain call's time.
   linear   linear_cross_entropy's chunk-driver choices (bench_linear.tune_step) beside the
@@ -28,7 +28,7 @@ Steps (--steps; "lm" by default):
   distill  distillation from logits, bf16, N = 8192, V = 128256, forward + backward and
            forward: forward KL, reverse KL and JSD (T = 2, beta = 0.5: bench_distill.py's),
            ours on "two_pass" (the stage kernels) and on the sweep (tuned.json's values, else
-           config's), the naive PyTorch losses and Liger's JSD, each loss checked against
+           config's; and with the other register choice), the naive PyTorch losses and Liger's JSD, each loss checked against
            the float32 naive one; the fraction of the copy bandwidth on the floor's bytes (one
            read of each logits tensor, one write of the gradient) against 0.75, and JSD's
            speed-up over Liger against 2.
@@ -82,6 +82,12 @@ PATHS = {
     "exchange_s16384_w32": dict(LONG_ROWS="exchange", ROW_SLICE_MAX_V=16384,
                                 SPLIT_NUM_WARPS=32),
 }
+# ptxas's register cap the search tries (config.SWEEP_MAX_REGISTERS): 2 programs of 16 warps
+# an SM, or 4 of 8. The options and distill steps time the sweep under the other choice too:
+# the compile audit predicts that some options and divergences (which the search does not
+# time) need the cap to keep more than one program an SM (config.py).
+REGISTER_CAP = 64
+
 # The sweep's factors, in the order they are chosen; each value is a set of config values.
 # First the shape of the work, chosen jointly because its parts trade against each other:
 # (columns a step, warps) set the bytes a program has in flight, and the rows between their
@@ -98,12 +104,13 @@ FACTORS = (
                                   (16384, 32, 1, None), (16384, 32, None, 0.5))]),
     ("loads", [dict(SWEEP_PREFETCH=p, SWEEP_STAGES=s)
                for p, s in ((True, 1), (False, 1), (False, 2), (False, 3))]),
+    ("registers", [dict(SWEEP_MAX_REGISTERS=r) for r in (None, REGISTER_CAP)]),
     ("reverse", [dict(SWEEP_REVERSE=r) for r in (True, False)]),
     ("evict", [dict(SWEEP_EVICT=e) for e in (True, False)]),
 )
 SHORT = {"SWEEP_BLOCK_V": "b", "SWEEP_NUM_WARPS": "w", "SWEEP_PREFETCH": "pf",
          "SWEEP_STAGES": "st", "SWEEP_PROGRAMS_PER_SM": "pps", "SWEEP_L2_FRACTION": "l2",
-         "SWEEP_REVERSE": "rev", "SWEEP_EVICT": "ev"}
+         "SWEEP_MAX_REGISTERS": "r", "SWEEP_REVERSE": "rev", "SWEEP_EVICT": "ev"}
 
 # The options step: each option alone, as cross_entropy keyword arguments (weights and
 # row weights are made on the device by option_kwargs).
@@ -145,6 +152,12 @@ def sweep_name(values: dict) -> str:
     def text(v):
         return "-" if v is None else str(int(v)) if isinstance(v, bool) else str(v)
     return "sweep_" + "_".join(f"{SHORT[k]}{text(values[k])}" for k in SHORT)
+
+
+def other_registers(values: dict) -> dict:
+    """The sweep's values with the other register choice (capped or not)."""
+    cap = values.get("SWEEP_MAX_REGISTERS")
+    return dict(values, SWEEP_MAX_REGISTERS=None if cap else REGISTER_CAP)
 
 
 def sweep_defaults() -> dict:
@@ -450,7 +463,9 @@ def step_options(tuner: Tuner, out_dir: str, dry: bool) -> None:
     dtype = torch.bfloat16
     best = load_tuned(out_dir, dry)
     print(f"options: {bench_xent.dtype_name(dtype)} N={N} V={V}, fwd_bwd")
-    for path, values in (("two_pass", PATHS["two_pass"]), (sweep_name(best), best)):
+    variants = [("two_pass", PATHS["two_pass"]), (sweep_name(best), best)]
+    variants.append((sweep_name(other_registers(best)), other_registers(best)))
+    for path, values in variants:
         plain = tuner.time(tuner.variant(path, values), "fwd_bwd", N, V, dtype)
         for option in OPTIONS:
             kwargs = option_kwargs(option, N, V, tuner.device)
@@ -504,7 +519,8 @@ def step_distill(tuner: Tuner, out_dir: str, dry: bool) -> None:
     V = DRY_VOCAB[0] if dry else DISTILL_VOCAB
     dtype = torch.bfloat16
     sweep = load_tuned(out_dir, dry)
-    ours = {"two_pass": dict(LONG_ROWS="two_pass"), sweep_name(sweep): sweep}
+    ours = {"two_pass": dict(LONG_ROWS="two_pass"), sweep_name(sweep): sweep,
+            sweep_name(other_registers(sweep)): other_registers(sweep)}
     peers = DRY_PEERS if dry else DISTILL_PEERS
     names = [f"triton_xent[{name}]" for name in ours] + list(peers)
     print(f"distill: {bench_xent.dtype_name(dtype)} N={N} V={V}, from logits")

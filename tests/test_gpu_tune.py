@@ -64,7 +64,9 @@ def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(
     rows = common.read_csv(tmp_path / "gpu_tune.csv")
     providers = {r["provider"] for r in rows}
     assert {f"triton_xent[{name}]" for name in gpu_tune.PATHS} <= providers
-    sweeps = {p for p in providers if p.startswith("triton_xent[sweep_")}
+    sweeps = {r["provider"] for r in rows
+              if r["provider"].startswith("triton_xent[sweep_") and not r["op"].startswith(
+                  "distill")}
     # every value of every factor was timed: the defaults, then each factor's other values
     _, factors = gpu_tune.dry_plan(gpu_tune.PATHS, gpu_tune.FACTORS)
     distinct = [{json.dumps(c, sort_keys=True) for c in choices} for _, choices in factors]
@@ -76,10 +78,11 @@ def test_dry_run_searches_every_candidate_and_times_the_finals_beside_the_peers(
     assert (f"triton_xent[{gpu_tune.sweep_name(tuned)}]", "fwd") in finals
     assert "forward + backward: ms (fraction of the" in stdout and "skipped 0" in stdout
     # The distill step (JSD only under --dry-run, gpu_tune.DRY_DIVERGENCES): ours on
-    # "two_pass" and on the sweep the lm step chose, beside the naive loss, both modes, each
-    # loss checked first.
+    # "two_pass", on the sweep the lm step chose and on that sweep with the other register
+    # choice, beside the naive loss, both modes, each loss checked first.
+    other = gpu_tune.sweep_name(gpu_tune.other_registers(tuned))
     for provider in ("triton_xent[two_pass]", f"triton_xent[{gpu_tune.sweep_name(tuned)}]",
-                     "torch"):
+                     f"triton_xent[{other}]", "torch"):
         for mode in ("fwd_bwd", "fwd"):
             assert any(r["op"] == "distill_jsd" and r["provider"] == provider
                        and r["mode"] == mode for r in rows), (provider, mode)
@@ -96,5 +99,6 @@ def test_a_budget_too_small_skips_measurements_by_name(tmp_path):
 def test_sweep_names_spell_every_knob():
     values = dict(LONG_ROWS="sweep", SWEEP_BLOCK_V=8192, SWEEP_NUM_WARPS=16,
                   SWEEP_PREFETCH=True, SWEEP_STAGES=1, SWEEP_PROGRAMS_PER_SM=None,
-                  SWEEP_L2_FRACTION=0.5, SWEEP_REVERSE=False, SWEEP_EVICT=True)
-    assert gpu_tune.sweep_name(values) == "sweep_b8192_w16_pf1_st1_pps-_l20.5_rev0_ev1"
+                  SWEEP_L2_FRACTION=0.5, SWEEP_MAX_REGISTERS=64, SWEEP_REVERSE=False,
+                  SWEEP_EVICT=True)
+    assert gpu_tune.sweep_name(values) == "sweep_b8192_w16_pf1_st1_pps-_l20.5_r64_rev0_ev1"

@@ -159,6 +159,18 @@ FP_FUSION = True
 #                          the rows in grid-stride order
 #   SWEEP_L2_FRACTION      None, or at most as many programs (rows between their sweeps) as
 #                          fill this fraction of the L2
+#   SWEEP_MAX_REGISTERS    None: ptxas allots the registers; r: at most r a thread (ptxas's
+#                          maxnreg; NVIDIA only), what does not fit spilling to local
+#                          memory. An SM holds 65536: at r = 64, 2 programs of 16 warps or 4
+#                          of 8. The compile audit with Triton 3.6, 8192 columns at 16 warps:
+#                          the plain call takes 64 registers (2 programs an SM) but smoothing
+#                          123, class weights and z-loss 87 and argmax 92 (1 an SM), so they
+#                          are predicted at 2.0x the plain call's time from L2 (4.6-4.7 ms
+#                          against 2.36); at r = 64 all fit 2 an SM, smoothing with a
+#                          120-byte spill the model does not price, the others at 2.30-2.36
+#                          ms. Distillation there: forward KL no better, JSD 5.09 -> 4.12
+#                          ms with spills and more instructions (with Triton 3.9 JSD gets
+#                          slower, 4.1 -> 6.4). Predictions, not measurements.
 # First choices, not yet measured on a GPU: `python bench/gpu_tune.py` times the candidates.
 # The compile audit's prediction (`python bench/compile_audit.py --predict`, sm_90, bf16,
 # N = 16384, V = 128256, forward + backward; a prediction): with the Triton of the GPU
@@ -174,6 +186,7 @@ SWEEP_REVERSE = True
 SWEEP_EVICT = True
 SWEEP_PROGRAMS_PER_SM = None
 SWEEP_L2_FRACTION = None
+SWEEP_MAX_REGISTERS = None
 
 # --- distillation (triton_xent/kernels/distill.py) ---------------------------------------
 

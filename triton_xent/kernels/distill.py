@@ -99,7 +99,7 @@ import triton.language as tl
 
 from .. import config
 from .tiles import (NEG_INF, _exp, _finite_or_zero, _row_offsets, row_align, row_tile,
-                    split_plan, sweep_grid, sweep_plan, sweep_policies)
+                    split_plan, sweep_grid, sweep_launch_options, sweep_plan, sweep_policies)
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -672,7 +672,7 @@ def distill_sweep(
         COMPUTE_GRAD=grad is not None, HAS_ROW_SCALE=row_scale is not None, BLOCK_V=block_v,
         VEC=vec, PREFETCH=config.SWEEP_PREFETCH, STAGES=config.SWEEP_STAGES,
         REVERSE=config.SWEEP_REVERSE, **sweep_evictions(divergence, grad is not None),
-        num_warps=warps, enable_fp_fusion=config.FP_FUSION)
+        num_warps=warps, enable_fp_fusion=config.FP_FUSION, **sweep_launch_options())
     return loss
 
 

@@ -113,6 +113,15 @@ def sweep_grid(n_rows: int, row_bytes: int, device: torch.device) -> tuple[int]:
     return (max(1, programs),)
 
 
+def sweep_launch_options() -> dict:
+    """The sweep's extra launch options: ptxas's register cap per thread (maxnreg) when
+    config.SWEEP_MAX_REGISTERS is set, on NVIDIA (ROCm has no such option); none otherwise.
+    The interpreter ignores it."""
+    if config.SWEEP_MAX_REGISTERS is None or torch.version.hip:
+        return {}
+    return {"maxnreg": config.SWEEP_MAX_REGISTERS}
+
+
 def sweep_policies() -> tuple[str, str]:
     """The eviction policies of the sweep's first and second sweeps (config.SWEEP_EVICT)."""
     return ("evict_last", "evict_first") if config.SWEEP_EVICT else ("", "")

@@ -171,7 +171,8 @@ import triton.language as tl
 
 from .. import config
 from .tiles import (LOG2E, NEG_INF, _exp, _finite_or_zero, _row_offsets, interpreting, row_align,
-                    row_tile, sm_count, split_plan, sweep_grid, sweep_plan, sweep_policies)
+                    row_tile, sm_count, split_plan, sweep_grid, sweep_launch_options, sweep_plan,
+                    sweep_policies)
 
 # The split-row record (see the module docstring).
 RECORD_WIDTH = tl.constexpr(8)
@@ -1314,8 +1315,9 @@ def xent_rows(
         _sweep_kernel[sweep_grid(n_rows, V * logits.element_size(), device)](
             *pointers, n_rows, V, D, *strides, *options, **switches, BLOCK_V=block_v,
             VEC=min(row_align(V, logits, g), block_v), PREFETCH=config.SWEEP_PREFETCH,
-            STAGES=config.SWEEP_STAGES, REVERSE=config.SWEEP_REVERSE, FIRST_EVICT=first, SECOND_EVICT=second,
-            num_warps=warps, enable_fp_fusion=fusion)
+            STAGES=config.SWEEP_STAGES, REVERSE=config.SWEEP_REVERSE, FIRST_EVICT=first,
+            SECOND_EVICT=second, num_warps=warps, enable_fp_fusion=fusion,
+            **sweep_launch_options())
         return ce, lse, H, idx
     records = torch.empty(n_rows * n_slices * RECORD_WIDTH.value, device=device,
                           dtype=torch.float32)
