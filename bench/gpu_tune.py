@@ -7,30 +7,30 @@ one device, prints the table and writes one CSV, within a time budget.
     python bench/gpu_tune.py OUT_DIR --dry-run           # tiny shapes on a CPU (CI)
 
 Steps (--steps; "lm" by default):
-  lm       bf16, N = 16384. First a search at V = 128256, forward + backward: the long-row
-           paths as they are configured ("two_pass", the default, and "exchange"), both with
-           big slices (16384 columns, 32 warps: 32 KB a program), and the row sweep, whose
-           knobs (config.SWEEP_*) are chosen a factor at a time, each factor's best value
-           kept for the next (FACTORS below: 14 variants). Then the finals: eager,
-           torch.compile, Liger, the default, the best exchange and the best sweep, forward and forward + backward, at
-           V = 32000, 128256 and 256000, with the goals of the issue checked against each
-           peer. The sweep's chosen knobs go to OUT_DIR/tuned.json for the later steps.
+  lm       bf16, N = 16384. First a search at V = 128256, forward + backward: the long-row paths as
+           they are configured ("two_pass", the default, and "exchange"), both with big slices
+           (16384 columns, 32 warps: 32 KB a program), and the row sweep, whose knobs
+           (config.SWEEP_*) are chosen a factor at a time, each factor's best value kept for the
+           next (FACTORS below: 14 variants). Then the finals: eager, torch.compile, Liger, the
+           default, the best exchange and the best sweep, forward and forward + backward, at
+           V = 32000, 128256 and 256000, with the goals of the issue checked against each peer.
+           The sweep's chosen knobs go to OUT_DIR/tuned.json for the later steps.
   fp32     float32, N = 16384, V = 128256: the default, the tuned sweep, the peers.
   small    N = 2^20, V = 10 and 1000 (whole rows): the default tile, other tile sizes, the
            peers.
-  options  bf16, N = 16384, V = 128256, forward + backward on the default and the tuned
-           sweep, and the sweep with the other register choice (REGISTER_CAP): the plain call and each option alone (smoothing, class weights, softcap,
-           z-loss, temperature, entropy, row weights, argmax), and inplace_backward with its
-           peak memory: each against the plain call's time.
+  options  bf16, N = 16384, V = 128256, forward + backward on the default and the tuned sweep, and
+           the sweep with the other register choice (REGISTER_CAP): the plain call and each option
+           alone (smoothing, class weights, softcap, z-loss, temperature, entropy, row weights,
+           argmax), and inplace_backward with its peak memory: each against the plain call's time.
   linear   linear_cross_entropy's chunk-driver choices (bench_linear.tune_step) beside the
            three GEMMs alone, bf16, N = 8192, (D, V) = (2304, 256000) and (4096, 128256),
            into OUT_DIR/gpu_tune-linear.csv.
-  distill  distillation from logits, bf16, N = 8192, V = 128256, forward + backward and
-           forward: forward KL, reverse KL and JSD (T = 2, beta = 0.5: bench_distill.py's),
-           ours on "two_pass" (the stage kernels) and on the sweep (tuned.json's values, else
-           config's; and with the other register choice), the naive PyTorch losses and Liger's JSD, each loss checked against
-           the float32 naive one; the fraction of the copy bandwidth on the floor's bytes (one
-           read of each logits tensor, one write of the gradient) against 0.75, and JSD's
+  distill  distillation from logits, bf16, N = 8192, V = 128256, forward + backward and forward:
+           forward KL, reverse KL and JSD (T = 2, beta = 0.5: bench_distill.py's), ours on
+           "two_pass" (the stage kernels) and on the sweep (tuned.json's values, else config's; and
+           with the other register choice), the naive PyTorch losses and Liger's JSD, each loss
+           checked against the float32 naive one; the fraction of the copy bandwidth on the floor's
+           bytes (one read of each logits tensor, one write of the gradient) against 0.75, and JSD's
            speed-up over Liger against 2.
 Steps run in order and share one budget (--budget-s, 150 s): a measurement that would not
 fit what is left is skipped and named, never cut in the middle, and the CSV is written row by
