@@ -184,16 +184,12 @@ def _rows_call(V: int, dtype=torch.bfloat16, *, grad=True, prob=False, weight=Fa
 
 
 def _with_config(call: Callable[[], None], **values) -> Callable[[], None]:
-    """call() with these config values set for its duration."""
+    """call() with these config values set for its duration (bench_xent.config_values)."""
     def wrapped():
-        saved = {k: getattr(config, k) for k in values}
-        try:
-            for k, v in values.items():
-                setattr(config, k, v)
+        from bench_xent import config_values
+
+        with config_values(values):
             call()
-        finally:
-            for k, v in saved.items():
-                setattr(config, k, v)
     return wrapped
 
 
@@ -1040,6 +1036,7 @@ def line(r: dict) -> str:
 # no instruction limit. A path of several launches is predicted as the sum of its launches.
 # The constants are the H200's and the diagnosis's, fixed before any comparison:
 H200 = dict(sms=132, schedulers=4, clock_hz=1.98e9, latency_s=1e-6)
+H200_COPY_GBPS = 4236.0  # the copy bandwidth the 2026-12-04 run measured
 H200_CSV = os.path.join(ROOT, "bench", "results", "nvidia-h200.csv")
 RANK_N = 16384  # the rows of the run's LM cases (the profiled ones among them)
 # ms a launch, torch.profiler's CUDA time of cross_entropy(x, t).backward(), bf16,
@@ -1286,7 +1283,7 @@ def rank_main(args) -> int:
 PREDICT_VOCAB = (32000, 128256, 256000)
 
 
-def predict_candidates(vocab=PREDICT_VOCAB, copy_gbps: float = 4236.0,
+def predict_candidates(vocab=PREDICT_VOCAB, copy_gbps: float = H200_COPY_GBPS,
                        latency_s: float = H200["latency_s"]) -> list[dict]:
     """Each candidate's predicted forward + backward time on the H200 by the --rank model
     (its floors with the 2026-12-04 run's copy bandwidth), one dict a (candidate, V). The
@@ -1386,7 +1383,7 @@ def _distill_launches(V: int, divergence: str, path: str) -> list:
     return launches
 
 
-def predict_distill(paths=("two_pass", "sweep"), copy_gbps: float = 4236.0,
+def predict_distill(paths=("two_pass", "sweep"), copy_gbps: float = H200_COPY_GBPS,
                     latency_s: float = H200["latency_s"]) -> list[dict]:
     """Each (path, divergence)'s predicted forward + backward time on the H200 by the --rank
     model at N = DISTILL_N, V = DISTILL_V; for the sweep also `ms_l2`, its later sweeps'
@@ -1434,7 +1431,8 @@ def predict_distill_main(args) -> int:
         os.environ["TRITON_CACHE_DIR"] = cache
         rows = predict_distill(args.predict_distill or ("two_pass", "sweep"),
                                latency_s=args.latency_us * 1e-6)
-    floor = DISTILL_N * DISTILL_V * 2 * 3 / 4236e9 * 1e3  # both read, the gradient written
+    # both logits read, the gradient written, at the copy bandwidth
+    floor = DISTILL_N * DISTILL_V * 2 * 3 / (H200_COPY_GBPS * 1e9) * 1e3
     print(f"PREDICTIONS: triton {triton.__version__}, distillation, bf16, N = {DISTILL_N}, "
           f"V = {DISTILL_V}, forward + backward, the --rank model with L = "
           f"{args.latency_us:g} us; floor {floor:.2f} ms; ms_l2: the sweep's later reads "

@@ -463,9 +463,9 @@ def step_options(tuner: Tuner, out_dir: str, dry: bool) -> None:
     dtype = torch.bfloat16
     best = load_tuned(out_dir, dry)
     print(f"options: {bench_xent.dtype_name(dtype)} N={N} V={V}, fwd_bwd")
-    variants = [("two_pass", PATHS["two_pass"]), (sweep_name(best), best)]
-    variants.append((sweep_name(other_registers(best)), other_registers(best)))
-    for path, values in variants:
+    other = other_registers(best)
+    for path, values in (("two_pass", PATHS["two_pass"]), (sweep_name(best), best),
+                         (sweep_name(other), other)):
         plain = tuner.time(tuner.variant(path, values), "fwd_bwd", N, V, dtype)
         for option in OPTIONS:
             kwargs = option_kwargs(option, N, V, tuner.device)
@@ -519,8 +519,9 @@ def step_distill(tuner: Tuner, out_dir: str, dry: bool) -> None:
     V = DRY_VOCAB[0] if dry else DISTILL_VOCAB
     dtype = torch.bfloat16
     sweep = load_tuned(out_dir, dry)
+    other = other_registers(sweep)
     ours = {"two_pass": dict(LONG_ROWS="two_pass"), sweep_name(sweep): sweep,
-            sweep_name(other_registers(sweep)): other_registers(sweep)}
+            sweep_name(other): other}
     peers = DRY_PEERS if dry else DISTILL_PEERS
     names = [f"triton_xent[{name}]" for name in ours] + list(peers)
     print(f"distill: {bench_xent.dtype_name(dtype)} N={N} V={V}, from logits")
